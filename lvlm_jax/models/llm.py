@@ -1,0 +1,350 @@
+"""Decoder-only LLMs: LLaMA / Vicuna / Mistral and Qwen2 (GQA, RoPE, RMSNorm, SwiGLU).
+
+One module covers the families; they differ only in config fields (QKV bias, tied embeddings,
+rope scaling). Attention takes an optional static-size KV cache so the same code serves training
+(no cache), prefill and one-token decode.
+"""
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lvlm_jax.models.layers import Embed, RMSNorm, activation
+from lvlm_jax.models.lora import Linear
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+  """Hyperparameters of a decoder LLM; `from_hf`/`to_hf` read and write an HF `config.json` dict."""
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  model_type: str = "llama"
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None  # HF rope_parameters minus theta, as items
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  hidden_act: str = "silu"
+  max_position_embeddings: int = 4096
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
+  dtype: str = "float32"        # compute dtype (bfloat16 on accelerators)
+  param_dtype: str = "float32"  # master weights
+
+  @classmethod
+  def from_hf(cls, hf: dict, **overrides) -> "LLMConfig":
+    model_type = hf.get("model_type", "llama")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+      raise ValueError(f"unsupported LLM model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
+    if model_type == "mistral" and hf.get("sliding_window") and hf.get("use_sliding_window", True):
+      window = hf["sliding_window"]
+      if window < hf.get("max_position_embeddings", 0):
+        # Sequences below the window attend exactly as full attention, which is all we support.
+        overrides.setdefault("max_position_embeddings", window)
+    rope = dict(hf.get("rope_parameters") or {})
+    if hf.get("rope_scaling"):  # transformers 4.x spelling
+      rope.update(hf["rope_scaling"])
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None if rope_type == "default" else tuple(sorted(
+        (k, v) for k, v in rope.items() if k != "type"))
+    heads = hf["num_attention_heads"]
+    eos = hf.get("eos_token_id")
+    attention_bias = hf.get("attention_bias", False)
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        model_type=model_type,
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        qkv_bias=True if model_type == "qwen2" else attention_bias,
+        o_bias=False if model_type == "qwen2" else attention_bias,
+        mlp_bias=hf.get("mlp_bias", False),
+        hidden_act=hf.get("hidden_act", "silu"),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        pad_token_id=hf.get("pad_token_id"),
+    )
+    fields.update(overrides)
+    return cls(**fields)
+
+  def to_hf(self) -> dict:
+    rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
+    if self.rope_scaling:
+      rope.update(dict(self.rope_scaling))
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM"}[self.model_type]
+    hf = {
+        "architectures": [arch],
+        "model_type": self.model_type,
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_layers,
+        "num_attention_heads": self.num_heads,
+        "num_key_value_heads": self.num_kv_heads,
+        "head_dim": self.head_dim,
+        "rope_parameters": rope,
+        "rms_norm_eps": self.rms_norm_eps,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "hidden_act": self.hidden_act,
+        "max_position_embeddings": self.max_position_embeddings,
+        "bos_token_id": self.bos_token_id,
+        "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
+                        else self.eos_token_id,
+        "pad_token_id": self.pad_token_id,
+    }
+    if self.model_type == "qwen2":
+      if not self.qkv_bias or self.o_bias:
+        raise ValueError("Qwen2 checkpoints always have a q/k/v bias and no o_proj bias")
+    else:
+      if self.qkv_bias != self.o_bias:
+        raise ValueError(f"{self.model_type} has one attention_bias flag for q/k/v and o_proj")
+      hf["attention_bias"] = self.qkv_bias
+      hf["mlp_bias"] = self.mlp_bias
+    if self.model_type == "mistral":
+      hf["sliding_window"] = None
+    return hf
+
+
+class KVCache(NamedTuple):
+  """A static-size cache shared by all layers.
+
+  keys, values: per layer [B, S, Hkv, Dh]. positions: [B, S] int32, the RoPE position of the token in
+  each slot, -1 for an empty slot or a padding token (never attended). index: int32 [] next free slot.
+  """
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
+  positions: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def empty(cls, config: LLMConfig, batch: int, size: int, dtype=None) -> "KVCache":
+    dtype = dtype or jnp.dtype(config.dtype)
+    shape = (batch, size, config.num_kv_heads, config.head_dim)
+    return cls(keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+               values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+               positions=jnp.full((batch, size), -1, jnp.int32),
+               index=jnp.zeros((), jnp.int32))
+
+
+def rope_inverse_frequencies(config: LLMConfig) -> jax.Array:
+  """float32 [Dh/2]: RoPE frequencies, with HF's `linear` and `llama3` scalings."""
+  dim = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  if not config.rope_scaling:
+    return inv_freq
+  scaling = dict(config.rope_scaling)
+  rope_type = scaling.get("rope_type", scaling.get("type"))
+  if rope_type == "linear":
+    return inv_freq / scaling["factor"]
+  if rope_type == "llama3":
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+  raise ValueError(f"unsupported rope scaling {rope_type!r}; supported: linear, llama3")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """x: [B, T, H, Dh], positions: int [B, T] -> [B, T, H, Dh] (HF's rotate-half layout)."""
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+def attention_weights_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+  """bool [B, 1, T, S]: a query sees keys that exist (position >= 0) and are not in its future."""
+  allowed = (k_positions[:, None, :] >= 0) & (k_positions[:, None, :] <= q_positions[:, :, None])
+  return allowed[:, None, :, :]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """q: [B, T, H, Dh], k/v: [B, S, Hkv, Dh], mask: bool [B, 1, T, S] -> [B, T, H, Dh].
+
+  Grouped-query attention without repeating k/v; softmax in fp32.
+  """
+  b, t, h, d = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores / jnp.sqrt(jnp.float32(d))
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  # A row with nothing to attend to (a padding query) gets zeros rather than a uniform average.
+  probs = jnp.where(mask[:, :, None], probs, 0.0).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
+    dt, pdt = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    self.q_proj = Linear(d, h * hd, axes=("embed", "heads"), use_bias=config.qkv_bias,
+                         dtype=dt, param_dtype=pdt, rngs=rngs)
+    self.k_proj = Linear(d, kv * hd, axes=("embed", "kv_heads"), use_bias=config.qkv_bias,
+                         dtype=dt, param_dtype=pdt, rngs=rngs)
+    self.v_proj = Linear(d, kv * hd, axes=("embed", "kv_heads"), use_bias=config.qkv_bias,
+                         dtype=dt, param_dtype=pdt, rngs=rngs)
+    self.o_proj = Linear(h * hd, d, axes=("heads", "embed"), use_bias=config.o_bias,
+                         dtype=dt, param_dtype=pdt, rngs=rngs)
+    self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+
+  def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+               layer_cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None):
+    """x: [B, T, D], positions: [B, T] (-1 = padding).
+
+    layer_cache: None, or (keys [B,S,Hkv,Dh], values, slot positions [B,S] already including this
+    call's tokens, write index []). Returns (y [B, T, D], (keys, values) or None).
+    """
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    if layer_cache is None:
+      k_positions, new_kv = positions, None
+    else:
+      cache_k, cache_v, k_positions, index = layer_cache
+      k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+      new_kv = (k, v)
+    out = dot_product_attention(q, k, v, attention_weights_mask(positions, k_positions))
+    return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_kv
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(act(gate(x)) * up(x))."""
+
+  def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
+    dt, pdt = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    d, f = config.hidden_size, config.intermediate_size
+    kw = dict(use_bias=config.mlp_bias, dtype=dt, param_dtype=pdt, rngs=rngs)
+    self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+    self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+    self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
+    self.act = activation(config.hidden_act)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
+    pdt = jnp.dtype(config.param_dtype)
+    self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=pdt, rngs=rngs)
+    self.attn = Attention(config, rngs=rngs)
+    self.post_attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=pdt,
+                                  rngs=rngs)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, positions, inv_freq, layer_cache):
+    attn_out, new_kv = self.attn(self.input_norm(x), positions, inv_freq, layer_cache)
+    x = x + attn_out
+    x = x + self.mlp(self.post_attn_norm(x))
+    return x, new_kv
+
+
+class LLM(nnx.Module):
+  """Decoder LLM. `embed` -> `hidden` -> `logits`; `__call__` chains them for token inputs."""
+
+  def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dt, pdt = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dt, param_dtype=pdt,
+                              rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=pdt, rngs=rngs)
+    self.lm_head = None if config.tie_word_embeddings else Linear(
+        config.hidden_size, config.vocab_size, axes=("embed", "vocab"), dtype=dt, param_dtype=pdt,
+        rngs=rngs)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """tokens: int [B, T] -> [B, T, D]."""
+    return self.embed_tokens(tokens)
+
+  def hidden(self, embeds: jax.Array, positions: jax.Array,
+             cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """embeds: [B, T, D]; positions: int [B, T], -1 for padding -> (final-normed hidden [B, T, D], cache).
+
+    With a cache, the T new tokens are written at slots [cache.index, cache.index + T).
+    """
+    inv_freq = rope_inverse_frequencies(self.config)
+    if cache is not None:
+      slot_positions = jax.lax.dynamic_update_slice_in_dim(
+          cache.positions, positions.astype(jnp.int32), cache.index, axis=1)
+    x = embeds
+    new_keys, new_values = [], []
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else (cache.keys[i], cache.values[i], slot_positions,
+                                                cache.index)
+      x, new_kv = layer(x, positions, inv_freq, layer_cache)
+      if new_kv is not None:
+        new_keys.append(new_kv[0])
+        new_values.append(new_kv[1])
+    x = self.norm(x)
+    if cache is None:
+      return x, None
+    new_cache = KVCache(tuple(new_keys), tuple(new_values), slot_positions,
+                        cache.index + embeds.shape[1])
+    return x, new_cache
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """hidden: [B, T, D] -> float32 logits [B, T, V]."""
+    if self.lm_head is None:
+      out = self.embed_tokens.attend(hidden)
+    else:
+      out = self.lm_head(hidden)
+    return out.astype(jnp.float32)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               attention_mask: jax.Array | None = None,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """tokens: int [B, T]; attention_mask: [B, T] (1 = real token) -> (logits [B, T, V], cache)."""
+    positions = default_positions(tokens, positions, attention_mask)
+    hidden, cache = self.hidden(self.embed(tokens), positions, cache)
+    return self.logits(hidden), cache
+
+
+def default_positions(tokens: jax.Array, positions: jax.Array | None,
+                      attention_mask: jax.Array | None) -> jax.Array:
+  """int32 [B, T]: the given positions, or 0.. over real tokens; -1 wherever attention_mask is 0."""
+  if attention_mask is None:
+    attention_mask = jnp.ones(tokens.shape, jnp.int32)
+  if positions is None:
+    positions = jnp.cumsum(attention_mask, axis=1) - 1
+  return jnp.where(attention_mask > 0, positions, -1).astype(jnp.int32)
