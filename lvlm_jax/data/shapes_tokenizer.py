@@ -1,0 +1,73 @@
+"""A word-level Hugging Face tokenizer for the shapes-world language, built offline.
+
+Every word the shapes world writes is one token, so a tiny LVLM learns the world with a vocabulary of a
+few hundred. A word keeps its leading space, SentencePiece style ('▁red' vs 'red'), punctuation is
+one token per character and numbers are single digits, so decode(encode(text)) gives the text back
+exactly up to lower case: box text like '<box>(123,456),(789,999)</box>' survives a round trip.
+The vocabulary is sorted, so ids are the same on every run and host.
+"""
+
+import re
+import string
+from typing import Iterable
+
+import transformers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from lvlm_jax.data import shapes
+
+PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
+BOX_START, BOX_END = "<box>", "</box>"
+SYSTEM_PROMPT = "A chat between a user and an assistant."
+_SPACE = "▁"  # stands for the space before a word, as in SentencePiece
+
+# Vicuna v1: '<s>{system} USER: {user} ASSISTANT: {assistant}</s>USER: ...'. A leading system
+# message replaces SYSTEM_PROMPT.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] }} {% set turns = messages[1:] %}"
+    "{% else %}" + SYSTEM_PROMPT + " {% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% if message['role'] == 'user' %}USER: {{ message['content'] }} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'] }}{{ eos_token }}"
+    "{% else %}{{ raise_exception('roles must be user or assistant after an optional system message') }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def shapes_tokenizer(extra_texts: Iterable[str] = ()) -> transformers.PreTrainedTokenizerFast:
+  """The tokenizer; ids 0..6 are <pad>, <s>, </s>, <unk>, <image>, <box>, </box>.
+
+  extra_texts: more text (e.g. a method's prompt list) whose words join the vocabulary.
+  encode() adds <s> in front, as LLaMA's tokenizer does; the chat template writes its own <s>.
+  """
+  words = set(shapes.vocabulary())
+  for text in (SYSTEM_PROMPT, "user assistant", *extra_texts):
+    words.update(re.findall(r"[a-z]+", text.lower()))
+  pieces = {*words, *(_SPACE + w for w in words), *string.punctuation, *string.digits, _SPACE, "\n"}
+  specials = [PAD, BOS, EOS, UNK, IMAGE, BOX_START, BOX_END]
+  vocab = {token: i for i, token in enumerate(specials + sorted(pieces))}
+
+  tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+  tok.normalizer = normalizers.Lowercase()
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      # Whitespace other than ' ' (newlines) is a token of its own; ' ' becomes the '▁' of a word.
+      pre_tokenizers.Split(Regex(r"[^\S ]"), behavior="isolated"),
+      pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="never"),
+      pre_tokenizers.Punctuation(behavior="isolated"),
+      pre_tokenizers.Digits(individual_digits=True),
+  ])
+  tok.decoder = decoders.Metaspace(replacement=_SPACE, prepend_scheme="never")
+  tok.post_processor = processors.TemplateProcessing(
+      single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])])
+  # Added tokens are matched before normalisation, so they are never lower-cased or split.
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (PAD, BOS, EOS, UNK, IMAGE)])
+  # Box markup is ordinary text that decode must keep, so it is not "special".
+  tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in (BOX_START, BOX_END)])
+
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+      extra_special_tokens={"image_token": IMAGE}, chat_template=CHAT_TEMPLATE,
+      clean_up_tokenization_spaces=False)
