@@ -246,26 +246,14 @@ def fill_from_checkpoint(abstract_model: nnx.Module, reader: CheckpointReader,
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _abstract(build: Callable[[], nnx.Module]) -> nnx.Module:
-  return nnx.eval_shape(build)
-
-
-def load_llm(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
-             **config_overrides) -> LLM:
+def load_llm(directory: str, **kwargs) -> LLM:
   """An HF LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM directory -> LLM."""
-  config = LLMConfig.from_hf(read_hf_config(directory), **config_overrides)
-  model = _abstract(lambda: LLM(config, rngs=nnx.Rngs(0)))
-  return fill_from_checkpoint(model, CheckpointReader(directory, allow_pickle=allow_pickle),
-                              llm_names, mesh)
+  return _load_expecting(LLM, directory, **kwargs)
 
 
-def load_clip(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
-              **config_overrides) -> CLIPModel:
+def load_clip(directory: str, **kwargs) -> CLIPModel:
   """An HF CLIPModel directory -> CLIPModel (both towers, projections, logit scale)."""
-  config = CLIPConfig.from_hf(read_hf_config(directory), **config_overrides)
-  model = _abstract(lambda: CLIPModel(config, rngs=nnx.Rngs(0)))
-  return fill_from_checkpoint(model, CheckpointReader(directory, allow_pickle=allow_pickle),
-                              clip_names, mesh)
+  return _load_expecting(CLIPModel, directory, **kwargs)
 
 
 def load_clip_vision(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
@@ -273,45 +261,66 @@ def load_clip_vision(directory: str, *, mesh: Mesh | None = None, allow_pickle: 
   """The vision tower of an HF CLIPModel or CLIPVisionModel directory."""
   hf = read_hf_config(directory)
   config = CLIPVisionConfig.from_hf(hf.get("vision_config", hf), **config_overrides)
-  model = _abstract(lambda: CLIPVisionTower(config, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: CLIPVisionTower(config, rngs=nnx.Rngs(0)))
   return fill_from_checkpoint(model, CheckpointReader(directory, allow_pickle=allow_pickle),
                               clip_vision_names, mesh)
 
 
-def load_lvlm(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
-              **config_overrides) -> LVLM:
+def load_lvlm(directory: str, **kwargs) -> LVLM:
   """An HF LlavaForConditionalGeneration directory -> LVLM."""
-  config = LVLMConfig.from_hf(read_hf_config(directory), **config_overrides)
-  model = _abstract(lambda: LVLM(config, rngs=nnx.Rngs(0)))
+  return _load_expecting(LVLM, directory, **kwargs)
+
+
+def _load_expecting(model_class, directory: str, **kwargs):
+  model = load_model(directory, **kwargs)
+  if not isinstance(model, model_class):
+    raise UserError(f"{directory}: holds a {type(model).__name__}, expected a {model_class.__name__}")
+  return model
+
+
+# model_type -> (model class, config class, HF name mapping)
+FAMILIES = {
+    "llava": (LVLM, LVLMConfig, llava_names),
+    "clip": (CLIPModel, CLIPConfig, clip_names),
+    "clip_vision_model": (CLIPVisionTower, CLIPVisionConfig, clip_vision_names),
+    "llama": (LLM, LLMConfig, llm_names),
+    "mistral": (LLM, LLMConfig, llm_names),
+    "qwen2": (LLM, LLMConfig, llm_names),
+}
+
+
+def _family(hf_config: dict, where: str):
+  model_type = hf_config.get("model_type")
+  if model_type not in FAMILIES:
+    raise UserError(f"{where}: unsupported model_type {model_type!r}; supported: "
+                    f"{', '.join(FAMILIES)}")
+  return FAMILIES[model_type]
+
+
+def build_model(hf_config: dict, *, rngs: nnx.Rngs | None = None, **config_overrides) -> nnx.Module:
+  """A randomly initialised model of the family and size an HF config dict describes."""
+  model_class, config_class, _ = _family(hf_config, "config")
+  return model_class(config_class.from_hf(hf_config, **config_overrides), rngs=rngs or nnx.Rngs(0))
+
+
+def load_model(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
+               **config_overrides) -> nnx.Module:
+  """Any supported HF directory (LLaVA, CLIP, CLIP vision, Llama/Mistral/Qwen2)."""
+  hf_config = read_hf_config(directory)
+  _, _, names = _family(hf_config, os.path.join(directory, "config.json"))
+  model = nnx.eval_shape(lambda: build_model(hf_config, **config_overrides))
   return fill_from_checkpoint(model, CheckpointReader(directory, allow_pickle=allow_pickle),
-                              llava_names, mesh)
+                              names, mesh)
 
 
-def load_model(directory: str, **kwargs):
-  """Any supported HF directory, dispatched on its config's model_type."""
-  model_type = read_hf_config(directory).get("model_type")
-  if model_type == "llava":
-    return load_lvlm(directory, **kwargs)
-  if model_type == "clip":
-    return load_clip(directory, **kwargs)
-  if model_type == "clip_vision_model":
-    return load_clip_vision(directory, **kwargs)
-  if model_type in ("llama", "mistral", "qwen2"):
-    return load_llm(directory, **kwargs)
-  raise UserError(f"{directory}/config.json: unsupported model_type {model_type!r}; supported: "
-                  "llava, clip, clip_vision_model, llama, mistral, qwen2")
+def hf_config(model: nnx.Module) -> dict:
+  """The HF config.json dict that describes the model."""
+  return model.config.to_hf()
 
 
 def _names_and_config(model: nnx.Module) -> tuple[Callable[[str], list[str]], dict]:
-  if isinstance(model, LVLM):
-    return llava_names, model.config.to_hf()
-  if isinstance(model, CLIPModel):
-    return clip_names, model.config.to_hf()
-  if isinstance(model, CLIPVisionTower):
-    return clip_vision_names, model.config.to_hf()
-  if isinstance(model, LLM):
-    return llm_names, model.config.to_hf()
-  raise TypeError(f"cannot export {type(model).__name__} to HF")
+  config = hf_config(model)
+  return _family(config, type(model).__name__)[2], config
 
 
 def _to_host(array: jax.Array) -> np.ndarray:
