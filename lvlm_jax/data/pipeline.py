@@ -1,0 +1,329 @@
+"""The Grain pipeline: records -> preprocessed examples -> fixed-shape batches (ARCHITECTURE.md).
+
+    range(len(source)) -> seeded shuffle (new order each epoch) -> repeat -> shard by process
+      -> map(Preprocess): load + pad/resize images, render + tokenize (threads, or worker processes)
+      -> BatchIterator (main process): drop skipped examples and count them, pad to a length bucket
+
+An example that cannot be used (unreadable/missing image, path outside its root, too long, ...)
+becomes a `Skipped` marker rather than vanishing inside a worker, so the main process sees every
+one: it counts them by reason (`BatchIterator.skip_counts`), refuses to go on past
+`max_skip_fraction`, and fills each batch with exactly `batch_size` good examples. Batching after
+the worker processes also makes the batches independent of `worker_count`.
+"""
+
+import dataclasses
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+import grain
+import numpy as np
+from absl import flags
+
+from lvlm_jax.data.images import BadImage, ImageProcessing, load_image
+from lvlm_jax.data.text import (TEMPLATES, BoxFormat, ensure_image_placeholders, fit_to_length,
+                                image_token_id, tokenize_conversation)
+from lvlm_jax.errors import UserError
+
+KINDS = ("sft", "preference", "grounding")
+_NEEDS = {"sft": ("conversations",), "preference": ("prompt", "chosen", "rejected"),
+          "grounding": ("box",)}
+
+# The skip fraction is judged over at least this many examples, so that one bad example early in
+# a run does not count as 100%.
+_MIN_EXAMPLES_FOR_FRACTION = 100
+
+
+def _field(default, doc: str):
+  return dataclasses.field(default=default, metadata={"help": doc})
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """How records become batches."""
+
+  kind: str = _field("sft", "Batch kind: 'sft' (conversations), 'preference' (chosen/rejected "
+                     "pairs sharing images) or 'grounding' (box records as box-text SFT + boxes).")
+  batch_size: int = _field(8, "Examples per batch on this process (the per-host batch).")
+  length_buckets: tuple[int, ...] = _field(
+      (256, 512, 1024, 2048), "Sequence lengths T a batch is padded to: the smallest that fits "
+      "its longest example. Few buckets = few compilations; the largest is the maximum length.")
+  max_images: int = _field(1, "Image slots N per example; examples with more images are skipped. "
+                           "2 for CaD-VI image pairs.")
+  tokens_per_image: int = _field(576, "Image-token copies per image: the vision tower's patch "
+                                 "count (576 for CLIP ViT-L/14 at 336 px).")
+  template: str = _field("vicuna_v1", f"Chat template, one of {TEMPLATES}; 'tokenizer' uses the "
+                         "tokenizer's own Jinja template.")
+  system_prompt: str | None = _field(None, "System prompt; None keeps the template's default, "
+                                     "'' drops it.")
+  image_token: str = _field("<image>", "The placeholder marking each image in the text; the "
+                            "tokenizer must hold it as one token.")
+  image: ImageProcessing = _field(ImageProcessing(), "Pad-to-square, resize and normalisation; "
+                                  "see ImageProcessing.from_hf_preprocessor_config.")
+  max_image_pixels: int | None = _field(None, "Images with more pixels are refused as "
+                                        "decompression bombs (None: PIL's MAX_IMAGE_PIXELS).")
+  grounding_prompt: str = _field("<image>\nWhere is {expression}? Answer with a box.",
+                                 "User turn of a grounding example; the answer is the box text. "
+                                 "Records without an expression are skipped.")
+  box_format: BoxFormat = _field(BoxFormat(), "How boxes are written as text (grid and markup).")
+  with_ref_logps: bool = _field(False, "Preference only: carry each record's ref_chosen_logp / "
+                                "ref_rejected_logp into the batch (records without them are "
+                                "skipped), so the reference model is not run in training.")
+  shuffle: bool = _field(True, "Shuffle the records (a new order every epoch).")
+  seed: int = _field(0, "Shuffle seed; the same seed gives the same batches.")
+  num_epochs: int | None = _field(None, "Passes over the data; None repeats forever (train by "
+                                  "steps; needed for multi-host runs, whose shards skip "
+                                  "different numbers of examples).")
+  worker_count: int = _field(0, "Worker processes that load and preprocess (0: in this process).")
+  worker_buffer_size: int = _field(16, "Preprocessed examples each worker keeps ready.")
+  read_threads: int = _field(4, "Threads per process that load and preprocess ahead.")
+  read_buffer_size: int = _field(64, "Examples per process those threads keep ready.")
+  max_skip_fraction: float = _field(0.05, "Largest share of examples that may be skipped (bad "
+                                    "image, too long, ...) before the run stops with an error.")
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise UserError(f"data kind {self.kind!r} is not one of {KINDS}")
+    if self.template not in TEMPLATES:
+      raise UserError(f"chat template {self.template!r} is not one of {TEMPLATES}")
+    if not self.length_buckets or list(self.length_buckets) != sorted(set(self.length_buckets)) \
+        or self.length_buckets[0] <= 0:
+      raise UserError(f"length_buckets {self.length_buckets} must be increasing positive lengths")
+    if self.batch_size <= 0 or self.max_images < 0 or self.tokens_per_image <= 0:
+      raise UserError("batch_size and tokens_per_image must be positive, max_images >= 0")
+
+  @property
+  def max_length(self) -> int:
+    return self.length_buckets[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+  """A record that produced no example: `reason` is its counter, `detail` names file/line/image."""
+
+  reason: str
+  detail: str
+
+
+class _Skip(Exception):
+
+  def __init__(self, reason: str, detail: str):
+    super().__init__(detail)
+    self.reason = reason
+
+
+class Preprocess:
+  """Record index -> example (`uint8 [n, S, S, 3]` images, `int32 [L]` tokens) or `Skipped`."""
+
+  def __init__(self, source, tokenizer, config: DataConfig):
+    self.source, self.tokenizer, self.config = source, tokenizer, config
+    self.image_id = image_token_id(tokenizer, config.image_token)
+
+  def __call__(self, index: int) -> dict | Skipped:
+    try:
+      return self._example(self.source[index])
+    except (BadImage, _Skip) as e:
+      return Skipped(e.reason, str(e))
+
+  def _example(self, record: Mapping) -> dict:
+    cfg = self.config
+    where = record.get("origin") or f"record {record.get('id')!r}"
+    missing = [key for key in _NEEDS[cfg.kind] if key not in record]
+    if missing:  # the wrong kind of source for this config, not one bad record
+      raise UserError(f"{where}: kind={cfg.kind!r} needs {missing} in every record")
+    images = list(record.get("images", ()))
+    if len(images) > cfg.max_images:
+      raise _Skip("too_many_images", f"{where}: {len(images)} images, max_images={cfg.max_images}")
+    example = {}  # tokens first: an example too long to use never loads its images
+    if cfg.kind == "sft":
+      example.update(self._tokens("", record["conversations"], len(images), where))
+    elif cfg.kind == "grounding":
+      if record.get("expression") is None:
+        raise _Skip("no_expression", f"{where}: a grounding record without an expression")
+      question = cfg.grounding_prompt.format(expression=record["expression"])
+      turns = [{"from": "human", "value": question},
+               {"from": "gpt", "value": cfg.box_format.to_text(record["box"])}]
+      example.update(self._tokens("", turns, len(images), where))
+      example["boxes"] = np.asarray(record["box"], np.float32)
+    else:
+      for side in ("chosen", "rejected"):
+        turns = list(record["prompt"]) + [{"from": "gpt", "value": record[side]}]
+        example.update(self._tokens(side + "_", turns, len(images), where))
+      if cfg.with_ref_logps:
+        try:
+          for side in ("chosen", "rejected"):
+            example[f"ref_{side}_logp"] = np.float32(record[f"ref_{side}_logp"])
+        except (KeyError, TypeError, ValueError):
+          raise _Skip("missing_ref_logp",
+                      f"{where}: no numeric ref_chosen_logp/ref_rejected_logp") from None
+    example["images"] = self._images(images, where)
+    return example
+
+  def _images(self, images: Sequence, where: str) -> np.ndarray:
+    size = self.config.image.size
+    out = np.zeros((len(images), size, size, 3), np.uint8)
+    for i, image in enumerate(images):
+      if isinstance(image, str):
+        try:
+          image = load_image(image, self.config.max_image_pixels)
+        except BadImage as e:
+          raise _Skip(e.reason, f"{where}: {e}") from None
+      elif not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+                and image.shape[-1] == 3):
+        raise _Skip("bad_image_array", f"{where}: image {i} is not a uint8 [H, W, 3] array")
+      out[i] = self.config.image.resize(image)
+    return out
+
+  def _tokens(self, prefix: str, turns, num_images: int, where: str) -> dict:
+    cfg = self.config
+    try:
+      turns = ensure_image_placeholders(turns, num_images, cfg.image_token)
+    except UserError as e:
+      raise _Skip("image_count_mismatch", f"{where}: {e}") from None
+    ids, mask = tokenize_conversation(turns, self.tokenizer, cfg.template, system=cfg.system_prompt,
+                                      image_token=cfg.image_token,
+                                      tokens_per_image=cfg.tokens_per_image)
+    fitted = fit_to_length(ids, mask, cfg.max_length, self.image_id)
+    if fitted is None:
+      raise _Skip("too_long", f"{where}: {len(ids)} tokens do not fit max length {cfg.max_length} "
+                  "without cutting image tokens or every target")
+    return {prefix + "input_ids": fitted[0], prefix + "loss_mask": fitted[1]}
+
+
+class Collate:
+  """Examples -> one batch of the batch contract, tokens padded to the smallest bucket that fits.
+
+  SFT/grounding: `input_ids`, `positions`, `attention_mask` int32 `[B, T]`, `loss_mask` float32
+  `[B, T]`; preference: the same under `chosen_` and `rejected_` (one T for both). All kinds:
+  `pixel_values float32 [B, N, S, S, 3]`, `image_mask int32 [B, N]`; grounding: `boxes float32
+  [B, 4]`; with ref log-probs: `ref_chosen_logp`, `ref_rejected_logp` float32 `[B]`.
+  """
+
+  def __init__(self, config: DataConfig, pad_id: int):
+    self.config, self.pad_id = config, pad_id
+
+  def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
+    cfg, batch_size = self.config, len(examples)
+    prefixes = ("chosen_", "rejected_") if cfg.kind == "preference" else ("",)
+    longest = max(len(e[p + "input_ids"]) for e in examples for p in prefixes)
+    length = next(b for b in cfg.length_buckets if b >= longest)
+    batch = {}
+    for p in prefixes:
+      ids = np.full((batch_size, length), self.pad_id, np.int32)
+      loss_mask = np.zeros((batch_size, length), np.float32)
+      attention_mask = np.zeros((batch_size, length), np.int32)
+      positions = np.zeros((batch_size, length), np.int32)
+      for i, e in enumerate(examples):
+        n = len(e[p + "input_ids"])
+        ids[i, :n], loss_mask[i, :n] = e[p + "input_ids"], e[p + "loss_mask"]
+        attention_mask[i, :n], positions[i, :n] = 1, np.arange(n)
+      batch.update({p + "input_ids": ids, p + "loss_mask": loss_mask,
+                    p + "attention_mask": attention_mask, p + "positions": positions})
+    size = cfg.image.size
+    pixels = np.zeros((batch_size, cfg.max_images, size, size, 3), np.float32)
+    image_mask = np.zeros((batch_size, cfg.max_images), np.int32)
+    for i, e in enumerate(examples):
+      n = len(e["images"])
+      if n:
+        pixels[i, :n], image_mask[i, :n] = cfg.image.normalize(e["images"]), 1
+    batch.update(pixel_values=pixels, image_mask=image_mask)
+    for key in ("boxes", "ref_chosen_logp", "ref_rejected_logp"):
+      if key in examples[0]:
+        batch[key] = np.stack([e[key] for e in examples]).astype(np.float32)
+    return batch
+
+
+class BatchIterator(grain.DatasetIterator):
+  """Fixed-shape batches, with the skipped examples counted; `get_state`/`set_state` resume
+  exactly (counters included), and Grain's Orbax handler saves it like any Grain iterator."""
+
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int, collate: Collate,
+               max_skip_fraction: float, source_skipped: Mapping[str, int]):
+    super().__init__(parent)
+    self._batch_size, self._collate = batch_size, collate
+    self._max_skip_fraction, self._source_skipped = max_skip_fraction, dict(source_skipped)
+    self._seen, self._skipped, self._last_skip = 0, Counter(), None
+
+  @property
+  def examples_seen(self) -> int:
+    """Records this process has preprocessed, the skipped ones included."""
+    return self._seen
+
+  @property
+  def skip_counts(self) -> dict[str, int]:
+    """Skipped records by reason: malformed lines found when the sources were read, plus the
+    examples dropped since (image_missing, image_unreadable, too_long, ...). For the metrics."""
+    return dict(Counter(self._source_skipped) + self._skipped)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    examples = []
+    while len(examples) < self._batch_size:
+      try:
+        item = next(self._parent)
+      except StopIteration:
+        if self._seen and not self._seen - sum(self._skipped.values()):
+          raise UserError(f"all {self._seen} examples were skipped; last: {self._last_skip}") from None
+        raise
+      self._seen += 1
+      if isinstance(item, Skipped):
+        self._skipped[item.reason] += 1
+        self._last_skip = item.detail
+        skipped = sum(self._skipped.values())
+        if skipped > self._max_skip_fraction * max(self._seen, _MIN_EXAMPLES_FOR_FRACTION):
+          raise UserError(f"{skipped} of {self._seen} examples were skipped ({dict(self._skipped)}), "
+                          f"more than max_skip_fraction={self._max_skip_fraction}; last: {item.detail}")
+      else:
+        examples.append(item)
+    return self._collate(examples)
+
+  def get_state(self) -> dict:
+    return {"examples": self._parent.get_state(), "seen": self._seen,
+            "skipped": dict(self._skipped)}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state["examples"])
+    self._seen, self._skipped = state["seen"], Counter(state["skipped"])
+
+  def __str__(self) -> str:
+    return f"BatchIterator(batch_size={self._batch_size})"
+
+
+class _Batches(grain.IterDataset):
+
+  def __init__(self, parent: grain.IterDataset, batch_size: int, collate: Collate,
+               max_skip_fraction: float, source_skipped: Mapping[str, int]):
+    super().__init__(parent)
+    self._args = (batch_size, collate, max_skip_fraction, source_skipped)
+
+  def __iter__(self) -> BatchIterator:
+    return BatchIterator(self._parent.__iter__(), *self._args)
+
+  def __str__(self) -> str:
+    return f"Batches(batch_size={self._args[0]})"
+
+
+def make_dataset(source, tokenizer, config: DataConfig,
+                 shard_options: grain.sharding.ShardOptions | None = None) -> grain.IterDataset:
+  """A Grain dataset of batches; `iter()` of it is a `BatchIterator`.
+
+  `source`: any random-access source of records (sources.py, the shapes world, a list of dicts);
+  `tokenizer`: a fast HF tokenizer holding `config.image_token`; `shard_options`: which part of
+  the data this process reads (default `ShardByJaxProcess`: one shard per JAX process).
+  """
+  shard = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  ds = grain.MapDataset.range(len(source))
+  if config.shuffle:
+    ds = ds.shuffle(seed=config.seed)
+  ds = ds.repeat(config.num_epochs)[shard.shard_index::shard.shard_count]
+  ds = ds.map(Preprocess(source, tokenizer, config))
+  examples = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                                  prefetch_buffer_size=config.read_buffer_size))
+  if config.worker_count:
+    if not flags.FLAGS.is_parsed():
+      # Grain's worker processes read absl flags; outside absl.app.run (notebooks, tests) nothing
+      # parsed them, so take the defaults.
+      flags.FLAGS.mark_as_parsed()
+    examples = examples.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  return _Batches(examples, config.batch_size, Collate(config, pad_id), config.max_skip_fraction,
+                  getattr(source, "skipped", {}))

@@ -1,0 +1,294 @@
+"""Conversations to tokens: chat templates, assistant-only loss masks, image-token expansion, box text.
+
+A conversation is a list of turns `{"from": "human" | "gpt" | "system", "value": str}` (LLaVA's
+layout; `{"role", "content"}` turns work too) with `<image>` placeholders in the text. Rendering
+gives the prompt string and the character spans the loss is on; tokenizing with offsets maps those
+spans to tokens, so the mask is right for any fast tokenizer, whatever its merges do at the seams.
+"""
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from lvlm_jax.errors import UserError
+
+TEMPLATES = ("vicuna_v1", "llama3", "chatml", "mistral", "tokenizer")
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+CHATML_SYSTEM = "You are a helpful assistant."
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+          "system": "system"}
+
+
+def to_messages(turns: Sequence[Mapping]) -> list[dict[str, str]]:
+  """LLaVA turns (`from`/`value`) or chat messages (`role`/`content`) -> `{"role", "content"}`."""
+  messages = []
+  for i, turn in enumerate(turns):
+    role = turn.get("from", turn.get("role"))
+    content = turn.get("value", turn.get("content"))
+    if role not in _ROLES or not isinstance(content, str):
+      raise UserError(f"turn {i} is not a chat turn (role {role!r}, text {type(content).__name__}); "
+                      f"expected roles {sorted(_ROLES)} and string text")
+    messages.append({"role": _ROLES[role], "content": content})
+  return messages
+
+
+def ensure_image_placeholders(turns: Sequence[Mapping], num_images: int,
+                              image_token: str = "<image>") -> list[dict]:
+  """LLaVA's rule: with images but no placeholder, one `<image>\\n` per image starts the first
+  user turn. Raises `UserError` when the placeholders present do not match the images."""
+  turns = [dict(t) for t in turns]
+  key = lambda t: "value" if "value" in t else "content"
+  found = sum(str(t.get(key(t), "")).count(image_token) for t in turns)
+  if found == 0 and num_images:
+    for t in turns:
+      if _ROLES.get(t.get("from", t.get("role"))) == "user":
+        t[key(t)] = (image_token + "\n") * num_images + t[key(t)]
+        return turns
+    raise UserError(f"{num_images} image(s) but no user turn to put the {image_token} in")
+  if found != num_images:
+    raise UserError(f"the text has {found} {image_token} placeholder(s) but the record has "
+                    f"{num_images} image(s)")
+  return turns
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+  """A conversation as prompt text, with the character spans `[start, end)` the loss is on."""
+
+  text: str
+  targets: tuple[tuple[int, int], ...]
+
+
+class _Builder:
+
+  def __init__(self):
+    self.parts, self.targets, self.length = [], [], 0
+
+  def add(self, text: str, target: bool = False):
+    if target:
+      self.targets.append((self.length, self.length + len(text)))
+    self.parts.append(text)
+    self.length += len(text)
+
+  def build(self) -> Rendered:
+    return Rendered("".join(self.parts), tuple(self.targets))
+
+
+def _split_system(messages, system, default):
+  """The system prompt in force (a leading system turn wins) and the remaining turns."""
+  if messages and messages[0]["role"] == "system":
+    return messages[0]["content"], messages[1:]
+  return (default if system is None else system), messages
+
+
+def _vicuna_v1(messages, system, tokenizer, add_generation_prompt):
+  # LLaVA's conv_vicuna_v1 (SeparatorStyle.TWO): system + " ", "USER: q ", "ASSISTANT: a</s>".
+  system, messages = _split_system(messages, system, VICUNA_SYSTEM)
+  b = _Builder()
+  b.add((tokenizer.bos_token or "") + system + " ")
+  for m in messages:
+    if m["role"] == "user":
+      b.add("USER: " + m["content"] + " ")
+    else:
+      b.add("ASSISTANT: ")
+      b.add(m["content"] + tokenizer.eos_token, target=True)
+  if add_generation_prompt:
+    b.add("ASSISTANT:")
+  return b.build()
+
+
+def _llama3(messages, system, tokenizer, add_generation_prompt):
+  system, messages = _split_system(messages, system, "")
+  header = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+  b = _Builder()
+  b.add(tokenizer.bos_token or "")
+  if system:
+    b.add(header("system") + system.strip() + "<|eot_id|>")
+  for m in messages:
+    b.add(header(m["role"]))
+    b.add(m["content"].strip() + "<|eot_id|>", target=m["role"] == "assistant")
+  if add_generation_prompt:
+    b.add(header("assistant"))
+  return b.build()
+
+
+def _chatml(messages, system, tokenizer, add_generation_prompt):
+  del tokenizer
+  system, messages = _split_system(messages, system, CHATML_SYSTEM)
+  b = _Builder()
+  if system:
+    b.add(f"<|im_start|>system\n{system}<|im_end|>\n")
+  for m in messages:
+    b.add(f"<|im_start|>{m['role']}\n")
+    b.add(m["content"] + "<|im_end|>", target=m["role"] == "assistant")
+    b.add("\n")
+  if add_generation_prompt:
+    b.add("<|im_start|>assistant\n")
+  return b.build()
+
+
+def _mistral(messages, system, tokenizer, add_generation_prompt):
+  # Mistral-7B-Instruct's template; a system prompt joins the first user turn (as v0.3 does).
+  del add_generation_prompt  # "[INST] q [/INST]" already ends where the answer starts
+  system, messages = _split_system(messages, system, "")
+  b = _Builder()
+  b.add(tokenizer.bos_token or "")
+  for i, m in enumerate(messages):
+    if m["role"] == "user":
+      text = system + "\n\n" + m["content"] if system and i == 0 else m["content"]
+      b.add("[INST] " + text + " [/INST]")
+    else:
+      b.add(m["content"] + tokenizer.eos_token, target=True)
+  return b.build()
+
+
+def _own_template(messages, system, tokenizer, add_generation_prompt):
+  # The tokenizer's Jinja template: an assistant turn's span is what rendering it adds after the
+  # generation prompt of the conversation so far, less trailing whitespace between turns.
+  if system and not (messages and messages[0]["role"] == "system"):
+    messages = [{"role": "system", "content": system}] + messages
+  render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                           add_generation_prompt=gen)
+  text = render(messages, add_generation_prompt)
+  targets = []
+  for i, m in enumerate(messages):
+    if m["role"] != "assistant":
+      continue
+    before, through = render(messages[:i], True), render(messages[:i + 1], False)
+    if not (through.startswith(before) and text.startswith(through)):
+      raise UserError("the tokenizer's chat template renders a conversation differently from its "
+                      "prefixes, so assistant turns cannot be found; pick a built-in template")
+    targets.append((len(before), len(through.rstrip())))
+  return Rendered(text, tuple(targets))
+
+
+_RENDERERS = {"vicuna_v1": _vicuna_v1, "llama3": _llama3, "chatml": _chatml, "mistral": _mistral,
+              "tokenizer": _own_template}
+
+
+def render(turns: Sequence[Mapping], tokenizer, template: str = "vicuna_v1", *,
+           system: str | None = None, add_generation_prompt: bool = False) -> Rendered:
+  """Renders a conversation with `template` (one of `TEMPLATES`).
+
+  `system`: None keeps the template's default system prompt, "" drops it (built-in templates); a
+  leading system turn overrides both. `add_generation_prompt` ends the text where the next assistant answer starts.
+  Assistant turns, with their end-of-turn token, are the loss targets.
+  """
+  if template not in _RENDERERS:
+    raise UserError(f"unknown chat template {template!r}; choose one of {TEMPLATES}")
+  if template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+    raise UserError("template='tokenizer' but the tokenizer has no chat template")
+  return _RENDERERS[template](to_messages(turns), system, tokenizer, add_generation_prompt)
+
+
+def _backend(tokenizer):
+  # The Rust tokenizer itself: encoding through it never mutates shared state, so the pipeline's
+  # reader threads can share one tokenizer.
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is None:
+    raise UserError(f"a fast tokenizer is needed (PreTrainedTokenizerFast), got {type(tokenizer).__name__}")
+  if backend.truncation is not None or backend.padding is not None:
+    raise UserError("the tokenizer truncates or pads on its own; call no_truncation() and "
+                    "no_padding() on tokenizer.backend_tokenizer")
+  return backend
+
+
+def image_token_id(tokenizer, image_token: str = "<image>") -> int:
+  """The id of `image_token`, which the tokenizer must hold as one (added) token."""
+  ids = _backend(tokenizer).encode(image_token, add_special_tokens=False).ids
+  if len(ids) != 1:
+    raise UserError(f"the tokenizer splits {image_token!r} into {len(ids)} tokens; add it with "
+                    f"tokenizer.add_special_tokens({{'additional_special_tokens': ['{image_token}']}})")
+  return ids[0]
+
+
+def tokenize(rendered: Rendered, tokenizer, *, image_token: str = "<image>",
+             tokens_per_image: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Rendered text -> (`input_ids int32 [L]`, `loss_mask int32 [L]`), each image token expanded
+  to `tokens_per_image` copies. A token is a target when it overlaps a target span."""
+  encoding = _backend(tokenizer).encode(rendered.text, add_special_tokens=False)
+  ids = np.asarray(encoding.ids, np.int32)
+  offsets = np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
+  mask = np.zeros(len(ids), bool)
+  for start, end in rendered.targets:
+    mask |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
+  image_id = image_token_id(tokenizer, image_token)
+  is_image = ids == image_id
+  if is_image.sum() != rendered.text.count(image_token):
+    raise UserError(f"the tokenizer does not encode every {image_token!r} in the text as one token")
+  repeats = np.where(is_image, tokens_per_image, 1)
+  mask &= ~is_image
+  return np.repeat(ids, repeats), np.repeat(mask, repeats).astype(np.int32)
+
+
+def tokenize_conversation(turns: Sequence[Mapping], tokenizer, template: str = "vicuna_v1", *,
+                          system: str | None = None, add_generation_prompt: bool = False,
+                          image_token: str = "<image>",
+                          tokens_per_image: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """`render` then `tokenize`: (`input_ids int32 [L]`, `loss_mask int32 [L]`)."""
+  rendered = render(turns, tokenizer, template, system=system,
+                    add_generation_prompt=add_generation_prompt)
+  return tokenize(rendered, tokenizer, image_token=image_token, tokens_per_image=tokens_per_image)
+
+
+def fit_to_length(input_ids: np.ndarray, loss_mask: np.ndarray, max_length: int, image_id: int,
+                  require_target: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
+  """Cuts `[L]` arrays to `max_length`, or None when that would cut into (or drop) image tokens,
+  or (with `require_target`) leave no target token: such an example is dropped, not mangled."""
+  if len(input_ids) > max_length:
+    if np.any(input_ids[max_length:] == image_id):
+      return None
+    input_ids, loss_mask = input_ids[:max_length], loss_mask[:max_length]
+  if require_target and not loss_mask.any():
+    return None
+  return input_ids, loss_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxFormat:
+  """Boxes as text: `<box>(x1,y1),(x2,y2)</box>` on an integer grid 0..grid-1 (Qwen-VL/SC-Tune).
+
+  A normalised coordinate v becomes `int(v * (grid - 1))`, SC-Tune's `bbox_format`.
+  """
+
+  grid: int = 1000
+  open: str = "<box>"
+  close: str = "</box>"
+
+  def to_text(self, box: Sequence[float]) -> str:
+    """Normalised `[x1, y1, x2, y2]` -> box text."""
+    x1, y1, x2, y2 = (int(np.clip(v, 0, 1) * (self.grid - 1)) for v in box)
+    return f"{self.open}({x1},{y1}),({x2},{y2}){self.close}"
+
+  @property
+  def _pattern(self) -> re.Pattern:
+    number = r"\s*(\d{1,9})\s*"
+    return re.compile(re.escape(self.open) + rf"\({number},{number}\)\s*,\s*\({number},{number}\)"
+                      + re.escape(self.close))
+
+  def parse(self, text) -> np.ndarray | None:
+    """The first box in `text` as normalised `float32 [4]`; None for anything else. Never raises."""
+    if not isinstance(text, str):
+      return None
+    match = self._pattern.search(text)
+    if match is None:
+      return None
+    coords = np.asarray([int(g) for g in match.groups()], np.float32)
+    if np.any(coords > self.grid - 1):
+      return None
+    return coords / np.float32(self.grid - 1)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+  """IoU of `[..., 4]` boxes (x1, y1, x2, y2) -> `float32 [...]`; inverted boxes have no area."""
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  area = lambda x: (np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None))
+  w = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+  h = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+  inter = w * h
+  return (inter / (area(a) + area(b) - inter + eps)).astype(np.float32)
