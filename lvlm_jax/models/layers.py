@@ -86,3 +86,25 @@ class Embed(nnx.Module):
   def attend(self, x: jax.Array) -> jax.Array:
     """x: [..., D] -> logits [..., V]."""
     return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: jax.Array | None) -> jax.Array:
+  """q: [B, T, H, Dh], k/v: [B, S, Hkv, Dh], mask: bool [B, 1, T, S] or None -> [B, T, H, Dh].
+
+  Grouped-query attention (Hkv divides H) without repeating k/v; softmax in fp32.
+  """
+  b, t, h, d = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores / jnp.sqrt(jnp.float32(d))
+  if mask is not None:
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if mask is not None:
+    # A row with nothing to attend to (a padding query) gets zeros rather than a uniform average.
+    probs = jnp.where(mask[:, :, None], probs, 0.0)
+  probs = probs.astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)

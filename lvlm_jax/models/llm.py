@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lvlm_jax.models.layers import Embed, RMSNorm, activation
+from lvlm_jax.models.layers import Embed, RMSNorm, activation, dot_product_attention
 from lvlm_jax.models.lora import Linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -187,24 +187,6 @@ def attention_weights_mask(q_positions: jax.Array, k_positions: jax.Array) -> ja
   """bool [B, 1, T, S]: a query sees keys that exist (position >= 0) and are not in its future."""
   allowed = (k_positions[:, None, :] >= 0) & (k_positions[:, None, :] <= q_positions[:, :, None])
   return allowed[:, None, :, :]
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """q: [B, T, H, Dh], k/v: [B, S, Hkv, Dh], mask: bool [B, 1, T, S] -> [B, T, H, Dh].
-
-  Grouped-query attention without repeating k/v; softmax in fp32.
-  """
-  b, t, h, d = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores / jnp.sqrt(jnp.float32(d))
-  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  # A row with nothing to attend to (a padding query) gets zeros rather than a uniform average.
-  probs = jnp.where(mask[:, :, None], probs, 0.0).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, h, d)
 
 
 class Attention(nnx.Module):

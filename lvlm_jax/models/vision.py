@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lvlm_jax.models.layers import LayerNorm, activation, default_kernel_init, param
+from lvlm_jax.models.layers import (LayerNorm, activation, default_kernel_init,
+                                    dot_product_attention, param)
 from lvlm_jax.models.lora import Linear
 
 FEATURE_STRATEGIES = ("default", "full")
@@ -74,21 +75,6 @@ class CLIPVisionConfig:
     }
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """q/k/v: [B, T, H, Dh], mask: bool [B, 1, T, T] or None -> [B, T, H, Dh]; softmax in fp32.
-
-  A query row with nothing to attend to (left padding under a causal mask) gets zeros.
-  """
-  scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-  scores = scores / jnp.sqrt(jnp.float32(q.shape[-1]))
-  if mask is not None:
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  if mask is not None:
-    probs = jnp.where(mask, probs, 0.0)
-  return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
-
-
 class SelfAttention(nnx.Module):
   """Multi-head self-attention with biased q/k/v/out projections (CLIP)."""
 
@@ -106,7 +92,7 @@ class SelfAttention(nnx.Module):
     """x: [B, T, D], mask: bool [B, 1, T, T] or None -> [B, T, D]."""
     b, t, d = x.shape
     split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
-    out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask)
+    out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask)
     return self.out_proj(out.reshape(b, t, d))
 
 
