@@ -12,6 +12,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+from lvlm_jax.data.text import VICUNA_SYSTEM  # noqa: E402
 
 
 @nnx.jit
@@ -19,6 +23,25 @@ def forward(model, *args, **kwargs):
   """model(*args, **kwargs) under jit. Eager NNX compiles every op on its own: a tiny model's first
   eager call takes 10-20 s on this CPU, the jitted one about 1.5 s."""
   return model(*args, **kwargs)
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
+            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def bpe_tokenizer(bos="<s>", eos="</s>", chat_template=None, sentences=None, vocab_size=400):
+  """A byte-level BPE trained offline on a few sentences: real merges, real offsets."""
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.post_processor = processors.ByteLevel(trim_offsets=False)
+  sentences = sentences or [VICUNA_SYSTEM, "What is in the image? A red circle left of a blue square.",
+               "USER: ASSISTANT: system user assistant [INST] [/INST] Where is the green one?"]
+  tok.train_from_iterator(sentences, trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
+                                 pad_token="<pad>", extra_special_tokens=SPECIALS[3:],
+                                 chat_template=chat_template)
+
 
 TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

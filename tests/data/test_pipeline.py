@@ -7,9 +7,8 @@ import grain
 import numpy as np
 import pytest
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
+from conftest import bpe_tokenizer
 from lvlm_jax.data import sources
 from lvlm_jax.data.images import ImageProcessing
 from lvlm_jax.data.pipeline import DataConfig, make_dataset
@@ -22,18 +21,9 @@ SIZE = 16
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  """A byte-level BPE trained offline, with <image> as one special token."""
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.post_processor = processors.ByteLevel(trim_offsets=False)
-  tok.train_from_iterator(
-      ["A chat between a curious user and an artificial intelligence assistant.",
-       "USER: ASSISTANT: What colour is the square? Answer 0 1 2 3 4 5 6 7 8 9."],
-      trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<image>"],
-                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                 pad_token="<pad>", extra_special_tokens=["<image>"])
+  return bpe_tokenizer(vocab_size=300, sentences=[
+      "A chat between a curious user and an artificial intelligence assistant.",
+      "USER: ASSISTANT: What colour is the square? Answer 0 1 2 3 4 5 6 7 8 9."])
 
 
 def config(**overrides):

@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from conftest import SPECIALS, bpe_tokenizer as make_tokenizer
 from lvlm_jax.data import text
 from lvlm_jax.errors import UserError
 
@@ -33,25 +34,6 @@ MISTRAL_JINJA = (
     "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
     "{% else %}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{% endif %}"
     "{% endfor %}")
-SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
-            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-
-
-def make_tokenizer(bos="<s>", eos="</s>", chat_template=None):
-  """A byte-level BPE trained offline on a few sentences: real merges, real offsets."""
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.post_processor = processors.ByteLevel(trim_offsets=False)
-  sentences = [text.VICUNA_SYSTEM, "What is in the image? A red circle left of a blue square.",
-               "USER: ASSISTANT: system user assistant [INST] [/INST] Where is the green one?"]
-  tok.train_from_iterator(sentences, trainers.BpeTrainer(
-      vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
-                                 pad_token="<pad>", extra_special_tokens=SPECIALS[3:],
-                                 chat_template=chat_template)
-
-
 CONVERSATION = [
     {"from": "human", "value": "<image>\nWhat is in the image?"},
     {"from": "gpt", "value": "A red circle."},
