@@ -122,6 +122,7 @@ def test_smollm2_real_checkpoint_chat_prompt(smollm2_dir):
   logits, _ = forward(ours, jnp.asarray(ids))
   ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir)
   expected = torch_logits(ref, ids)
-  # Real weights give logits of magnitude ~20 over 30 layers; fp32 summation order differs.
-  assert np.abs(np.asarray(logits) - expected).max() <= 1e-3
+  # Real weights give logits up to ~38 after 30 layers; fp32 summation order differs from torch's.
+  # Measured: 1.2e-4 max abs diff on this prompt.
+  assert np.abs(np.asarray(logits) - expected).max() <= 5e-4
   assert (np.asarray(logits).argmax(-1) == expected.argmax(-1)).all()
