@@ -1,0 +1,244 @@
+"""Autoregressive decoding: one prefill into a static KV cache, then a `lax.while_loop` of steps.
+
+Greedy, temperature, top-k and top-p sampling, min/max new tokens, stop tokens and stop strings,
+with transformers' `generate` semantics: the same logit processors in the same order, finished
+rows padded. Prompts may be padded on either side (left padding is usual); every row continues
+after its own last real token. `decode` is the jitted pure function (one compilation per model
+structure, batch size, prompt length and config); `generate` splits an NNX model and calls it.
+`prefill` and `decode_step` are the cache code that beam search shares.
+"""
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lvlm_jax.errors import UserError
+from lvlm_jax.models.llm import LLM, KVCache, default_positions
+from lvlm_jax.models.lvlm import LVLM
+from lvlm_jax.sampling.stop_strings import StopStrings
+
+
+def _help(text: str, default):
+  return dataclasses.field(default=default, metadata={"help": text})
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How `decode` picks tokens and when it stops. Static under jit: each config compiles once."""
+  max_new_tokens: int = _help("Most tokens generated per row; sets the output and KV-cache size.",
+                              128)
+  min_new_tokens: int = _help("Stop tokens are suppressed until a row has this many new tokens "
+                              "(stop strings still end a row, as in transformers).", 0)
+  do_sample: bool = _help("Sample from the (warped) distribution; False is greedy decoding.", False)
+  temperature: float = _help("Logits are divided by this before sampling (> 0).", 1.0)
+  top_k: int = _help("Sample only among the k most likely tokens (ties kept); 0 disables.", 0)
+  top_p: float = _help("Nucleus sampling: keep the smallest set of most likely tokens whose "
+                       "probability reaches top_p; 1.0 disables.", 1.0)
+  eos_token_ids: tuple[int, ...] = _help("Token ids that end a row (kept in the output).", ())
+  pad_token_id: int = _help("Token written after a row has ended.", 0)
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+    if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+      raise UserError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got "
+                      f"{self.min_new_tokens}")
+    if self.do_sample and not self.temperature > 0:
+      raise UserError(f"temperature must be > 0 when sampling, got {self.temperature}")
+    if self.top_k < 0:
+      raise UserError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+    object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+
+
+class Generation(NamedTuple):
+  """tokens: int32 [B, N], pad_token_id after each row's end. logprobs: float32 [B, N], log p(token)
+  under the model's unmodified distribution (no temperature or filtering), 0 after the end.
+  lengths: int32 [B], new tokens per row including the stop token. stopped: bool [B], the row ended
+  on a stop token or stop string (False: it ran into max_new_tokens)."""
+  tokens: jax.Array
+  logprobs: jax.Array
+  lengths: jax.Array
+  stopped: jax.Array
+
+
+def language_model(model: LLM | LVLM) -> LLM:
+  """The decoder that holds the KV cache: the model itself, or a LVLM's LLM."""
+  return model.llm if isinstance(model, LVLM) else model
+
+
+def prefill(model: LLM | LVLM, input_ids: jax.Array, attention_mask: jax.Array, cache_size: int,
+            pixel_values: jax.Array | None = None) -> tuple[jax.Array, KVCache, jax.Array]:
+  """Runs the prompts into a fresh cache of `cache_size` slots.
+
+  input_ids, attention_mask: int [B, T]; pixel_values: float32 [B, N, H, W, 3] for a LVLM.
+  Returns (logits after each row's last real token, float32 [B, V]; cache; next position int32 [B]).
+  """
+  positions = default_positions(input_ids, None, attention_mask)
+  if isinstance(model, LVLM):
+    embeds = model.embed(input_ids, pixel_values)
+  else:
+    embeds = model.embed(input_ids)
+  lm = language_model(model)
+  cache = KVCache.empty(lm.config, input_ids.shape[0], cache_size)
+  hidden, cache = lm.hidden(embeds, positions, cache)
+  last = jnp.argmax(positions, axis=1)  # the last real token, wherever the padding is
+  last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
+  return lm.logits(last_hidden)[:, 0], cache, jnp.max(positions, axis=1) + 1
+
+
+def decode_step(model: LLM | LVLM, tokens: jax.Array, positions: jax.Array,
+                cache: KVCache) -> tuple[jax.Array, KVCache]:
+  """Feeds one new token per row. tokens, positions: int [B] -> (logits float32 [B, V], cache).
+
+  Generated tokens are text: a LVLM embeds them with its LLM (as transformers does after prefill).
+  """
+  lm = language_model(model)
+  hidden, cache = lm.hidden(lm.embed(tokens[:, None]), positions[:, None], cache)
+  return lm.logits(hidden)[:, 0], cache
+
+
+def suppress_stop_tokens(scores: jax.Array, step: jax.Array, min_new_tokens: int,
+                         eos_token_ids: tuple[int, ...]) -> jax.Array:
+  """scores [..., V]: stop tokens -> -inf while fewer than `min_new_tokens` tokens exist."""
+  if not min_new_tokens or not eos_token_ids:
+    return scores
+  ids = jnp.asarray(eos_token_ids)
+  blocked = scores.at[..., ids].set(-jnp.inf)
+  return jnp.where(step < min_new_tokens, blocked, scores)
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+  """[B, V]: logits below the k-th largest -> -inf (transformers' TopKLogitsWarper)."""
+  k = min(k, logits.shape[-1])
+  kth = jax.lax.top_k(logits, k)[0][..., -1:]
+  return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+  """[B, V]: keeps the most likely tokens until their probability reaches p (at least one; tokens
+  tied with the last one kept are kept too)."""
+  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  # transformers drops a token when the tail up to it holds at most 1 - p of the mass, i.e. when
+  # the more likely tokens before it already hold p.
+  kept = mass_before < p
+  kept = kept.at[..., 0].set(True)
+  threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def warp(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+  """Temperature, then top-k, then top-p, as transformers orders its warpers. [B, V] -> [B, V]."""
+  if config.temperature != 1.0:
+    logits = logits / config.temperature
+  if config.top_k:
+    logits = top_k_filter(logits, config.top_k)
+  if config.top_p < 1.0:
+    logits = top_p_filter(logits, config.top_p)
+  return logits
+
+
+class _State(NamedTuple):
+  step: jax.Array        # int32 [], tokens chosen so far
+  tokens: jax.Array      # int32 [B, N]
+  logprobs: jax.Array    # float32 [B, N]
+  lengths: jax.Array     # int32 [B]
+  done: jax.Array        # bool [B]
+  stopped: jax.Array     # bool [B]
+  positions: jax.Array   # int32 [B], position of the next token to feed
+  match: jax.Array       # int32 [B], stop-string automaton state
+  cache: KVCache
+
+
+def _choose(state: _State, logits: jax.Array, rng: jax.Array, stop: StopStrings | None,
+            config: SamplingConfig) -> _State:
+  """Picks token `state.step` of every row from its logits [B, V] and records it."""
+  step = state.step
+  scores = suppress_stop_tokens(logits, step, config.min_new_tokens, config.eos_token_ids)
+  if config.do_sample:
+    token = jax.random.categorical(jax.random.fold_in(rng, step), warp(scores, config), axis=-1)
+  else:
+    token = jnp.argmax(scores, axis=-1)
+  token = jnp.where(state.done, config.pad_token_id, token).astype(jnp.int32)
+  logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+  logprob = jnp.where(state.done, 0.0, logprob)
+  hit = jnp.isin(token, jnp.asarray(config.eos_token_ids, jnp.int32))
+  match = state.match
+  if stop is not None:
+    hit = hit | stop.hits[match, token]
+    match = stop.transitions[match, token]
+  stopped = state.stopped | (~state.done & hit)
+  return state._replace(
+      step=step + 1,
+      tokens=jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], step, axis=1),
+      logprobs=jax.lax.dynamic_update_slice_in_dim(state.logprobs, logprob[:, None], step, axis=1),
+      lengths=state.lengths + (~state.done).astype(jnp.int32),
+      done=state.done | hit | (step + 1 >= config.max_new_tokens),
+      stopped=stopped,
+      match=match)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def decode(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
+           attention_mask: jax.Array, *, config: SamplingConfig,
+           pixel_values: jax.Array | None = None, rng: jax.Array | None = None,
+           stop: StopStrings | None = None) -> Generation:
+  """Generates up to `config.max_new_tokens` tokens after each prompt.
+
+  graphdef, state: `nnx.split` of an LLM or LVLM. input_ids, attention_mask: int [B, T];
+  pixel_values: float32 [B, N, H, W, 3] (LVLM); rng: a key, used when sampling; stop: stop strings
+  for this model's vocabulary. Returns a `Generation` with N = max_new_tokens.
+  """
+  model = nnx.merge(graphdef, state)
+  model.eval()  # no dropout; this is the traced copy, the caller's model is untouched
+  batch, length = input_ids.shape
+  n = config.max_new_tokens
+  logits, cache, positions = prefill(model, input_ids, attention_mask, length + n, pixel_values)
+  rng = jax.random.key(0) if rng is None else rng
+  loop = _State(step=jnp.zeros((), jnp.int32),
+                tokens=jnp.full((batch, n), config.pad_token_id, jnp.int32),
+                logprobs=jnp.zeros((batch, n), jnp.float32),
+                lengths=jnp.zeros((batch,), jnp.int32),
+                done=jnp.zeros((batch,), bool),
+                stopped=jnp.zeros((batch,), bool),
+                positions=positions,
+                match=jnp.zeros((batch,), jnp.int32),
+                cache=cache)
+  loop = _choose(loop, logits, rng, stop, config)
+
+  def running(loop: _State):
+    return (loop.step < n) & ~jnp.all(loop.done)
+
+  def step(loop: _State):
+    last = jax.lax.dynamic_index_in_dim(loop.tokens, loop.step - 1, axis=1, keepdims=False)
+    logits, cache = decode_step(model, last, loop.positions, loop.cache)
+    loop = loop._replace(cache=cache, positions=loop.positions + 1)
+    return _choose(loop, logits, rng, stop, config)
+
+  loop = jax.lax.while_loop(running, step, loop)
+  return Generation(loop.tokens, loop.logprobs, loop.lengths, loop.stopped)
+
+
+def generate(model: LLM | LVLM, input_ids, attention_mask=None, *, config: SamplingConfig,
+             pixel_values=None, rng: jax.Array | None = None,
+             stop: StopStrings | None = None) -> Generation:
+  """`decode` for an NNX model. input_ids: int [B, T] (attention_mask defaults to all ones)."""
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  if attention_mask is None:
+    attention_mask = jnp.ones_like(input_ids)
+  if pixel_values is not None and not isinstance(model, LVLM):
+    raise UserError("pixel_values were given to a text-only model")
+  vocab = language_model(model).config.vocab_size
+  if stop is not None and stop.transitions.shape[1] != vocab:
+    raise ValueError(f"stop strings built for {stop.transitions.shape[1]} tokens, the model "
+                     f"has {vocab}")
+  graphdef, state = nnx.split(model)
+  return decode(graphdef, state, input_ids, jnp.asarray(attention_mask, jnp.int32), config=config,
+                pixel_values=pixel_values, rng=rng, stop=stop)

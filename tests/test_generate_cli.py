@@ -1,0 +1,168 @@
+"""`python -m lvlm_jax.generate`: prompts in, text out; batch JSONL mode; one-line errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lvlm_jax import generate as cli
+from lvlm_jax.data import text
+from lvlm_jax.data.images import ImageProcessing, load_image
+from lvlm_jax.models import hf
+from lvlm_jax.sampling.decode import SamplingConfig, generate
+
+CHARS = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"-()\n/"
+PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_center_crop": True,
+                "crop_size": {"height": 28, "width": 28}, "size": {"shortest_edge": 28},
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3}
+
+
+def save_char_tokenizer(directory):
+  """A character-level fast tokenizer for the tiny models: <pad> <s> </s> <unk>, characters,
+  fillers, and <image> at 127 (the tiny LLaVA's image token id)."""
+  from tokenizers import Tokenizer, decoders, models
+  from transformers import PreTrainedTokenizerFast
+  vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+  vocab.update({c: 4 + i for i, c in enumerate(CHARS)})
+  vocab.update({f"<extra_{i}>": i for i in range(len(vocab), 127)})
+  vocab["<image>"] = 127
+  backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+  backend.decoder = decoders.Fuse()
+  PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                          pad_token="<pad>", unk_token="<unk>",
+                          additional_special_tokens=["<image>"]).save_pretrained(str(directory))
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tiny_llava_dir, tmp_path_factory):
+  directory = tmp_path_factory.mktemp("llava_cli") / "model"
+  shutil.copytree(tiny_llava_dir, directory)
+  save_char_tokenizer(directory)
+  (directory / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+  return str(directory)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tiny_llama_dir, tmp_path_factory):
+  directory = tmp_path_factory.mktemp("llama_cli") / "model"
+  shutil.copytree(tiny_llama_dir, directory)
+  save_char_tokenizer(directory)
+  return str(directory)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+  """Two small photos-to-be of different aspect ratios."""
+  directory = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(0)
+  for name, shape in (("wide.png", (20, 36, 3)), ("tall.png", (40, 24, 3))):
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(directory / name)
+  return directory
+
+
+def run(argv, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(argv)
+  captured = capsys.readouterr()
+  return exit_info.value.code, captured.out, captured.err
+
+
+def test_help_describes_every_flag():
+  result = subprocess.run([sys.executable, "-m", "lvlm_jax.generate", "--help"],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0
+  actions = [a for a in cli.build_parser()._actions if "--help" not in a.option_strings]
+  assert len(actions) > 20
+  for action in actions:
+    assert action.help, action.option_strings
+    assert action.option_strings[0] in result.stdout
+
+
+def test_prompt_with_two_images_prints_the_greedy_answer(llava_dir, images, capsys):
+  paths = [str(images / "wide.png"), str(images / "tall.png")]
+  code, out, err = run(["--model", llava_dir, "--prompt", "Compare the images.", "--image", *paths,
+                        "--max_new_tokens", "8", "--min_new_tokens", "8"], capsys)
+  assert code == 0, err
+  # The same answer from the library: vicuna_v1 (the tokenizer has no chat template), one
+  # "<image>\n" per image in front, pad-to-square preprocessing.
+  import transformers
+  tokenizer = transformers.AutoTokenizer.from_pretrained(llava_dir)
+  turns = text.ensure_image_placeholders([{"from": "human", "value": "Compare the images."}], 2)
+  rendered = text.render(turns, tokenizer, "vicuna_v1", add_generation_prompt=True)
+  ids, _ = text.tokenize(rendered, tokenizer, tokens_per_image=16)
+  processing = ImageProcessing.from_hf_preprocessor_config(llava_dir)
+  pixels = np.stack([processing(load_image(p)) for p in paths])[None]
+  pad = -len(ids) % 32
+  ids = np.concatenate([np.zeros(pad, np.int32), ids])[None]
+  mask = (np.arange(ids.shape[1]) >= pad).astype(np.int32)[None]
+  expected = generate(hf.load_lvlm(llava_dir), ids, mask, pixel_values=pixels,
+                      config=SamplingConfig(max_new_tokens=8, min_new_tokens=8, eos_token_ids=(2,)))
+  answer = tokenizer.decode(np.asarray(expected.tokens)[0], skip_special_tokens=True)
+  assert out == answer + "\n"
+
+
+def test_jsonl_batch_mode(llava_dir, images, tmp_path, capsys):
+  """Records with 2, 1 and 1 images in batches of 2: the two identical one-image records land in
+  batches of different shapes (2 image slots vs 1) and must get the same answer."""
+  records = [{"id": "a", "prompt": "Image 1: <image>\nImage 2: <image>\nWhat differs?",
+              "images": ["wide.png", "tall.png"]},
+             {"id": "b", "prompt": "What is shown?", "image": "wide.png"},
+             {"id": "c", "prompt": "What is shown?", "image": "wide.png"}]
+  source = images / "in.jsonl"
+  source.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+  target = tmp_path / "out.jsonl"
+  code, _, err = run(["--model", llava_dir, "--input_jsonl", str(source), "--output_jsonl",
+                      str(target), "--batch_size", "2", "--max_new_tokens", "6"], capsys)
+  assert code == 0, err
+  assert "generating" in err  # the progress bar
+  lines = [json.loads(line) for line in target.read_text().splitlines()]
+  assert [r["id"] for r in lines] == ["a", "b", "c"]
+  assert all(isinstance(r["response"], str) for r in lines)
+  assert lines[0]["images"] == ["wide.png", "tall.png"]
+  assert lines[1]["response"] == lines[2]["response"]
+  assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_beam_search_returns_ranked_answers(llama_dir, tmp_path, capsys):
+  source = tmp_path / "in.jsonl"
+  source.write_text(json.dumps({"prompt": "Say something."}) + "\n")
+  target = tmp_path / "out.jsonl"
+  code, _, err = run(["--model", llama_dir, "--input_jsonl", str(source), "--output_jsonl",
+                      str(target), "--num_beams", "4", "--num_return_sequences", "2",
+                      "--max_new_tokens", "6", "--template", "none"], capsys)
+  assert code == 0, err
+  record = json.loads(target.read_text())
+  assert len(record["responses"]) == 2 and record["response"] == record["responses"][0]
+  assert record["scores"][0] >= record["scores"][1]
+
+
+@pytest.mark.parametrize("case", ["missing_image", "escaping_image", "bad_json", "no_model",
+                                  "images_for_text_model", "beams_with_stop"])
+def test_user_errors_are_one_line_with_exit_2(case, llava_dir, llama_dir, images, tmp_path, capsys):
+  source = tmp_path / "in.jsonl"
+  argv = {
+      "missing_image": ["--model", llava_dir, "--prompt", "hi", "--image", str(tmp_path / "no.png")],
+      "escaping_image": ["--model", llava_dir, "--input_jsonl", str(source), "--output_jsonl",
+                         str(tmp_path / "out.jsonl")],
+      "bad_json": ["--model", llava_dir, "--input_jsonl", str(source), "--output_jsonl",
+                   str(tmp_path / "out.jsonl")],
+      "no_model": ["--model", str(tmp_path / "nothing"), "--prompt", "hi"],
+      "images_for_text_model": ["--model", llama_dir, "--prompt", "hi", "--image",
+                                str(images / "wide.png")],
+      "beams_with_stop": ["--model", llama_dir, "--prompt", "hi", "--num_beams", "2",
+                          "--stop", "."],
+  }[case]
+  if case == "escaping_image":
+    source.write_text(json.dumps({"prompt": "hi", "image": "../../etc/passwd"}) + "\n")
+  if case == "bad_json":
+    source.write_text(json.dumps({"prompt": "ok"}) + "\n{not json\n")
+  code, out, err = run(argv, capsys)
+  assert code == 2
+  assert err.startswith("error: ") and err.count("\n") == 1, err
+  if case == "bad_json":
+    assert "in.jsonl:2" in err
