@@ -1,0 +1,176 @@
+"""Side-by-side timing of lvlm_jax and transformers: one worker process per framework, run alternately.
+
+Each framework lives in its own process so that its peak RSS is its own, and neither's thread pools
+or allocator state disturb the other. The parent alternates repetitions (jax, torch, jax, torch,
+...) so that slow drifts of the machine hit both equally, and reports medians.
+
+A workload is a module-level function `setup(preset: str, **options) -> run`, where `run()` does one
+repetition and blocks until its results are computed (e.g. `jax.block_until_ready`).
+"""
+
+import argparse
+import importlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Any
+
+
+def _worker(connection, module: str, function: str, preset: str, options: dict, env: dict) -> None:
+  os.environ.update(env)
+  setup = getattr(importlib.import_module(module), function)
+  start = time.perf_counter()
+  run = setup(preset, **options)
+  connection.send(("ready", time.perf_counter() - start))
+  while True:
+    command = connection.recv()
+    if command == "stop":
+      break
+    start = time.perf_counter()
+    run()
+    connection.send(("time", time.perf_counter() - start))
+  connection.send(("rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))  # KiB -> GiB
+
+
+class Worker:
+  """A framework's setup and repetitions in a child process (spawned: no inherited JAX/torch state)."""
+
+  def __init__(self, name: str, target: str, preset: str, options: dict, env: dict | None = None):
+    module, function = target.split(":")
+    self.name = name
+    context = mp.get_context("spawn")
+    self._parent, child = context.Pipe()
+    self._process = context.Process(target=_worker, daemon=True,
+                                    args=(child, module, function, preset, options, env or {}))
+    self._process.start()
+    _, self.setup_seconds = self._expect("ready")
+    self.times: list[float] = []
+
+  def _expect(self, kind: str):
+    if not self._parent.poll(3600):
+      raise RuntimeError(f"{self.name}: worker did not answer within an hour")
+    try:
+      message = self._parent.recv()
+    except EOFError:
+      raise RuntimeError(f"{self.name}: worker died (its traceback is above)") from None
+    if message[0] != kind:
+      raise RuntimeError(f"{self.name}: expected {kind}, got {message}")
+    return message
+
+  def run(self) -> float:
+    self._parent.send("run")
+    return self._expect("time")[1]
+
+  def stop(self) -> float:
+    """Ends the worker; returns its peak RSS in GiB."""
+    self._parent.send("stop")
+    rss = self._expect("rss")[1]
+    self._process.join(timeout=60)
+    return rss
+
+
+def compare(workload: str, preset: str, *, ours: str, theirs: str | None, reps: int, warmup: int,
+            options: dict | None = None, work: float | None = None, work_unit: str = "",
+            flops: float | None = None, peak_flops: float | None = None) -> dict[str, Any]:
+  """Times `ours` (and `theirs`, when given) alternately; `work` = units per repetition (e.g. tokens).
+
+  The first repetition of each framework is reported as its first-call time (compilation for JAX);
+  `warmup` repetitions after it are discarded, then `reps` are timed.
+  """
+  options = options or {}
+  workers = [Worker("lvlm_jax", ours, preset, options)]
+  if theirs:
+    workers.append(Worker("transformers", theirs, preset, options))
+  first = {w.name: w.run() for w in workers}
+  for _ in range(warmup):
+    for w in workers:
+      w.run()
+  for _ in range(reps):
+    for w in workers:
+      w.times.append(w.run())
+  result: dict[str, Any] = {"workload": workload, "preset": preset, "reps": reps, "options": options,
+                            "machine": machine()}
+  for w in workers:
+    median = statistics.median(w.times)
+    entry = {"median_s": median, "min_s": min(w.times), "first_call_s": first[w.name],
+             "setup_s": w.setup_seconds, "peak_rss_gib": w.stop()}
+    if work:
+      entry[f"{work_unit}_per_s"] = work / median
+    result[w.name] = entry
+  if flops:
+    ours_entry = result["lvlm_jax"]
+    ours_entry["flops_per_step"] = flops
+    ours_entry["achieved_flops_per_s"] = flops / ours_entry["median_s"]
+    if peak_flops:
+      ours_entry["fraction_of_matmul_peak"] = flops / ours_entry["median_s"] / peak_flops
+  if theirs:
+    result["speedup"] = result["transformers"]["median_s"] / result["lvlm_jax"]["median_s"]
+    result["memory_ratio"] = result["lvlm_jax"]["peak_rss_gib"] / result["transformers"]["peak_rss_gib"]
+  return result
+
+
+def machine() -> dict[str, Any]:
+  return {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+          "python": platform.python_version()}
+
+
+def measure_matmul_peak(size: int = 2048, reps: int = 10) -> float:
+  """FLOP/s of a jitted fp32 [size,size] @ [size,size] on the default JAX device: the ceiling the
+  train-step fraction is measured against (in a worker of its own, like the workloads)."""
+  context = mp.get_context("spawn")
+  with context.Pool(1) as pool:
+    return pool.apply(_matmul_peak, (size, reps))
+
+
+def _matmul_peak(size: int, reps: int) -> float:
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * size**3 / min(times)
+
+
+def print_table(result: dict[str, Any]) -> None:
+  frameworks = [k for k in ("lvlm_jax", "transformers") if k in result]
+  keys = [k for k in result["lvlm_jax"] if k != "flops_per_step"]
+  print(f"\n{result['workload']} ({result['preset']}), {result['reps']} timed repetitions each")
+  print(f"{'':28s}" + "".join(f"{f:>16s}" for f in frameworks))
+  for key in keys:
+    cells = []
+    for f in frameworks:
+      value = result[f].get(key)
+      cells.append(f"{value:16.4g}" if isinstance(value, (int, float)) else f"{'-':>16s}")
+    print(f"{key:28s}" + "".join(cells))
+  if "speedup" in result:
+    print(f"speedup (transformers time / lvlm_jax time): {result['speedup']:.2f}x; "
+          f"peak RSS ratio (lvlm_jax / transformers): {result['memory_ratio']:.2f}")
+
+
+def write_json(result: dict[str, Any], directory: str) -> str:
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, f"{result['workload']}_{result['preset']}.json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  return path
+
+
+def common_flags(description: str) -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--preset", default="small", help="model/batch size preset (see presets.py)")
+  parser.add_argument("--reps", type=int, default=5, help="timed repetitions per framework")
+  parser.add_argument("--warmup", type=int, default=1,
+                      help="untimed repetitions after the first call, per framework")
+  parser.add_argument("--out", default="benchmarks/results", help="directory for the JSON result")
+  parser.add_argument("--no_transformers", action="store_true",
+                      help="time lvlm_jax alone (accelerator presets have no transformers side)")
+  return parser
