@@ -15,8 +15,19 @@ from flax import nnx
 
 from lvlm_jax.models.layers import Embed, RMSNorm, activation, dot_product_attention
 from lvlm_jax.models.lora import Linear
+from lvlm_jax.sharding import constrain
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# Activation checkpointing of each decoder layer in training: what the backward pass may keep
+# instead of recomputing. "dots" keeps matmul outputs; "dots_no_batch" keeps only the weight
+# matmuls (attention scores are recomputed); "full" keeps nothing but the layer inputs.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +285,8 @@ class LLM(nnx.Module):
     self.lm_head = None if config.tie_word_embeddings else Linear(
         config.hidden_size, config.vocab_size, axes=("embed", "vocab"), dtype=dt, param_dtype=pdt,
         rngs=rngs)
+    # A key of REMAT_POLICIES; trainers set it (a trace-time choice that changes no parameter).
+    self.remat = "none"
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """tokens: int [B, T] -> [B, T, D]."""
@@ -291,10 +304,14 @@ class LLM(nnx.Module):
           cache.positions, positions.astype(jnp.int32), cache.index, axis=1)
     x = embeds
     new_keys, new_values = [], []
+    run = DecoderLayer.__call__
+    if REMAT_POLICIES[self.remat] is not None:
+      run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.keys[i], cache.values[i], slot_positions,
                                                 cache.index)
-      x, new_kv = layer(x, positions, inv_freq, layer_cache)
+      x, new_kv = run(layer, constrain(x, ("batch", "length", "embed")), positions, inv_freq,
+                      layer_cache)
       if new_kv is not None:
         new_keys.append(new_kv[0])
         new_values.append(new_kv[1])

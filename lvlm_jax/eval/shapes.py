@@ -1,0 +1,182 @@
+"""Shapes-world metrics of a LVLM, exact because every scene's truth is known.
+
+- yes_no_accuracy: POPE-style existence questions ("Is there a red circle in the image? Answer
+  yes or no."), answered by comparing the model's log-probability of the whole answer turn
+  "yes" vs "no" (teacher-forced, no generation), so any tokenizer and template work.
+- grounding_acc50 (and mean_iou, parsed): the model answers "Where is <expression>?" greedily;
+  the first box in its answer (text.BoxFormat) against the true box, success at IoU >= 0.5.
+- chair_i, chair_s, recall: CHAIR-style hallucination of greedy captions (eval/hallucination.py).
+
+Questions come from a held-out world (another seed of the training world's distribution).
+Inputs are replicated over the mesh: evaluation sets are small and every process sees all of it.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from lvlm_jax.data.pipeline import DataConfig
+from lvlm_jax.data.shapes import CAPTION_PROMPTS, Scene, ShapesConfig, ShapesSource
+from lvlm_jax.data.text import box_iou, tokenize_conversation
+from lvlm_jax.eval.hallucination import hallucination_metrics
+from lvlm_jax.sampling.decode import SamplingConfig, decode
+from lvlm_jax.sharding import place, replicated
+from lvlm_jax.training.losses import token_logprobs
+
+_PAD_TO = 16  # sequence lengths round up to this, so a handful of shapes compile
+
+
+def _help(text: str, default):
+  return dataclasses.field(default=default, metadata={"help": text})
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesEvalConfig:
+  """Which shapes-world metrics to compute, on how many held-out examples."""
+  yes_no: int = _help("Yes/no questions (half yes); 0 skips the metric.", 200)
+  grounding: int = _help("Referring expressions to ground; 0 skips the metric.", 100)
+  captions: int = _help("Images to caption for the hallucination metrics; 0 skips them.", 50)
+  batch_size: int = _help("Examples per evaluation batch.", 50)
+  yes_no_mode: str = _help("POPE negatives: random, popular or adversarial.", "random")
+  box_tokens: int = _help("Most tokens generated for a box answer.", 32)
+  caption_tokens: int = _help("Most tokens generated for a caption.", 160)
+
+
+def _rows(tokenizer, data: DataConfig, turns_list):
+  """(input_ids, loss_mask) int32 [L] of each conversation, rendered and tokenized as in training."""
+  return [tokenize_conversation(turns, tokenizer, data.template, system=data.system_prompt,
+                                image_token=data.image_token,
+                                tokens_per_image=data.tokens_per_image)
+          for turns in turns_list]
+
+
+def _prompt_rows(tokenizer, data: DataConfig, questions, answer_start: str):
+  """Generation prompts: each question with an answer that begins with `answer_start`, cut
+  before the answer's first token. This is the context training gave that token, even where
+  the tokenizer splits the space before the answer off (the shapes tokenizer does before <box>),
+  which a plain generation prompt ("ASSISTANT:") would not end with."""
+  turns = [[{"from": "human", "value": q}, {"from": "gpt", "value": answer_start}]
+           for q in questions]
+  rows = []
+  for ids, mask in _rows(tokenizer, data, turns):
+    start = int(np.argmax(mask > 0))
+    rows.append((ids[:start], np.zeros(start, np.int32)))
+  return rows
+
+
+def _pad(rows, pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(input_ids, loss_mask, attention_mask) int32 [B, T], T rounded up to _PAD_TO."""
+  length = -(-max(len(ids) for ids, _ in rows) // _PAD_TO) * _PAD_TO
+  ids = np.full((len(rows), length), pad_id, np.int32)
+  loss = np.zeros((len(rows), length), np.int32)
+  attention = np.zeros((len(rows), length), np.int32)
+  for i, (row_ids, row_mask) in enumerate(rows):
+    span = slice(length - len(row_ids), length) if left else slice(0, len(row_ids))
+    ids[i, span], loss[i, span], attention[i, span] = row_ids, row_mask, 1
+  return ids, loss, attention
+
+
+def _batches(items: list, size: int):
+  """Chunks of `size`; the last is padded with its first item so every batch has one shape."""
+  for start in range(0, len(items), size):
+    chunk = items[start:start + size]
+    yield chunk + [chunk[0]] * (size - len(chunk)), len(chunk)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _answer_logprobs(graphdef, state, batch):
+  """Summed log-prob [B] of each row's loss_mask tokens."""
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  return jnp.sum(token_logprobs(model, batch) * batch["loss_mask"], axis=1)
+
+
+class ShapesEvaluator:
+  """Evaluates models on one fixed held-out set (built once, reused at every evaluation)."""
+
+  def __init__(self, tokenizer, data: DataConfig, world: ShapesConfig, config: ShapesEvalConfig,
+               mesh: Mesh | None = None):
+    self.tokenizer, self.data, self.config, self.mesh = tokenizer, data, config, mesh
+    self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    self.yes_no = list(ShapesSource(world, "yes_no", config.yes_no, yes_no_mode=config.yes_no_mode)
+                       ) if config.yes_no else []
+    self.grounding = list(ShapesSource(world, "grounding", config.grounding)) if config.grounding else []
+    self.captions = list(ShapesSource(world, "caption", config.captions)) if config.captions else []
+
+  def _pixels(self, records) -> np.ndarray:
+    """float32 [B, 1, S, S, 3] of the records' (single) images."""
+    return np.stack([self.data.image(r["images"][0]) for r in records])[:, None]
+
+  def _put(self, tree):
+    if self.mesh is None:
+      return jax.tree.map(jnp.asarray, tree)
+    return place(tree, jax.tree.map(lambda _: replicated(self.mesh), tree))
+
+  def yes_no_accuracy(self, graphdef, state) -> float:
+    correct = 0
+    for chunk, n in _batches(self.yes_no, self.config.batch_size):
+      question = [r["conversations"][0] for r in chunk]
+      scores = []
+      for answer in ("yes", "no"):
+        turns = [[q, {"from": "gpt", "value": answer}] for q in question]
+        ids, loss, attention = _pad(_rows(self.tokenizer, self.data, turns), self.pad_id,
+                                    left=False)
+        batch = self._put({"input_ids": ids, "loss_mask": loss, "attention_mask": attention,
+                           "pixel_values": self._pixels(chunk)})
+        scores.append(np.asarray(_answer_logprobs(graphdef, state, batch)))
+      predicted = np.where(scores[0] > scores[1], "yes", "no")[:n]
+      correct += int(np.sum(predicted == np.asarray([r["answer"] for r in chunk[:n]])))
+    return correct / len(self.yes_no)
+
+  def _generate(self, graphdef, state, records, questions, max_new_tokens: int,
+                answer_start: str) -> list[str]:
+    eos = self.tokenizer.eos_token_id
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
+                              eos_token_ids=(eos,) if eos is not None else ())
+    texts = []
+    for (chunk, n), (qchunk, _) in zip(_batches(records, self.config.batch_size),
+                                       _batches(questions, self.config.batch_size)):
+      rows = _prompt_rows(self.tokenizer, self.data, qchunk, answer_start)
+      ids, _, attention = _pad(rows, self.pad_id, left=True)
+      inputs = self._put({"ids": ids, "attention": attention, "pixels": self._pixels(chunk)})
+      out = decode(graphdef, state, inputs["ids"], inputs["attention"], config=sampling,
+                   pixel_values=inputs["pixels"])
+      tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+      texts += [self.tokenizer.decode(tokens[i, :lengths[i]], skip_special_tokens=True)
+                for i in range(n)]
+    return texts
+
+  def grounding_metrics(self, graphdef, state) -> dict[str, float]:
+    questions = [self.data.grounding_prompt.format(expression=r["expression"])
+                 for r in self.grounding]
+    answers = self._generate(graphdef, state, self.grounding, questions, self.config.box_tokens,
+                             self.data.box_format.open)
+    boxes = [self.data.box_format.parse(a) for a in answers]
+    ious = np.asarray([0.0 if b is None else float(box_iou(b, np.asarray(r["box"])))
+                       for b, r in zip(boxes, self.grounding)])
+    return {"grounding_acc50": float(np.mean(ious >= 0.5)), "grounding_mean_iou": float(ious.mean()),
+            "grounding_parsed": float(np.mean([b is not None for b in boxes]))}
+
+  def caption_metrics(self, graphdef, state) -> dict[str, float]:
+    question = "<image>\n" + CAPTION_PROMPTS[0]
+    answers = self._generate(graphdef, state, self.captions, [question] * len(self.captions),
+                             self.config.caption_tokens, "There")
+    scenes = [Scene.from_json(r["scene"]) for r in self.captions]
+    return {f"caption_{k}": v for k, v in hallucination_metrics(answers, scenes).items()}
+
+  def __call__(self, model: nnx.Module) -> dict[str, float]:
+    """Every configured metric of `model` (an LVLM, possibly sharded on the mesh)."""
+    graphdef, state = nnx.split(model)
+    metrics = {}
+    if self.yes_no:
+      metrics["yes_no_accuracy"] = self.yes_no_accuracy(graphdef, state)
+    if self.grounding:
+      metrics.update(self.grounding_metrics(graphdef, state))
+    if self.captions:
+      metrics.update(self.caption_metrics(graphdef, state))
+    return metrics

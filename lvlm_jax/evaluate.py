@@ -1,0 +1,145 @@
+"""Shapes-world metrics of a model: yes/no accuracy, grounding Acc@IoU>=0.5, caption hallucination.
+
+  python -m lvlm_jax.evaluate --workdir workdir/quickstart            # a run's latest checkpoint
+  python -m lvlm_jax.evaluate --model DIR --config configs/quickstart.py
+
+--workdir evaluates the latest checkpoint of a training run with that run's own settings (chat
+template, world, metric sizes). --model takes an HF directory or an lvlm_jax checkpoint (with its
+tokenizer files, as `train` exports them) and the settings of --config (default: the SFT
+defaults). Questions come from a held-out world: other scenes of the training distribution.
+The metrics are printed and written as JSON (--output; default <workdir>/eval.json with --workdir).
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+
+from lvlm_jax.cli import run_cli
+from lvlm_jax.errors import UserError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m lvlm_jax.evaluate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--workdir", help="a training run's workdir: its latest checkpoint and its "
+                      "config.json")
+  source.add_argument("--model", help="an HF model directory or lvlm_jax checkpoint directory")
+  p.add_argument("--config", help="with --model: a train config file whose data and eval "
+                 "settings to use (template, system prompt, shapes world, metric sizes)")
+  p.add_argument("--yes_no", type=int, help="number of yes/no questions (overrides the config)")
+  p.add_argument("--grounding", type=int, help="number of grounding expressions (overrides the "
+                 "config)")
+  p.add_argument("--captions", type=int, help="number of captions (overrides the config)")
+  p.add_argument("--output", help="JSON file for the metrics")
+  return p.parse_args(argv)
+
+
+def _load_config_file(path: str):
+  if not os.path.exists(path):
+    raise UserError(f"--config {path}: no such file")
+  spec = importlib.util.spec_from_file_location("lvlm_jax_user_config", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    return module.get_config()
+  except (ImportError, AttributeError, TypeError, KeyError) as e:
+    raise UserError(f"--config {path}: {type(e).__name__}: {e}") from None
+
+
+def _config(args):
+  from lvlm_jax.methods import sft
+  if args.workdir:
+    path = os.path.join(args.workdir, "config.json")
+    if not os.path.exists(path):
+      raise UserError(f"{args.workdir}: no config.json; is it a training workdir?")
+    with open(path) as f:
+      raw = json.load(f)
+  elif args.config:
+    raw = _load_config_file(args.config)
+  else:
+    raw = sft.default_config()
+  from lvlm_jax.train import METHODS
+  method = raw.get("method", "sft")
+  if method not in METHODS:
+    raise UserError(f"config.method={method!r} is not one of {METHODS}")
+  if method != "sft" and args.workdir:
+    raise UserError(f"{args.workdir} is a {method} pipeline: evaluate a stage's model with "
+                    "--model <stage>/export/hf --config <its config file>")
+  module = importlib.import_module(f"lvlm_jax.methods.{method}")
+  config = module.parse(raw)
+  overrides = {k: getattr(args, k) for k in ("yes_no", "grounding", "captions")
+               if getattr(args, k) is not None}
+  return dataclasses.replace(config, eval=dataclasses.replace(config.eval, **overrides))
+
+
+def _model_from_workdir(config, workdir: str, tokenizer, mesh):
+  from lvlm_jax.methods import setup
+  from lvlm_jax.sharding import abstract_tree
+  from lvlm_jax.training import checkpoint, optim, state as train_state
+  abstract_model = setup.abstract_model(config.model, tokenizer)
+  trainable = optim.trainable_filter(config.optim)
+  graphdef, params, frozen = train_state.split_model(abstract_model, trainable)
+  tx = optim.make_optimizer(config.optim, config.train.num_steps, params)
+  abstract = train_state.abstract_state(params, frozen, tx)
+  shardings = train_state.state_shardings(abstract, mesh)
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise UserError(f"{workdir}: no checkpoint yet")
+  state = checkpointer.restore(step, abstract_tree(abstract, shardings), None)
+  if "frozen" not in state:
+    state["frozen"] = setup.load_params(config.model, tokenizer, mesh, trainable, shardings)[1]
+  checkpointer.close()
+  return train_state.merge(graphdef, state), abstract_model, step
+
+
+def evaluate(args) -> dict:
+  import jax
+  from lvlm_jax.eval.shapes import ShapesEvaluator
+  from lvlm_jax.methods import setup
+  from lvlm_jax.models import hf, params_io
+  from lvlm_jax.sharding import make_mesh
+  config = _config(args)
+  mesh = make_mesh()
+  prompts = (config.data.pipeline.grounding_prompt,)
+  if args.workdir:
+    tokenizer = setup.load_tokenizer(config.model, prompts)
+    model, reference, step = _model_from_workdir(config, args.workdir, tokenizer, mesh)
+    model_config = config.model
+  else:
+    if not os.path.isdir(args.model):
+      raise UserError(f"--model {args.model}: no such directory")
+    has_tokenizer = os.path.exists(os.path.join(args.model, "tokenizer.json"))
+    tokenizer = setup.load_tokenizer(
+        dataclasses.replace(config.model, tokenizer=args.model) if has_tokenizer else config.model,
+        prompts)
+    is_ours = os.path.isdir(os.path.join(args.model, "params"))
+    model = (params_io.load_model(args.model, mesh=mesh) if is_ours
+             else hf.load_model(args.model, mesh=mesh))
+    reference, step = model, None
+    model_config = dataclasses.replace(config.model, hf_dir="" if is_ours else args.model)
+  setup.check_vocabulary(reference, tokenizer)
+  data = setup.pipeline_config(config.data, reference, model_config, 1)
+  evaluator = ShapesEvaluator(tokenizer, data, setup.held_out_world(config.data.shapes),
+                              config.eval, mesh)
+  with jax.set_mesh(mesh):
+    metrics = evaluator(model)
+  result = {"model": args.workdir or args.model, "step": step, **metrics}
+  print(json.dumps(result, indent=2))
+  output = args.output or (os.path.join(args.workdir, "eval.json") if args.workdir else None)
+  if output:
+    with open(output, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def main(argv=None) -> None:
+  run_cli(lambda: evaluate(parse_args(argv)) and 0)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,502 @@
+"""STIC (Deng et al. 2024, "Enhancing Large Vision Language Models with Self-Training on Image
+Comprehension") as a pipeline of resumable stages; see METHODS.md section 2.
+
+  images       shapes world only: the unlabeled images and the SFT subset, as PNG files
+  eval_base    metrics of the starting model
+  preferences  stage-1 data from unlabeled images. chosen: the description under the detailed
+               prompt on the clean image. rejected: with probability misleading_prob a misleading
+               prompt on the clean image, else the stored prompt on a corrupted image (the
+               released code forgets to corrupt it; here it is corrupted). Stored prompt: a random
+               simple prompt for both.
+  reference    with dpo.reference='precomputed': the starting model's log-probs of every pair
+  dpo          stage 1: DPO + NLL on chosen; LoRA on the LLM, projector trained, vision frozen
+  eval_dpo
+  describe     the DPO model describes each SFT image under a random simple prompt; the first
+               question becomes "Image description:\\n{d}\\n\\n{q}" (eval/dar.py's `infuse`)
+  sft          stage 2: description-infused SFT, from the DPO model (adapters merged, new ones)
+  eval_sft     each eval: the shapes-world metrics `python -m lvlm_jax.evaluate` computes, plus
+               yes/no accuracy with Describe-and-Respond
+
+Workdir: config.json, images/, preferences/{preferences,preferences.ref}.jsonl, dpo/ (a DPO run),
+sft_data/{descriptions,infused}.jsonl, sft/ (an SFT run), eval/<stage>.json, summary.json.
+Every artifact appears under its final name only when complete, and a rerun skips finished
+stages: generation resumes after its last complete batch, training from its last checkpoint.
+"""
+
+import dataclasses
+import os
+import shutil
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from ml_collections import config_dict
+from PIL import Image
+
+from lvlm_jax.data.images import color_jitter, load_image, low_resolution, resolve_image_path
+from lvlm_jax.data.pipeline import DataConfig
+from lvlm_jax.data.shapes import TASKS, ShapesConfig, ShapesSource
+from lvlm_jax.data.sources import ConversationSource
+from lvlm_jax.dataclass_config import from_config_dict, help_lines, to_config_dict
+from lvlm_jax.errors import UserError
+from lvlm_jax.eval import dar
+from lvlm_jax.eval.shapes import ShapesEvalConfig, ShapesEvaluator
+from lvlm_jax.methods import dpo as dpo_run
+from lvlm_jax.methods import setup, sft
+from lvlm_jax.methods.artifacts import (JsonlWriter, read_json, read_jsonl, write_json,
+                                        write_jsonl)
+from lvlm_jax.models import hf
+from lvlm_jax.sampling.respond import GenerationConfig, Responder
+from lvlm_jax.sharding import MeshConfig, mesh_from_config
+from lvlm_jax.training import checkpoint, loop, optim
+from lvlm_jax.training.dpo import DPOConfig, write_reference_logps
+
+PROMPT_KINDS = ("detailed", "misleading", "simple", "describe")
+PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+# The shapes scenes STIC sees are neither the starting model's training scenes (world seed) nor
+# the evaluation's (seed + 10_000, setup.held_out_world).
+_UNLABELED_WORLD, _SFT_WORLD = 1, 2
+
+
+def _help(text: str, default):
+  return dataclasses.field(default=default, metadata={"help": text})
+
+
+@dataclasses.dataclass(frozen=True)
+class STICData:
+  """The images STIC describes and the SFT subset it infuses; the shapes world or files."""
+  source: str = _help("'shapes': images and SFT subset from the shapes world; 'files': "
+                      "unlabeled_list, sft_conversations and image_root.", "shapes")
+  shapes: ShapesConfig = _help("The shapes world (unlabeled images, SFT subset and evaluation "
+                               "draw disjoint scenes from it).", ShapesConfig())
+  num_unlabeled: int = _help("Unlabeled images for the preference data (STIC: 6k COCO "
+                             "train2014); with source='files', the first this many of "
+                             "unlabeled_list (0: all).", 6000)
+  unlabeled_list: str = _help("source='files': JSON list of image paths relative to image_root "
+                              "(STIC's data/6k_coco_names.json).", "")
+  sft_tasks: tuple[tuple[str, int], ...] = _help(
+      "Shapes-world SFT subset as (task, records) pairs, tasks from "
+      f"{TASKS[:3]} (STIC: 5k samples of LLaVA's SFT mix).",
+      (("caption", 2000), ("yes_no", 2000), ("grounding", 1000)))
+  sft_conversations: str = _help("source='files': LLaVA-format SFT subset (STIC's "
+                                 "mixed_5k.json), image paths relative to image_root.", "")
+  image_root: str = _help("source='files': the folder the image paths of unlabeled_list and "
+                          "sft_conversations are relative to.", "")
+  pipeline: DataConfig = _help("Batching of both trainings: template, lengths, workers, ...",
+                               DataConfig())
+
+  def __post_init__(self):
+    if self.source not in ("shapes", "files"):
+      raise UserError(f"data.source={self.source!r} is not 'shapes' or 'files'")
+    if self.source == "files":
+      for key in ("unlabeled_list", "sft_conversations", "image_root"):
+        if not getattr(self, key) or not os.path.exists(getattr(self, key)):
+          raise UserError(f"data.source='files' needs data.{key}: {getattr(self, key)!r} does "
+                          "not exist")
+
+
+@dataclasses.dataclass(frozen=True)
+class STICSettings:
+  """How the preference data and the infused SFT data are generated."""
+  prompts: str = _help("Prompt set: 'shapes', 'paper' (STIC's own lists) or a folder holding "
+                       f"{', '.join(k + '.txt' for k in PROMPT_KINDS)}, one prompt per line.",
+                       "shapes")
+  misleading_prob: float = _help("Share of rejected answers from a misleading prompt on the clean "
+                                 "image; the others come from a corrupted image (STIC: 0.5).", 0.5)
+  low_resolution_side: int = _help("Corruption 1 (half of the corrupted images): shorter side down "
+                                   "to this many pixels and back (STIC: T.Resize(20)).", 20)
+  brightness: float = _help("Corruption 2: ColorJitter brightness (STIC: 0.5).", 0.5)
+  hue: float = _help("Corruption 2: ColorJitter hue (STIC: 0.3).", 0.3)
+  generation: GenerationConfig = _help(
+      "Generation of every answer (STIC: sampling at temperature 0.2, up to 1024 tokens).",
+      GenerationConfig(do_sample=True, temperature=0.2, max_new_tokens=1024, batch_size=8))
+  dpo_epochs: float = _help("Passes over the preference pairs in stage 1 (STIC: 1).", 1.0)
+  sft_epochs: float = _help("Passes over the infused SFT data in stage 2 (STIC: 1).", 1.0)
+  seed: int = _help("Seed of the prompt and corruption draws and of the sampling.", 42)
+  dar_eval: bool = _help("Also measure yes/no accuracy with Describe-and-Respond.", True)
+
+  def __post_init__(self):
+    if not 0 <= self.misleading_prob <= 1:
+      raise UserError(f"stic.misleading_prob={self.misleading_prob} must be in [0, 1]")
+    if self.dpo_epochs <= 0 or self.sft_epochs <= 0:
+      raise UserError("stic.dpo_epochs and stic.sft_epochs must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class STICConfig:
+  model: setup.ModelConfig
+  data: STICData
+  stic: STICSettings
+  dpo: DPOConfig
+  dpo_optim: optim.OptimConfig
+  dpo_train: loop.TrainConfig
+  sft_optim: optim.OptimConfig
+  sft_train: loop.TrainConfig
+  checkpoint: checkpoint.CheckpointConfig
+  mesh: MeshConfig
+  eval: ShapesEvalConfig
+
+
+SECTIONS = {"model": setup.ModelConfig, "data": STICData, "stic": STICSettings, "dpo": DPOConfig,
+            "dpo_optim": optim.OptimConfig, "dpo_train": loop.TrainConfig,
+            "sft_optim": optim.OptimConfig, "sft_train": loop.TrainConfig,
+            "checkpoint": checkpoint.CheckpointConfig, "mesh": MeshConfig,
+            "eval": ShapesEvalConfig}
+# Set by the pipeline: the steps from the data size and the epochs, the pipeline from the model.
+EXCLUDED = {"data": setup.DERIVED_PIPELINE_FIELDS + ("pipeline.with_ref_logps",),
+            "dpo_train": ("num_steps",), "sft_train": ("num_steps",)}
+
+
+def default_config() -> config_dict.ConfigDict:
+  """Every STIC setting at its default; config files start from this."""
+  config = config_dict.ConfigDict()
+  config.method = "stic"
+  for name, cls in SECTIONS.items():
+    config[name] = to_config_dict(cls(), exclude=EXCLUDED.get(name, ()))
+  return config
+
+
+def config_help() -> list[str]:
+  lines = ["  config.method: the method to run ('stic')."]
+  for name, cls in SECTIONS.items():
+    lines += help_lines(cls, f"config.{name}", EXCLUDED.get(name, ()))
+  return lines
+
+
+def parse(config: config_dict.ConfigDict | dict) -> STICConfig:
+  """The typed config; a UserError names any unknown key or bad value."""
+  values = config.to_dict() if isinstance(config, config_dict.ConfigDict) else dict(config)
+  values.pop("method", None)
+  parsed = from_config_dict(STICConfig, values, "config")
+  if not parsed.model.hf_dir:
+    raise UserError("STIC improves a trained model: set model.hf_dir (e.g. the quickstart "
+                    "export, workdir/quickstart/export/hf)")
+  for task, _ in parsed.data.sft_tasks:
+    if task not in TASKS[:3]:
+      raise UserError(f"data.sft_tasks: task {task!r} is not one of {TASKS[:3]}")
+  load_prompts(parsed.stic.prompts)
+  return parsed
+
+
+def load_prompts(prompts: str) -> dict[str, list[str]]:
+  """{kind: [prompt, ...]} of a prompt set; 'detailed' and 'describe' hold one prompt each."""
+  folder = os.path.join(PROMPTS_DIR, f"stic_{prompts}") if prompts in ("shapes", "paper") else prompts
+  out = {}
+  for kind in PROMPT_KINDS:
+    path = os.path.join(folder, kind + ".txt")
+    try:
+      with open(path) as f:
+        out[kind] = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+      raise UserError(f"stic.prompts: cannot read {path}: {e.strerror}") from None
+    if not out[kind] or (kind in ("detailed", "describe") and len(out[kind]) != 1):
+      raise UserError(f"{path}: needs {'one prompt' if kind in ('detailed', 'describe') else 'prompts'}, "
+                      "one per line")
+  return out
+
+
+def _log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f"[stic] {message}", flush=True)
+
+
+def _world(config: STICConfig, offset: int) -> ShapesConfig:
+  return dataclasses.replace(config.data.shapes, seed=config.data.shapes.seed + offset)
+
+
+def _save_png(image: np.ndarray, path: str) -> None:
+  Image.fromarray(image).save(path)
+
+
+def write_shapes_images(config: STICConfig, directory: str) -> None:
+  """The shapes world's unlabeled images and SFT subset as files, like a real dataset:
+  directory/unlabeled.json (image paths), directory/sft.jsonl (LLaVA records), PNGs beside."""
+  tmp = directory + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(os.path.join(tmp, "unlabeled"))
+  os.makedirs(os.path.join(tmp, "sft"))
+  names = []
+  for record in ShapesSource(_world(config, _UNLABELED_WORLD), "unlabeled",
+                             config.data.num_unlabeled):
+    names.append(f"unlabeled/{len(names):06d}.png")
+    _save_png(record["images"][0], os.path.join(tmp, names[-1]))
+  records = []
+  pipeline = config.data.pipeline
+  for task, count in config.data.sft_tasks:
+    source = ShapesSource(_world(config, _SFT_WORLD), task, count)
+    if task == "grounding":
+      source = setup.GroundingAsConversation(source, pipeline.grounding_prompt, pipeline.box_format)
+    for i in range(len(source)):
+      record = source[i]
+      name = f"sft/{task}_{i:06d}.png"
+      _save_png(record["images"][0], os.path.join(tmp, name))
+      records.append({"id": record["id"], "image": name, "conversations": record["conversations"]})
+  write_json(os.path.join(tmp, "unlabeled.json"), names)
+  write_jsonl(os.path.join(tmp, "sft.jsonl"), records)
+  os.replace(tmp, directory)
+
+
+class Inputs:
+  """Where a run's images and SFT subset are: image paths relative to `root`."""
+
+  def __init__(self, config: STICConfig, workdir: str):
+    data = config.data
+    if data.source == "files":
+      self.root, self.sft_path = data.image_root, data.sft_conversations
+      try:
+        names = read_json(data.unlabeled_list)
+      except ValueError as e:
+        raise UserError(f"{data.unlabeled_list}: not valid JSON ({e})") from None
+      if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{data.unlabeled_list}: expected a JSON list of image paths")
+      self.unlabeled = names[:data.num_unlabeled or None]
+    else:
+      self.root = os.path.join(workdir, "images")
+      self.sft_path = os.path.join(self.root, "sft.jsonl")
+      if not os.path.isdir(self.root):
+        _log("images: writing the shapes-world images")
+        if jax.process_index() == 0:
+          write_shapes_images(config, self.root)
+        _sync("images")
+      self.unlabeled = read_json(os.path.join(self.root, "unlabeled.json"))
+
+  def image(self, path: str) -> np.ndarray:
+    """uint8 [H, W, 3] of an image path relative to the root."""
+    return load_image(resolve_image_path(path, (self.root,)))
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"stic_{name}")
+
+
+def corrupt(image: np.ndarray, rng: np.random.Generator, settings: STICSettings
+            ) -> tuple[np.ndarray, str]:
+  """STIC's `load_image` corruption with its two branches at probability 0.5: (image, name)."""
+  if rng.random() < 0.5:
+    return low_resolution(image, rng, settings.low_resolution_side), "low_resolution"
+  return color_jitter(image, rng, settings.brightness, settings.hue), "color_jitter"
+
+
+def pair_plan(index: int, image: np.ndarray, prompts: dict[str, list[str]],
+              settings: STICSettings) -> dict:
+  """The draws of preference pair `index` (a pure function of the seed and the index): the stored
+  simple prompt, and the rejected answer's prompt and input image."""
+  rng = np.random.default_rng([settings.seed, index])
+  stored = prompts["simple"][rng.integers(len(prompts["simple"]))]
+  if rng.random() < settings.misleading_prob:
+    return {"prompt": stored, "rejected_prompt": prompts["misleading"][
+        rng.integers(len(prompts["misleading"]))], "rejected_image": image,
+            "rejected_kind": "misleading_prompt", "corruption": None}
+  corrupted, name = corrupt(image, rng, settings)
+  return {"prompt": stored, "rejected_prompt": stored, "rejected_image": corrupted,
+          "rejected_kind": "corrupted_image", "corruption": name}
+
+
+def _batch_key(seed: int, batch: int, part: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), batch), part)
+
+
+def generate_preferences(responder: Responder, inputs: Inputs, prompts: dict[str, list[str]],
+                         settings: STICSettings, path: str, image_token: str) -> None:
+  """Stage-1 pairs to `path` (flat preference JSONL, STIC's fields), resumable by batch."""
+  size = responder.config.batch_size
+  writer = JsonlWriter(path, size)
+  start = writer.resume()
+  if start:
+    _log(f"preferences: resuming after {start} of {len(inputs.unlabeled)} pairs")
+  for first in range(start, len(inputs.unlabeled), size):
+    names = inputs.unlabeled[first:first + size]
+    images = [inputs.image(n) for n in names]
+    plans = [pair_plan(first + i, image, prompts, settings) for i, image in enumerate(images)]
+    batch = first // size
+    chosen = responder(images, prompts["detailed"] * len(names),
+                       _batch_key(settings.seed, batch, 0))
+    rejected = responder([p["rejected_image"] for p in plans],
+                         [p["rejected_prompt"] for p in plans], _batch_key(settings.seed, batch, 1))
+    writer.append([{"id": name, "image": name, "prompt": f"{image_token}\n{plan['prompt']}",
+                    "chosen": c, "rejected": r, "rejected_kind": plan["rejected_kind"],
+                    "rejected_prompt": plan["rejected_prompt"], "corruption": plan["corruption"]}
+                   for name, plan, c, r in zip(names, plans, chosen, rejected)])
+    _log(f"preferences: {min(first + size, len(inputs.unlabeled))}/{len(inputs.unlabeled)}")
+  writer.close()
+
+
+def infuse_sft_data(responder: Responder, inputs: Inputs, prompts: dict[str, list[str]],
+                    settings: STICSettings, directory: str, image_token: str) -> str:
+  """Descriptions of the SFT subset's images (a random simple prompt each, resumable by batch),
+  then the infused conversations: directory/infused.jsonl (returned)."""
+  source = ConversationSource(inputs.sft_path, (inputs.root,))
+  records = [source[i] for i in range(len(source))]
+  described = [i for i, r in enumerate(records) if len(r["images"]) == 1]
+  size = responder.config.batch_size
+  writer = JsonlWriter(os.path.join(directory, "descriptions.jsonl"), size)
+  for first in range(writer.resume(), len(described), size):
+    chunk = described[first:first + size]
+    questions = [prompts["simple"][np.random.default_rng([settings.seed, 1, i]).integers(
+        len(prompts["simple"]))] for i in chunk]
+    images = [load_image(records[i]["images"][0]) for i in chunk]
+    texts = responder(images, questions, _batch_key(settings.seed + 1, first // size, 0))
+    writer.append([{"id": records[i]["id"], "prompt": q, "description": d}
+                   for i, q, d in zip(chunk, questions, texts)])
+    _log(f"describe: {min(first + size, len(described))}/{len(described)}")
+  writer.close()
+  descriptions = {d["id"]: d["description"] for d in read_jsonl(writer.path)}
+  out = os.path.join(directory, "infused.jsonl")
+  infused = []
+  for r in records:
+    turns = r["conversations"]
+    if r["id"] in descriptions:
+      turns = dar.infuse(turns, descriptions[r["id"]], image_token)
+    infused.append({"id": r["id"], "conversations": turns,
+                    "images": [os.path.relpath(p, inputs.root) for p in r["images"]]})
+  write_jsonl(out, infused)
+  return out
+
+
+def _load(config: STICConfig, hf_dir: str, mesh):
+  """The model in `hf_dir` on the mesh, and the pipeline config its inputs need."""
+  model = hf.load_model(hf_dir, mesh=mesh, allow_pickle=config.model.allow_pickle,
+                        dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  data = setup.pipeline_config(config.data, model, dataclasses.replace(config.model, hf_dir=hf_dir),
+                               config.stic.generation.batch_size)
+  return model, data
+
+
+def evaluate(config: STICConfig, hf_dir: str, tokenizer, prompts, mesh) -> dict[str, float]:
+  """The metrics of `python -m lvlm_jax.evaluate --model hf_dir --config <this config>` (a
+  held-out shapes world), plus dar_yes_no_accuracy."""
+  model, data = _load(config, hf_dir, mesh)
+  evaluator = ShapesEvaluator(tokenizer, data, setup.held_out_world(config.data.shapes),
+                              config.eval, mesh)
+  with jax.set_mesh(mesh):
+    metrics = evaluator(model)
+  if config.stic.dar_eval and evaluator.yes_no:
+    greedy = GenerationConfig(max_new_tokens=config.eval.caption_tokens,
+                              batch_size=config.eval.batch_size)
+    responder = Responder(model, tokenizer, data, greedy, mesh)
+    metrics["dar_yes_no_accuracy"], _ = dar.dar_yes_no_accuracy(
+        evaluator, model, responder, prompts["describe"][0])
+  return metrics
+
+
+def _eval_stage(name: str, config: STICConfig, hf_dir: str, tokenizer, prompts, mesh,
+                workdir: str) -> dict | None:
+  if not (config.eval.yes_no or config.eval.captions or config.eval.grounding):
+    return None
+  path = os.path.join(workdir, "eval", f"{name}.json")
+  if not os.path.exists(path):
+    _log(f"eval_{name}: evaluating {hf_dir}")
+    write_json(path, {"model": hf_dir, **evaluate(config, hf_dir, tokenizer, prompts, mesh)})
+  metrics = read_json(path)
+  _log(f"eval_{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                    if isinstance(v, float)))
+  return metrics
+
+
+def _done(run_dir: str) -> bool:
+  path = os.path.join(run_dir, "summary.json")
+  return os.path.exists(path) and read_json(path).get("status") == "done" and os.path.isdir(
+      os.path.join(run_dir, "export", "hf"))
+
+
+def _records(path: str) -> int:
+  with open(path) as f:
+    return sum(1 for line in f if line.strip())
+
+
+def run(config: STICConfig, workdir: str, *, raw_config: config_dict.ConfigDict | None = None,
+        stop_at: dict[str, int] | None = None) -> dict:
+  """Runs (or resumes) every stage in `workdir`; returns the summary (also summary.json).
+
+  stop_at: {"dpo": step} or {"sft": step} stops that training there as a preemption would (tests).
+  """
+  started = time.time()
+  stop_at = stop_at or {}
+  os.makedirs(workdir, exist_ok=True)
+  if raw_config is not None and jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(raw_config.to_json_best_effort(indent=2))
+  mesh = mesh_from_config(config.mesh)
+  prompts = load_prompts(config.stic.prompts)
+  tokenizer = setup.load_tokenizer(config.model, (config.data.pipeline.grounding_prompt,))
+  image_token = config.data.pipeline.image_token
+  inputs = Inputs(config, workdir)
+  evals = {"base": _eval_stage("base", config, config.model.hf_dir, tokenizer, prompts, mesh,
+                               workdir)}
+
+  prefs_dir = os.path.join(workdir, "preferences")
+  prefs = os.path.join(prefs_dir, "preferences.jsonl")
+  if not os.path.exists(prefs):
+    _log(f"preferences: {len(inputs.unlabeled)} pairs")
+    base, data = _load(config, config.model.hf_dir, mesh)
+    generate_preferences(Responder(base, tokenizer, data, config.stic.generation, mesh),
+                         inputs, prompts, config.stic, prefs, image_token)
+  if config.dpo.reference == "precomputed":
+    with_ref = os.path.join(prefs_dir, "preferences.ref.jsonl")
+    if not os.path.exists(with_ref):
+      _log("reference: log-probs of the starting model")
+      base, data = _load(config, config.model.hf_dir, mesh)
+      counts = write_reference_logps(
+          base, prefs, with_ref, tokenizer, data, mesh,
+          image_roots=(inputs.root,), batch_size=config.stic.generation.batch_size,
+          noisy_rejected=config.dpo.noisy_rejected)
+      _log(f"reference: {counts}")
+    prefs = with_ref
+
+  dpo_dir = os.path.join(workdir, "dpo")
+  dpo_export = os.path.join(dpo_dir, "export", "hf")
+  if not _done(dpo_dir):
+    steps = dpo_run.num_steps(_records(prefs), config.stic.dpo_epochs, config.dpo_train.batch_size)
+    _log(f"dpo: {steps} steps in {dpo_dir}")
+    summary = dpo_run.run(
+        model=config.model, tokenizer=tokenizer, preferences=prefs, image_roots=(inputs.root,),
+        pipeline=config.data.pipeline, dpo_config=config.dpo, optim_config=config.dpo_optim,
+        train=dataclasses.replace(config.dpo_train, num_steps=steps),
+        checkpoint_config=config.checkpoint, mesh_config=config.mesh, workdir=dpo_dir,
+        stop_at=stop_at.get("dpo"))
+    if summary["status"] != "done":
+      return _finish(workdir, "preempted", evals, started)
+  evals["dpo"] = _eval_stage("dpo", config, dpo_export, tokenizer, prompts, mesh, workdir)
+
+  sft_data = os.path.join(workdir, "sft_data")
+  infused = os.path.join(sft_data, "infused.jsonl")
+  if not os.path.exists(infused):
+    _log("describe: descriptions of the SFT images by the DPO model")
+    model, data = _load(config, dpo_export, mesh)
+    infuse_sft_data(Responder(model, tokenizer, data, config.stic.generation, mesh), inputs,
+                    prompts, config.stic, sft_data, image_token)
+
+  sft_dir = os.path.join(workdir, "sft")
+  if not _done(sft_dir):
+    steps = dpo_run.num_steps(_records(infused), config.stic.sft_epochs,
+                              config.sft_train.batch_size)
+    _log(f"sft: {steps} steps in {sft_dir}")
+    summary = sft.run(sft.SFTConfig(
+        model=dataclasses.replace(config.model, hf_dir=dpo_export),
+        data=setup.DataSources(shapes_tasks=(), shapes=config.data.shapes, conversations=(infused,),
+                               image_roots=(inputs.root,), pipeline=config.data.pipeline),
+        optim=config.sft_optim, train=dataclasses.replace(config.sft_train, num_steps=steps),
+        checkpoint=dataclasses.replace(config.checkpoint, export_hf=True), mesh=config.mesh,
+        eval=ShapesEvalConfig(yes_no=0, grounding=0, captions=0)), sft_dir,
+        stop_at=stop_at.get("sft"))
+    if summary["status"] != "done":
+      return _finish(workdir, "preempted", evals, started)
+  evals["sft"] = _eval_stage("sft", config, os.path.join(sft_dir, "export", "hf"), tokenizer,
+                             prompts, mesh, workdir)
+  return _finish(workdir, "done", evals, started)
+
+
+def _finish(workdir: str, status: str, evals: dict, started: float) -> dict:
+  summary = {"status": status, "wall_time_s": time.time() - started,
+             "eval": {k: v for k, v in evals.items() if v is not None}}
+  write_json(os.path.join(workdir, "summary.json"), summary)
+  if status != "done":
+    _log("stopped: run the same command to resume")
+  elif summary["eval"]:
+    keys = [k for k in next(iter(summary["eval"].values())) if k != "model"]
+    _log("metrics by stage:\n" + "\n".join(
+        f"  {stage:5s} " + "  ".join(f"{k} {m[k]:.4f}" for k in keys)
+        for stage, m in summary["eval"].items()))
+  return summary

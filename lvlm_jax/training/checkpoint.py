@@ -1,0 +1,151 @@
+"""Checkpoints of a training run (Orbax), and the final exports (HF safetensors, LoRA adapters).
+
+A checkpoint is `workdir/checkpoints/<step>/` with two items: `state` (the train state pytree,
+sharded: each host writes and reads only its shards) and `data_iter` (each process's Grain
+iterator position, so a resumed run sees exactly the batches it would have seen). Orbax writes a
+step into a temporary directory and renames it when complete, so a process killed in the middle
+of a save (even with kill -9) leaves the previous checkpoints intact and the partial one is
+ignored and cleaned up on the next start.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+from safetensors.numpy import save_file
+
+from lvlm_jax.errors import UserError
+from lvlm_jax.models import hf
+from lvlm_jax.models.lora import LoRA, linear_layers
+from lvlm_jax.models.lvlm import LVLM
+
+
+def _help(text: str, default):
+  return dataclasses.field(default=default, metadata={"help": text})
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """When and what to checkpoint, and what to export at the end."""
+  every_steps: int = _help("Save every this many steps (and at the end, and on SIGTERM); 0 "
+                           "saves only then.", 500)
+  keep: int = _help("Checkpoints kept; older ones are deleted.", 2)
+  async_save: bool = _help("Write checkpoints in a background thread while training goes on.",
+                           True)
+  save_frozen: bool = _help("Also save frozen weights. False (for runs from an HF checkpoint) "
+                            "re-reads them from model.hf_dir on resume: much smaller "
+                            "checkpoints for LoRA runs.", True)
+  export_hf: bool = _help("At the end, write the model (LoRA merged) as an HF directory that "
+                          "transformers loads: workdir/export/hf.", True)
+  export_lora: bool = _help("At the end, also write the LoRA adapters alone (PEFT layout): "
+                            "workdir/export/lora.", True)
+  export_dtype: str = _help("dtype of the exported HF tensors: float32, bfloat16 or float16.",
+                            "float32")
+
+
+class Checkpointer:
+  """Save and restore train state + data iterator under `directory`; see the module docstring."""
+
+  def __init__(self, directory: str, config: CheckpointConfig):
+    self.config = config
+    self._manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(
+            save_interval_steps=max(config.every_steps, 1) if config.every_steps else 1 << 62,
+            max_to_keep=config.keep, enable_async_checkpointing=config.async_save,
+            cleanup_tmp_directories=True, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def _saved(self, state: dict[str, Any]) -> dict[str, Any]:
+    return state if self.config.save_frozen else {k: v for k, v in state.items() if k != "frozen"}
+
+  def save(self, step: int, state: dict[str, Any], data_iter: grain.DatasetIterator | None,
+           force: bool = False) -> bool:
+    """Saves if `step` is due (every_steps) or `force`; returns whether it did. Every process
+    must call it at the same steps."""
+    items = {"state": ocp.args.StandardSave(self._saved(state))}
+    if data_iter is not None:
+      items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state: dict[str, Any],
+              data_iter: grain.DatasetIterator | None) -> dict[str, Any]:
+    """The saved state, restored onto the shardings in `abstract_state` (ShapeDtypeStructs); the
+    data iterator is moved to its saved position in place. Without saved frozen weights, the
+    result has no 'frozen' entry: the caller supplies it."""
+    items = {"state": ocp.args.StandardRestore(self._saved(abstract_state))}
+    if data_iter is not None:
+      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError) as e:
+      # A checkpoint of another model, LoRA or trainable set than the config describes.
+      raise UserError(f"{self._manager.directory}/{step} does not match this config's train state "
+                      f"(another model, LoRA or optim.trainable?): {type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:300]}") from None
+    return dict(restored["state"])
+
+  def wait(self) -> None:
+    """Blocks until background saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def export_hf(model: nnx.Module, directory: str, dtype: str = "float32", tokenizer=None) -> None:
+  """The model as an HF directory (adapters merged), with its tokenizer when given. Every process
+  must call it; process 0 writes."""
+  hf.save_hf(model, directory, dtype=dtype)
+  if tokenizer is not None and jax.process_index() == 0:
+    tokenizer.save_pretrained(directory)
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+  if not array.is_fully_addressable:
+    array = multihost_utils.process_allgather(array, tiled=True)
+  return np.asarray(jax.device_get(array), dtype=np.float32)
+
+
+def _peft_prefix(model: nnx.Module, kernel_path: str) -> str:
+  names = hf.llava_names if isinstance(model, LVLM) else hf.llm_names
+  return "base_model.model." + names(kernel_path)[0].removesuffix(".weight")
+
+
+def export_lora(model: nnx.Module, directory: str, base_model: str = "") -> list[str]:
+  """The LoRA adapters alone, as PEFT writes them: `adapter_model.safetensors` (lora_A [r, in],
+  lora_B [out, r], HF module names) + `adapter_config.json`. Returns the adapted module names.
+  Every process must call it; process 0 writes."""
+  tensors, modules, lora = {}, [], None
+  for path, linear in linear_layers(model):
+    if linear.lora is None:
+      continue
+    lora: LoRA = linear.lora
+    prefix = _peft_prefix(model, path + ".kernel")
+    tensors[prefix + ".lora_A.weight"] = _to_host(lora.lora_a[...]).T.copy()
+    tensors[prefix + ".lora_B.weight"] = _to_host(lora.lora_b[...]).T.copy()
+    modules.append(prefix.removeprefix("base_model.model."))
+  if lora is None:
+    return []
+  if jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    rank = int(np.shape(lora.lora_a[...])[1])
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
+              "lora_alpha": lora.scale * rank,
+              "lora_dropout": lora.dropout.rate if lora.dropout is not None else 0.0,
+              "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}),
+              "base_model_name_or_path": base_model, "bias": "none", "fan_in_fan_out": False}
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+      json.dump(config, f, indent=2)
+  return modules

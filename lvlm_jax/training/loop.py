@@ -1,0 +1,176 @@
+"""The training loop: batches in, jitted steps, metrics out, checkpoints, preemption.
+
+Every process runs the same loop on its own data shard. Each step takes this process's next
+batch, forms the global batch, and calls the step compiled (ahead of time, once per batch shape)
+for it. A SIGTERM (preemption) makes the loop save and return at the next step boundary; a
+restarted run resumes from the latest checkpoint with the same data order.
+"""
+
+import dataclasses
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from lvlm_jax.errors import UserError
+from lvlm_jax.sharding import global_batch
+from lvlm_jax.training.checkpoint import Checkpointer
+from lvlm_jax.training.metrics import MetricsWriter, compiled_flops
+
+Hook = Callable[[dict[str, Any], int], dict[str, float]]
+
+
+def _help(text: str, default):
+  return dataclasses.field(default=default, metadata={"help": text})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """How long and how the loop runs."""
+  num_steps: int = _help("Optimizer updates in the whole run (the schedule spans them).", 1000)
+  batch_size: int = _help("Global batch size (examples per update over all processes).", 32)
+  grad_accum_steps: int = _help("Split each batch into this many micro-batches, accumulated "
+                                "before one update: same result, less activation memory.", 1)
+  log_every: int = _help("Write train metrics every this many steps.", 10)
+  eval_every: int = _help("Run the evaluation every this many steps (also before the first "
+                          "and after the last); 0: only before and after.", 0)
+  logits_chunk: int = _help("Compute the LM head this many positions at a time (0: all at "
+                            "once); saves the float32 [B, T, V] logits' memory.", 0)
+  peak_flops: float = _help("Peak FLOP/s of one device for MFU; 0 takes it from the device "
+                            "table (TPU/GPU) or measures the CPU.", 0.0)
+  seed: int = _help("Seed of the training RNG (dropout); model.init_seed and "
+                    "data.pipeline.seed seed the initialisation and the data order.", 0)
+  progress_bar: bool = _help("Show a progress bar with ETA (process 0).", True)
+  tensorboard: bool = _help("Also write TensorBoard event files (workdir/tensorboard).", True)
+
+  def __post_init__(self):
+    if self.num_steps < 1 or self.batch_size < 1 or self.grad_accum_steps < 1 or self.log_every < 1:
+      raise UserError("train.num_steps, batch_size, grad_accum_steps and log_every must be >= 1")
+    if self.batch_size % self.grad_accum_steps:
+      raise UserError(f"train.batch_size={self.batch_size} is not a multiple of "
+                      f"train.grad_accum_steps={self.grad_accum_steps}")
+
+
+class Preemption:
+  """Turns SIGTERM into a flag the loop checks (the default handler would kill mid-step)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+  def anywhere(self) -> bool:
+    """Whether any process was asked to stop (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
+
+class _Compiled:
+  """The step compiled once per batch shape (length buckets give a few), with its FLOPs."""
+
+  def __init__(self, step: Callable):
+    self._step, self._cache = step, {}
+
+  def __call__(self, state, batch) -> tuple[Callable, float | None, float]:
+    """(compiled step, its FLOPs, seconds spent compiling it now: 0 when it was cached)."""
+    key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+    if key in self._cache:
+      return (*self._cache[key], 0.0)
+    start = time.perf_counter()
+    compiled = self._step.lower(state, batch).compile()
+    self._cache[key] = (compiled, compiled_flops(compiled))
+    return (*self._cache[key], time.perf_counter() - start)
+
+
+def _skip_metrics(batches) -> dict[str, float]:
+  counts = getattr(batches, "skip_counts", None)
+  if counts is None:
+    return {}
+  out = {f"skipped/{reason}": float(n) for reason, n in counts.items()}
+  out["examples_seen"] = float(getattr(batches, "examples_seen", 0))
+  return out
+
+
+def train(state: dict[str, Any], *, step: Callable, batches: Iterator[dict[str, np.ndarray]],
+          mesh: Mesh, config: TrainConfig, checkpointer: Checkpointer | None,
+          writer: MetricsWriter, peak: tuple[float | None, str] = (None, "unknown"),
+          hooks: tuple[Hook, ...] = (), stop_at: int | None = None) -> tuple[dict[str, Any], str]:
+  """Runs `step` (jitted, donating the state) from `state["step"]` to `config.num_steps`.
+
+  batches: this process's batches (a Grain iterator; its position is checkpointed). hooks:
+  evaluations `hook(state, step) -> metrics`, run every `config.eval_every` steps and at the
+  end. stop_at: return after this step as a preemption would (tests). Returns (state, 'done' |
+  'preempted').
+  """
+  compiled_step = _Compiled(step)
+  start = int(state["step"])
+  bar = tqdm.tqdm(total=config.num_steps, initial=start, disable=not (
+      config.progress_bar and writer.enabled), dynamic_ncols=True, desc="train")
+  # Throughput is measured over the steps since the last log, less compilation and evaluation.
+  window_start, window_steps, compile_seconds = time.perf_counter(), 0, 0.0
+  status = "done"
+  with Preemption() as preemption, jax.set_mesh(mesh):
+    for step_index in range(start, config.num_steps):
+      try:
+        local = next(batches)
+      except StopIteration:
+        raise UserError(f"the data ran out after {step_index} steps; set "
+                        "data.pipeline.num_epochs=None (repeat) or fewer train.num_steps") from None
+      batch = global_batch(local, mesh)
+      compiled, flops, compile_time = compiled_step(state, batch)
+      compile_seconds += compile_time
+      state, metrics = compiled(state, batch)
+      done, window_steps = step_index + 1, window_steps + 1
+      bar.update(1)
+      logging = done % config.log_every == 0 or done == config.num_steps
+      if logging:
+        values = {k: float(v) for k, v in metrics.items()}  # waits for the step
+        seconds = (time.perf_counter() - window_start - compile_seconds) / window_steps
+        # Tokens of this step over the mean step time of the window.
+        values.update(step_time=seconds, tokens_per_s=values.pop("tokens") / seconds)
+        if flops and peak[0]:
+          values["mfu"] = flops / seconds / peak[0]
+        if compile_seconds:
+          values["compile_s"] = compile_seconds
+        values.update(_skip_metrics(batches))
+        writer.write(done, values)
+        bar.set_postfix(loss=f"{values['loss']:.4f}")
+        window_start, window_steps, compile_seconds = time.perf_counter(), 0, 0.0
+      if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
+        for hook in hooks:
+          writer.write(done, hook(state, done), prefix="eval")
+        window_start, window_steps, compile_seconds = time.perf_counter(), 0, 0.0
+      stopping = stop_at is not None and done >= stop_at
+      # With several processes, asking whether any was preempted is a collective that waits for
+      # the step; do it only where the loop waits anyway.
+      if (jax.process_count() == 1 or logging) and preemption.anywhere():
+        stopping = True
+      if checkpointer is not None:
+        checkpointer.save(done, state, batches, force=stopping or done == config.num_steps)
+      if stopping:
+        status = "preempted"
+        break
+  bar.close()
+  if checkpointer is not None:
+    checkpointer.wait()
+  if status == "done":
+    for hook in hooks:
+      writer.write(int(state["step"]), hook(state, int(state["step"])), prefix="eval")
+  return state, status

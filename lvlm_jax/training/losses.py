@@ -1,0 +1,72 @@
+"""Teacher-forced token log-probs and the masked next-token cross-entropy, as pure functions.
+
+Losses are returned as sums with their token counts, not means: a step that accumulates
+micro-batches (or a sharded batch) divides once by the total, so k micro-batches give exactly the
+gradient of one k-times-larger batch, and every token weighs the same whatever row it is in.
+"""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from lvlm_jax.models.llm import LLM, default_positions
+from lvlm_jax.models.lvlm import LVLM
+from lvlm_jax.sharding import constrain
+
+
+def hidden_states(model: LLM | LVLM, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Final-normed hidden states [B, T, D] of `input_ids` (with `pixel_values` for a LVLM)."""
+  input_ids = batch["input_ids"]
+  positions = default_positions(input_ids, batch.get("positions"), batch.get("attention_mask"))
+  if isinstance(model, LVLM):
+    embeds, llm = model.embed(input_ids, batch.get("pixel_values")), model.llm
+  else:
+    embeds, llm = model.embed(input_ids), model
+  hidden, _ = llm.hidden(constrain(embeds, ("batch", "length", "embed")), positions)
+  return hidden
+
+
+def _picked_logprobs(llm: LLM, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+  """hidden [B, L, D], targets int [B, L] -> float32 [B, L]: log p(target) under the LM head."""
+  logits = llm.logits(hidden)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def token_logprobs(model: LLM | LVLM, batch: Mapping[str, jax.Array], chunk: int = 0) -> jax.Array:
+  """float32 [B, T]: log p(input_ids[:, t] | input_ids[:, :t]); 0 at t = 0 (nothing predicts it).
+
+  chunk > 0 computes the vocabulary projection `chunk` positions at a time, recomputed in the
+  backward pass, so the float32 logits [B, T, V] never exist at once (they dominate the memory
+  of a 7B model at T = 2048). The result is the same as chunk = 0.
+  """
+  llm = model.llm if isinstance(model, LVLM) else model
+  hidden = hidden_states(model, batch)[:, :-1]  # position t predicts token t + 1
+  targets = batch["input_ids"][:, 1:]
+  b, length, d = hidden.shape
+  if not chunk or length <= chunk:
+    logp = _picked_logprobs(llm, hidden, targets)
+  else:
+    pad = -length % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    n = (length + pad) // chunk
+    hidden = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)  # [n, B, chunk, D]
+    targets = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    piece = jax.checkpoint(lambda h, t: _picked_logprobs(llm, h, t))
+    _, logp = jax.lax.scan(lambda carry, x: (carry, piece(*x)), None, (hidden, targets))
+    logp = logp.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
+  return jnp.pad(logp, ((0, 0), (1, 0)))
+
+
+def masked_nll(logp: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """logp, mask [B, T] -> (summed negative log-likelihood over the mask [], mask tokens [])."""
+  mask = mask.astype(jnp.float32)
+  return -jnp.sum(logp * mask), jnp.sum(mask)
+
+
+def sft_loss_sums(model: LLM | LVLM, batch: Mapping[str, jax.Array],
+                  chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Cross-entropy on the `loss_mask` tokens of a batch: (summed loss [], loss tokens [])."""
+  return masked_nll(token_logprobs(model, batch, chunk), batch["loss_mask"])

@@ -1,0 +1,161 @@
+"""The optimizer: AdamW with parameter groups, warmup + cosine / constant schedules, clipping.
+
+Which parameters train is one regex over dotted parameter paths (`trainable`); the rest are
+frozen: they are split off the train state's `params`, so they get no gradient and no optimizer
+memory. Among the trainable ones, `lr_groups` give some paths their own peak learning rate (LLaVA
+trains the projector at 2e-5 beside LoRA adapters at another rate); every group follows the
+same schedule shape. Paths look like `llm.layers.3.attn.q_proj.kernel`,
+`llm.layers.3.attn.q_proj.lora.lora_a`, `projector.linear_1.bias`, `vision.layers.0.mlp.fc1.kernel`.
+"""
+
+import dataclasses
+import re
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lvlm_jax.errors import UserError
+
+SCHEDULES = ("cosine", "constant")
+DEFAULT_GROUP = "default"
+
+
+def _help(text: str, default):
+  return dataclasses.field(default=default, metadata={"help": text})
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW, its schedule and which parameters it trains."""
+  lr: float = _help("Peak learning rate of every trainable parameter outside lr_groups.", 2e-4)
+  lr_groups: tuple[tuple[str, float], ...] = _help(
+      "(regex, peak lr) pairs: trainable parameters whose dotted path fully matches a regex (the "
+      "first that does) train at that peak lr, e.g. (('projector\\\\..*', 2e-5),).", ())
+  trainable: str = _help("Regex (full match) over dotted parameter paths of the parameters that "
+                         "train; all others are frozen. '.*' trains everything; LoRA: "
+                         "'.*\\\\.lora_[ab]' (plus e.g. '|projector\\\\..*').", ".*")
+  schedule: str = _help(f"Learning-rate schedule after warmup, one of {SCHEDULES}.", "cosine")
+  warmup_ratio: float = _help("Fraction of the steps spent warming up linearly from 0 (LLaVA: "
+                              "0.03).", 0.03)
+  final_lr_ratio: float = _help("Cosine ends at this fraction of the peak learning rate.", 0.0)
+  weight_decay: float = _help("Decoupled weight decay (AdamW) on matrices (kernels, embeddings); "
+                              "never on biases and norm scales.", 0.0)
+  b1: float = _help("Adam beta1.", 0.9)
+  b2: float = _help("Adam beta2.", 0.999)
+  eps: float = _help("Adam epsilon.", 1e-8)
+  clip_norm: float = _help("Clip gradients to this global norm (over all trainable "
+                           "parameters); 0 disables clipping.", 1.0)
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise UserError(f"optim.schedule={self.schedule!r} is not one of {SCHEDULES}")
+    if not 0 <= self.warmup_ratio < 1:
+      raise UserError(f"optim.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+    if self.lr < 0 or self.clip_norm < 0 or self.weight_decay < 0:
+      raise UserError("optim.lr, optim.clip_norm and optim.weight_decay must be >= 0")
+    for pattern in [self.trainable] + [p for p, _ in self.lr_groups]:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise UserError(f"optim: bad regex {pattern!r}: {e}") from None
+
+
+def path_str(path) -> str:
+  """A state path (tuple of keys) -> 'llm.layers.0.attn.q_proj.kernel'."""
+  return ".".join(str(getattr(k, "key", k)) for k in path)
+
+
+def trainable_filter(config: OptimConfig):
+  """An NNX filter selecting the parameters that train."""
+  pattern = re.compile(config.trainable)
+  return lambda path, x: isinstance(x, nnx.Param) and pattern.fullmatch(path_str(path)) is not None
+
+
+def group_of(path: str, config: OptimConfig) -> str:
+  """The lr group of a trainable parameter: the first matching lr_groups regex, else 'default'."""
+  for pattern, _ in config.lr_groups:
+    if re.fullmatch(pattern, path):
+      return pattern
+  return DEFAULT_GROUP
+
+
+def param_groups(params: nnx.State, config: OptimConfig) -> list[str]:
+  """The lr group of every leaf of `params`, in `jax.tree.leaves` order."""
+  return [group_of(path_str(path), config)
+          for path, _ in jax.tree.leaves_with_path(params, is_leaf=_is_variable)]
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def schedule(config: OptimConfig, peak: float, num_steps: int) -> optax.Schedule:
+  """Step -> learning rate: linear warmup from 0 over warmup_ratio * num_steps, then cosine decay
+  to final_lr_ratio * peak at num_steps, or constant."""
+  warmup = int(round(config.warmup_ratio * num_steps))
+  if config.schedule == "constant":
+    if not warmup:
+      return optax.constant_schedule(peak)
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
+                                 optax.constant_schedule(peak)], [warmup])
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1),
+                                            end_value=config.final_lr_ratio * peak)
+
+
+class GroupLrState(NamedTuple):
+  count: jax.Array               # int32 [], updates so far
+  lrs: dict[str, jax.Array]      # float32 [] each: the learning rate of the latest update, by group
+
+
+def scale_by_group_lr(groups: list[str], peaks: dict[str, float],
+                      shape: optax.Schedule) -> optax.GradientTransformation:
+  """updates -> -lr * updates, lr = the leaf's group peak * shape(count)."""
+  def init(params):
+    del params
+    return GroupLrState(jnp.zeros((), jnp.int32), {g: jnp.zeros((), jnp.float32) for g in peaks})
+
+  def update(updates, state, params=None):
+    del params
+    factor = shape(state.count)
+    lrs = {g: jnp.asarray(peak * factor, jnp.float32) for g, peak in peaks.items()}
+    leaves, treedef = jax.tree.flatten(updates)
+    scaled = [-lrs[g] * u for g, u in zip(groups, leaves, strict=True)]
+    return jax.tree.unflatten(treedef, scaled), GroupLrState(state.count + 1, lrs)
+
+  return optax.GradientTransformation(init, update)
+
+
+def _decay_mask(params):
+  # Matrices decay; vectors (biases, norm scales, CLIP's class embedding) do not, as in LLaVA's
+  # HF Trainer, which exempts biases and LayerNorm weights.
+  return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def make_optimizer(config: OptimConfig, num_steps: int,
+                   params: nnx.State) -> optax.GradientTransformation:
+  """AdamW for the trainable `params` (abstract is fine) over a run of `num_steps` updates:
+  clip -> Adam -> decoupled weight decay -> x (-group lr). One Adam over all leaves, whatever
+  the groups, keeps the compiled update small.
+
+  A new learning rate mid-run is a new optimizer (`dataclasses.replace(config, lr=...)`) and
+  `state.reset_optimizer`; SC-Tune does this at every phase switch.
+  """
+  groups = param_groups(params, config)
+  peaks = {DEFAULT_GROUP: config.lr, **dict(config.lr_groups)}
+  peaks = {g: peaks[g] for g in dict.fromkeys(groups)}
+  parts = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
+  parts.append(optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps))
+  if config.weight_decay:
+    parts.append(optax.add_decayed_weights(config.weight_decay, _decay_mask))
+  parts.append(scale_by_group_lr(groups, peaks, schedule(config, 1.0, num_steps)))
+  return optax.chain(*parts)
+
+
+def current_lrs(opt_state) -> dict[str, jax.Array]:
+  """Learning rate of the latest update, by group: {'default': ..., '<regex>': ...}."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GroupLrState))
+           if isinstance(s, GroupLrState)]
+  return dict(found[0].lrs) if found else {}

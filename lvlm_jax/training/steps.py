@@ -1,0 +1,113 @@
+"""Pure step functions over the train state, and jitting them with explicit shardings.
+
+    sft_step(state, batch) -> (state, metrics)     one optimizer update on one global batch
+    eval_step(state, batch) -> metrics             summed loss and tokens, no update
+
+The batch is the data layer's contract (`input_ids`, `loss_mask`, `attention_mask`, `positions`
+[B, T], `pixel_values` [B, N, H, W, 3], ...). With `accum_steps = k` the batch is cut into k
+micro-batches whose gradient sums are accumulated in a scan and divided once by the batch's
+loss tokens: exactly the update of the whole batch at 1/k of the activation memory.
+"""
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from lvlm_jax.sharding import batch_sharding, constrain, replicated
+from lvlm_jax.training.losses import sft_loss_sums
+from lvlm_jax.training.optim import current_lrs
+from lvlm_jax.training.state import TrainState, merge
+
+
+def _model_for_step(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
+                    rng: jax.Array) -> nnx.Module:
+  model = nnx.merge(graphdef, params, frozen)
+  # Dropout draws from the state's key folded with the step (and micro-batch), so a resumed run
+  # draws the same masks as an uninterrupted one.
+  nnx.reseed(model, dropout=rng, default=rng)
+  return model
+
+
+def micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [k, B / k, ...]. Micro-batch j takes rows j, j + k, j + 2k, ..., so each
+  device's contiguous block of rows feeds every micro-batch equally."""
+  def cut(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} micro-batches")
+    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+  return {key: cut(x) for key, x in batch.items()}
+
+
+def sft_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
+             tx: optax.GradientTransformation, accum_steps: int = 1,
+             logits_chunk: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One AdamW update on the token-mean cross-entropy of `batch`'s `loss_mask` tokens.
+
+  Metrics (float32 scalars): loss, loss_tokens, tokens (non-padding), grad_norm (before
+  clipping), lr (and lr/<group> for each lr group).
+  """
+  step_rng = jax.random.fold_in(state["rng"], state["step"])
+
+  def loss_sums(params, micro, index):
+    model = _model_for_step(graphdef, params, state["frozen"], jax.random.fold_in(step_rng, index))
+    return sft_loss_sums(model, micro, logits_chunk)
+
+  def summed(params, micro, index):
+    (loss_sum, tokens), grads = jax.value_and_grad(loss_sums, has_aux=True)(params, micro, index)
+    return grads, loss_sum, tokens
+
+  if accum_steps == 1:
+    grads, loss_sum, tokens = summed(state["params"], batch, 0)
+  else:
+    micro = micro_batches(batch, accum_steps)
+
+    def body(carry, xs):
+      index, mb = xs
+      mb = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
+      grads, loss_sum, tokens = summed(state["params"], mb, index)
+      return jax.tree.map(jnp.add, carry, (grads, loss_sum, tokens)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.zeros((), jnp.float32),
+             jnp.zeros((), jnp.float32))
+    (grads, loss_sum, tokens), _ = jax.lax.scan(body, zeros,
+                                                (jnp.arange(accum_steps), micro))
+  scale = 1.0 / jnp.maximum(tokens, 1.0)
+  grads = jax.tree.map(lambda g: g * scale, grads)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+  metrics = {"loss": loss_sum * scale, "loss_tokens": tokens,
+             "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
+             "grad_norm": optax.tree.norm(grads)}
+  lrs = current_lrs(opt_state)
+  metrics["lr"] = lrs.pop("default", next(iter(lrs.values()), jnp.zeros(())))
+  metrics.update({f"lr/{group}": lr for group, lr in lrs.items()})
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
+              logits_chunk: int = 0) -> dict[str, jax.Array]:
+  """Summed loss and loss tokens of a batch (dropout off): {'loss_sum', 'loss_tokens'}."""
+  model = merge(graphdef, state)
+  model.eval()
+  loss_sum, tokens = sft_loss_sums(model, batch, logits_chunk)
+  return {"loss_sum": loss_sum, "loss_tokens": tokens}
+
+
+def jit_train_step(step: Callable, shardings: TrainState, mesh: Mesh, **static) -> Callable:
+  """`step(state, batch, **static)` jitted once: state in and out on `shardings` (donated, so the
+  update happens in place), the batch split by rows, metrics replicated."""
+  return jax.jit(functools.partial(step, **static),
+                 in_shardings=(shardings, batch_sharding(mesh)),
+                 out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(step: Callable, shardings: TrainState, mesh: Mesh, **static) -> Callable:
+  """`step(state, batch, **static) -> metrics` jitted once, nothing donated."""
+  return jax.jit(functools.partial(step, **static),
+                 in_shardings=(shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))

@@ -1,0 +1,197 @@
+"""Checkpoints: an interrupted run resumes exactly (bitwise, on the same machine and program), a
+SIGTERM saves and exits, kill -9 in the middle of a save leaves the previous checkpoint usable,
+and the final exports are written."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from training_fixtures import REPO, run_python, subprocess_env, tiny_run_config, write_config_file
+from lvlm_jax.methods import sft
+
+
+def train_losses(workdir) -> dict[int, float]:
+  """step -> loss from a run's metrics.jsonl (a resumed run appends to the same file)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      if record["kind"] == "train":
+        assert record["step"] not in out, f"step {record['step']} logged twice"
+        out[record["step"]] = record["loss"]
+  return out
+
+
+def run(workdir, stop_at=None, **overrides):
+  config = tiny_run_config(**overrides)
+  return sft.run(sft.parse(config), str(workdir), raw_config=config, stop_at=stop_at)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("straight")
+  summary = run(workdir, **{"train.num_steps": 40, "checkpoint.every_steps": 5})
+  assert summary["status"] == "done" and summary["step"] == 40
+  return workdir
+
+
+def test_interrupted_run_resumes_bitwise(straight, tmp_path):
+  """Steps 1-6, stop (as preempted), restart, steps 7-40: the same losses, bit for bit. The data
+  iterator, RNG and optimizer state are restored exactly and the compiled program is the same,
+  so nothing can differ; keep-last-2 leaves only the newest checkpoints."""
+  settings = {"train.num_steps": 40, "checkpoint.every_steps": 5}
+  first = run(tmp_path, stop_at=6, **settings)
+  assert first["status"] == "preempted" and first["step"] == 6
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5", "6"]
+  second = run(tmp_path, **settings)
+  assert second["status"] == "done" and second["step"] == 40
+  resumed, expected = train_losses(tmp_path), train_losses(straight)
+  assert sorted(resumed) == list(range(1, 41))
+  assert resumed == expected
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["35", "40"]
+
+
+def test_sigterm_saves_and_the_rerun_finishes(straight, tmp_path):
+  """The real CLI: SIGTERM mid-run -> checkpoint + exit 75; the same command again resumes."""
+  config = write_config_file(tmp_path / "tiny.py", **{"train.num_steps": 40,
+                                                       "checkpoint.every_steps": 5})
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-m", "lvlm_jax.train", "--config", config, "--workdir", str(workdir)]
+  # The default XLA optimisation level, as in this process: the same program as `straight`.
+  env = subprocess_env(fast_compile=False)
+  proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and sum(1 for _ in open(metrics)) >= 3:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.01)
+  _, stderr = proc.communicate(timeout=240)
+  assert proc.returncode == 75, stderr[-3000:]
+  stopped_at = max(train_losses(workdir))
+  assert 3 <= stopped_at < 40
+  assert str(stopped_at) in os.listdir(workdir / "checkpoints")
+  rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"resuming from step {stopped_at}" in rerun.stdout
+  assert train_losses(workdir) == train_losses(straight)
+
+
+KILL_SCRIPT = r"""
+import os, signal, sys
+import jax.numpy as jnp
+from lvlm_jax.training.checkpoint import CheckpointConfig, Checkpointer
+checkpointer = Checkpointer(sys.argv[1], CheckpointConfig(every_steps=1, keep=3))
+checkpointer.save(1, {"w": jnp.full((64, 1024, 1024), 1.0), "step": jnp.asarray(1)}, None)
+checkpointer.wait()
+checkpointer.save(2, {"w": jnp.full((64, 1024, 1024), 2.0), "step": jnp.asarray(2)}, None)
+os.kill(os.getpid(), signal.SIGKILL)  # while the 256 MB of step 2 are being written
+"""
+
+
+def test_kill_9_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from lvlm_jax.training.checkpoint import CheckpointConfig, Checkpointer
+  directory = str(tmp_path / "checkpoints")
+  proc = run_python(["-c", KILL_SCRIPT, directory])
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  checkpointer = Checkpointer(directory, CheckpointConfig(every_steps=1, keep=3))
+  assert checkpointer.latest_step() == 1
+  abstract = {"w": jax.ShapeDtypeStruct((64, 1024, 1024), jnp.float32),
+              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  restored = checkpointer.restore(1, abstract, None)
+  assert int(restored["step"]) == 1 and float(restored["w"].min()) == float(restored["w"].max()) == 1.0
+  # The partial step 2 is gone (cleaned up on start) or was never made visible.
+  assert not any(name.startswith("2") for name in os.listdir(directory)), os.listdir(directory)
+  checkpointer.close()
+
+
+@pytest.fixture(scope="module")
+def shapes_llava_dir(tmp_path_factory):
+  """A tiny HF LLaVA whose vocabulary is the shapes tokenizer's (image token <image> = 4)."""
+  import torch
+  import transformers
+  from lvlm_jax.data.pipeline import DataConfig
+  from lvlm_jax.methods.setup import ModelConfig, load_tokenizer
+  torch.manual_seed(0)
+  vocab = len(load_tokenizer(ModelConfig(), (DataConfig().grounding_prompt,)))
+  config = transformers.LlavaConfig(
+      vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48,
+                                                  num_hidden_layers=2, num_attention_heads=2,
+                                                  image_size=16, patch_size=8),
+      text_config=transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2, max_position_embeddings=128),
+      image_token_id=4, vision_feature_layer=-2)
+  directory = tmp_path_factory.mktemp("shapes_llava")
+  transformers.LlavaForConditionalGeneration(config).eval().save_pretrained(str(directory))
+  return str(directory)
+
+
+def test_lora_run_from_hf_resumes_and_exports(shapes_llava_dir, tmp_path):
+  """From an HF LLaVA with LoRA, frozen weights not checkpointed: stop at step 2, resume (the
+  frozen base re-read from hf_dir) to step 4, export the merged model and the adapters."""
+  import safetensors.numpy
+  import transformers
+  settings = {"train.num_steps": 4, "checkpoint.every_steps": 2, "model.hf_dir": shapes_llava_dir,
+              "model.use_lora": True, "model.lora.rank": 4,
+              "model.lora.target": r"llm\.layers\.\d+\..*_proj",
+              "optim.trainable": r".*\.lora_[ab]|projector\..*",
+              "optim.lr_groups": ((r"projector\..*", 1e-3),),
+              "checkpoint.save_frozen": False, "checkpoint.export_hf": True,
+              "checkpoint.export_lora": True}
+  assert run(tmp_path, stop_at=2, **settings)["status"] == "preempted"
+  with open(tmp_path / "checkpoints" / "2" / "state" / "_METADATA") as f:
+    saved = json.load(f)["tree_metadata"]
+  assert not any(key.startswith("('frozen'") for key in saved)
+  assert any(key.startswith("('params', 'projector'") for key in saved)
+  assert run(tmp_path, **settings)["status"] == "done"
+  losses = train_losses(tmp_path)
+  assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert all("lr/projector\\..*" in r for r in records if r["kind"] == "train")
+  hf_dir = tmp_path / "export" / "hf"
+  model = transformers.LlavaForConditionalGeneration.from_pretrained(str(hf_dir))
+  assert model.config.text_config.num_hidden_layers == 2
+  assert transformers.AutoTokenizer.from_pretrained(str(hf_dir)).convert_tokens_to_ids("<image>") == 4
+  adapter = safetensors.numpy.load_file(str(tmp_path / "export" / "lora" / "adapter_model.safetensors"))
+  config = json.load(open(tmp_path / "export" / "lora" / "adapter_config.json"))
+  assert config["r"] == 4 and config["lora_alpha"] == 16.0 and "q_proj" in config["target_modules"]
+  assert config["base_model_name_or_path"] == shapes_llava_dir
+  a = adapter["base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+  b = adapter["base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+  assert a.shape == (4, 32) and b.shape == (32, 4) and np.abs(b).max() > 0
+  # The export merged the adapters: base q_proj + B @ A * alpha / r.
+  base = transformers.LlavaForConditionalGeneration.from_pretrained(shapes_llava_dir)
+  merged = model.model.language_model.layers[0].self_attn.q_proj.weight.detach().numpy()
+  original = base.model.language_model.layers[0].self_attn.q_proj.weight.detach().numpy()
+  np.testing.assert_allclose(merged, original + b @ a * 4.0, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_cli_on_a_workdir_and_an_export(shapes_llava_dir, tmp_path, capsys):
+  """`python -m lvlm_jax.evaluate` on a run's latest checkpoint (frozen base from hf_dir) and on
+  its HF export: the same model, so the same teacher-forced yes/no answers."""
+  from lvlm_jax import evaluate
+  settings = {"train.num_steps": 2, "model.hf_dir": shapes_llava_dir, "model.use_lora": True,
+              "model.lora.rank": 4, "model.lora.target": r"llm\.layers\.\d+\..*_proj",
+              "optim.trainable": r".*\.lora_[ab]|projector\..*", "checkpoint.save_frozen": False,
+              "checkpoint.export_hf": True}
+  run(tmp_path / "run", **settings)
+  sizes = ["--yes_no", "8", "--grounding", "2", "--captions", "2"]
+  from_workdir = evaluate.evaluate(evaluate.parse_args(["--workdir", str(tmp_path / "run"), *sizes]))
+  assert from_workdir["step"] == 2 and os.path.exists(tmp_path / "run" / "eval.json")
+  config = write_config_file(tmp_path / "tiny.py", **settings)
+  from_export = evaluate.evaluate(evaluate.parse_args(
+      ["--model", str(tmp_path / "run" / "export" / "hf"), "--config", config, *sizes]))
+  assert from_export["yes_no_accuracy"] == from_workdir["yes_no_accuracy"]
+  assert 0 <= from_export["grounding_acc50"] <= 1
+  assert '"yes_no_accuracy"' in capsys.readouterr().out
