@@ -1,7 +1,8 @@
-"""Train-step benchmarks, lvlm_jax vs transformers on the same weights and batch.
+"""Train-step benchmark, lvlm_jax vs transformers on the same weights and batch.
 
-  python benchmarks/train_step.py --workload sft   # one AdamW update: CE on the response tokens
-  python benchmarks/train_step.py --workload dpo   # chosen + rejected + reference log-probs
+  python benchmarks/train_step.py   # one AdamW update: CE on the response tokens (SFT)
+
+(The DPO step workload is not written yet.)
 
 Both sides train the projector and the LLM (full fine-tuning, fp32), keep the vision tower
 frozen, clip gradients at 1.0 and use AdamW. FLOPs are counted as MaxText does: 6 x matmul
@@ -41,7 +42,7 @@ def train_flops(preset: presets.Preset, passes: float = 3.0) -> float:
   return vision + dense + attention
 
 
-def setup_jax(preset_name: str, workload: str):
+def setup_jax(preset_name: str):
   import jax
 
   from lvlm_jax.sharding import make_mesh
@@ -57,11 +58,7 @@ def setup_jax(preset_name: str, workload: str):
   shardings = train_state.state_shardings(train_state.abstract_state(params, frozen, tx), mesh)
   state = [train_state.init_state(params, frozen, tx, 0, shardings)]
   batch = presets.batch_arrays(preset)
-  if workload == "sft":
-    step = steps.jit_train_step(steps.sft_step, shardings, mesh, graphdef=graphdef, tx=tx)
-  else:
-    from lvlm_jax.training import dpo
-    step, batch = dpo.benchmark_step(graphdef, tx, shardings, mesh, batch)
+  step = steps.jit_train_step(steps.sft_step, shardings, mesh, graphdef=graphdef, tx=tx)
 
   def run():
     with jax.set_mesh(mesh):
@@ -70,9 +67,8 @@ def setup_jax(preset_name: str, workload: str):
   return run
 
 
-def setup_torch(preset_name: str, workload: str):
+def setup_torch(preset_name: str):
   import torch
-  import torch.nn.functional as F
   import transformers
 
   preset = presets.PRESETS[preset_name]
@@ -87,30 +83,9 @@ def setup_torch(preset_name: str, workload: str):
   pixels = torch.tensor(arrays["pixel_values"][:, 0].transpose(0, 3, 1, 2).copy())
   labels = torch.where(torch.tensor(arrays["loss_mask"]) > 0, ids, torch.full_like(ids, -100))
 
-  def sequence_logps(input_ids, attention_mask, pixel_values, target):
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   pixel_values=pixel_values).logits[:, :-1]
-    target = target[:, 1:]
-    valid = target != -100
-    logp = torch.gather(F.log_softmax(logits.float(), -1), 2,
-                        torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
-    return (logp * valid).sum(-1)
-
   def run():
     optimizer.zero_grad(set_to_none=True)
-    if workload == "sft":
-      loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
-    else:  # chosen and rejected in one batch (TRL's concatenated_forward); reference under no_grad
-      both_ids, both_mask = torch.cat([ids, ids.flip(1)]), torch.cat([mask, mask])
-      both_labels = torch.cat([labels, labels.flip(1)])
-      both_pixels = torch.cat([pixels, pixels])
-      both_ids[ids.shape[0]:, 4:4 + presets.tokens_per_image(preset)] = presets.IMAGE_TOKEN_ID
-      with torch.no_grad():
-        ref = sequence_logps(both_ids, both_mask, both_pixels, both_labels)
-      policy = sequence_logps(both_ids, both_mask, both_pixels, both_labels)
-      b = ids.shape[0]
-      logits = (policy[:b] - policy[b:]) - (ref[:b] - ref[b:])
-      loss = -F.logsigmoid(0.1 * logits).mean()
+    loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable, 1.0)
     optimizer.step()
@@ -118,22 +93,17 @@ def setup_torch(preset_name: str, workload: str):
 
 
 def main() -> None:
-  parser = harness.common_flags(__doc__)
-  parser.add_argument("--workload", choices=("sft", "dpo"), default="sft",
-                      help="which train step to time")
-  args = parser.parse_args()
+  args = harness.common_flags(__doc__).parse_args()
   preset = presets.PRESETS[args.preset]
   compare_torch = preset.compare_with_transformers and not args.no_transformers
   if compare_torch:
     presets.weights_dir(args.preset)
-  # DPO: policy forward+backward on 2B sequences plus a reference forward on 2B = 2 x (3 + 1) passes.
-  flops = train_flops(preset) if args.workload == "sft" else 2 * train_flops(preset, passes=4.0)
+  flops = train_flops(preset)
   peak = harness.measure_matmul_peak()
   result = harness.compare(
-      f"train_{args.workload}", args.preset, ours="train_step:setup_jax",
+      "train_sft", args.preset, ours="train_step:setup_jax",
       theirs="train_step:setup_torch" if compare_torch else None, reps=args.reps,
-      warmup=args.warmup, options={"workload": args.workload},
-      work=preset.batch * preset.seq_len * (1 if args.workload == "sft" else 2),
+      warmup=args.warmup, work=preset.batch * preset.seq_len,
       work_unit="tokens", flops=flops, peak_flops=peak)
   result["matmul_peak_flops_per_s"] = peak
   harness.print_table(result)
