@@ -73,3 +73,29 @@ def test_wrong_type_in_a_config_file_names_the_line(tmp_path):
 def test_unknown_override_suggests_the_key():
   with pytest.raises(UserError, match="config.optim has no key 'lrr'; did you mean 'lr'"):
     train.main(["train", "--config", QUICKSTART, "--config.optim.lrr=1"])
+
+
+def test_llava_7b_recipe_trains_adapters_and_projector_only(tiny_llava_dir):
+  """The TPU recipe, pointed at a tiny HF LLaVA: it parses, and its regexes pick exactly the LoRA
+  adapters of the LLM projections and the projector as trainable (nothing is built or run)."""
+  import importlib.util
+  from flax import nnx
+  from lvlm_jax.methods import setup, sft
+  from lvlm_jax.training import optim, state as train_state
+  spec = importlib.util.spec_from_file_location("recipe", os.path.join(REPO, "configs", "sft_llava15_7b.py"))
+  recipe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipe)
+  raw = recipe.get_config()
+  raw.model.hf_dir = tiny_llava_dir
+  raw.model.tokenizer = "shapes"  # the tiny checkpoint has no tokenizer files
+  config = sft.parse(raw)
+  model = setup.abstract_model(config.model, tokenizer=None)
+  _, params, frozen = train_state.split_model(model, optim.trainable_filter(config.optim))
+  paths = lambda tree: {optim.path_str(p) for p, v in nnx.to_flat_state(tree)
+                       if isinstance(v, nnx.Param)}  # frozen also holds LoRA dropout's RNG
+  trained, kept = paths(params), paths(frozen)
+  assert all(p.startswith("projector.") or ".lora." in p for p in trained)
+  assert "llm.layers.1.mlp.down_proj.lora.lora_b" in trained
+  assert not any(".lora." in p for p in kept) and "vision.layers.0.mlp.fc1.kernel" in kept
+  assert "llm.lm_head.kernel" in kept  # LoRA leaves lm_head alone
+  assert {optim.group_of(p, config.optim) for p in trained} == {"default", r"projector\..*"}

@@ -170,7 +170,9 @@ class ShapesEvaluator:
     return {f"caption_{k}": v for k, v in hallucination_metrics(answers, scenes).items()}
 
   def __call__(self, model: nnx.Module) -> dict[str, float]:
-    """Every configured metric of `model` (an LVLM, possibly sharded on the mesh)."""
+    """Every configured metric of `model` (an LVLM, possibly sharded on the mesh; switched to
+    eval mode, so LoRA dropout is off)."""
+    model.eval()
     graphdef, state = nnx.split(model)
     metrics = {}
     if self.yes_no:

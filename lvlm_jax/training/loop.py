@@ -125,6 +125,7 @@ def train(state: dict[str, Any], *, step: Callable, batches: Iterator[dict[str, 
       config.progress_bar and writer.enabled), dynamic_ncols=True, desc="train")
   # Throughput is measured over the steps since the last log, less compilation and evaluation.
   window_start, window_steps, compile_seconds = time.perf_counter(), 0, 0.0
+  in_flight = None  # the previous step's loss: the host runs at most one step ahead
   status = "done"
   with Preemption() as preemption, jax.set_mesh(mesh):
     for step_index in range(start, config.num_steps):
@@ -137,6 +138,11 @@ def train(state: dict[str, Any], *, step: Callable, batches: Iterator[dict[str, 
       compiled, flops, compile_time = compiled_step(state, batch)
       compile_seconds += compile_time
       state, metrics = compiled(state, batch)
+      if in_flight is not None:
+        # One step queued behind the running one keeps the device busy; more would only make
+        # the progress bar run ahead of the device (and hold batches in memory).
+        jax.block_until_ready(in_flight)
+      in_flight = metrics["loss"]
       done, window_steps = step_index + 1, window_steps + 1
       bar.update(1)
       logging = done % config.log_every == 0 or done == config.num_steps

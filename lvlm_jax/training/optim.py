@@ -64,8 +64,8 @@ class OptimConfig:
 
 
 def path_str(path) -> str:
-  """A state path (tuple of keys) -> 'llm.layers.0.attn.q_proj.kernel'."""
-  return ".".join(str(getattr(k, "key", k)) for k in path)
+  """A state or pytree path (tuple of keys) -> 'llm.layers.0.attn.q_proj.kernel'."""
+  return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def trainable_filter(config: OptimConfig):

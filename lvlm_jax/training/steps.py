@@ -26,6 +26,9 @@ from lvlm_jax.training.state import TrainState, merge
 
 def _model_for_step(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
                     rng: jax.Array) -> nnx.Module:
+  # Rebuilt Variables belong to the current trace (the gradient's), where dropout may then
+  # advance its RNG count; the caller's belong to the outer jit trace and are read-only here.
+  frozen = jax.tree.map(lambda x: x, frozen)
   model = nnx.merge(graphdef, params, frozen)
   # Dropout draws from the state's key folded with the step (and micro-batch), so a resumed run
   # draws the same masks as an uninterrupted one.

@@ -182,7 +182,8 @@ def test_evaluate_cli_on_a_workdir_and_an_export(shapes_llava_dir, tmp_path, cap
   its HF export: the same model, so the same teacher-forced yes/no answers."""
   from lvlm_jax import evaluate
   settings = {"train.num_steps": 2, "model.hf_dir": shapes_llava_dir, "model.use_lora": True,
-              "model.lora.rank": 4, "model.lora.target": r"llm\.layers\.\d+\..*_proj",
+              "model.lora.rank": 4, "model.lora.dropout": 0.05,
+              "model.lora.target": r"llm\.layers\.\d+\..*_proj",
               "optim.trainable": r".*\.lora_[ab]|projector\..*", "checkpoint.save_frozen": False,
               "checkpoint.export_hf": True}
   run(tmp_path / "run", **settings)
