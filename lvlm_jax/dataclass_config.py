@@ -19,6 +19,11 @@ from ml_collections import config_dict
 from lvlm_jax.errors import UserError
 
 
+def help_field(default, doc: str):
+  """A dataclass field with a default and the help text `field_help` and `--help` show."""
+  return dataclasses.field(default=default, metadata={"help": doc})
+
+
 def _optional_type(annotation) -> type | None:
   """`X | None` -> X for a simple X (so a None default still has a type); else None."""
   if typing.get_origin(annotation) in (typing.Union, types.UnionType):

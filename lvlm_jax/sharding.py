@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -77,23 +78,21 @@ def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: dict | None = N
 
 
 
-def _help(text: str, default):
-  return dataclasses.field(default=default, metadata={"help": text})
-
-
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """The devices of a run: how processes find each other and how the mesh is shaped."""
-  shape: tuple[int, ...] = _help("Mesh shape over ('data', 'fsdp', 'tensor'); one entry may be -1 "
-                                 "for the remaining devices. (1, -1, 1) is pure FSDP.", (1, -1, 1))
-  coordinator_address: str = _help("host:port of process 0 for a multi-process run started by "
-                                   "hand (e.g. 2 processes on one box); '' = detect a TPU pod / "
-                                   "SLURM / single process from the environment.", "")
-  num_processes: int = _help("Processes in a run started by hand (with coordinator_address).", 1)
-  process_id: int = _help("This process's index in a run started by hand (with "
-                          "coordinator_address).", 0)
-  cpu_devices: int = _help("Split the CPU into this many JAX devices (tests, CPU-only "
-                           "multi-device runs); 0 leaves the platform as it is.", 0)
+  shape: tuple[int, ...] = help_field((1, -1, 1), "Mesh shape over ('data', 'fsdp', 'tensor'); one "
+                                      "entry may be -1 for the remaining devices. (1, -1, 1) is "
+                                      "pure FSDP.")
+  coordinator_address: str = help_field(
+      "", "host:port of process 0 for a multi-process run started by hand (e.g. 2 processes on one "
+      "box); '' = detect a TPU pod / SLURM / single process from the environment.")
+  num_processes: int = help_field(1, "Processes in a run started by hand "
+                                  "(with coordinator_address).")
+  process_id: int = help_field(0, "This process's index in a run started "
+                               "by hand (with coordinator_address).")
+  cpu_devices: int = help_field(0, "Split the CPU into this many JAX devices (tests, CPU-only "
+                                "multi-device runs); 0 leaves the platform as it is.")
 
 
 # Environment variables that say this process is one of several a cluster started, in which case

@@ -22,6 +22,7 @@ from absl import flags
 from lvlm_jax.data.images import BadImage, ImageProcessing, load_image
 from lvlm_jax.data.text import (TEMPLATES, BoxFormat, ensure_image_placeholders, fit_to_length,
                                 image_token_id, tokenize_conversation)
+from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 
 KINDS = ("sft", "preference", "grounding")
@@ -33,52 +34,51 @@ _NEEDS = {"sft": ("conversations",), "preference": ("prompt", "chosen", "rejecte
 _MIN_EXAMPLES_FOR_FRACTION = 100
 
 
-def _field(default, doc: str):
-  return dataclasses.field(default=default, metadata={"help": doc})
-
-
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """How records become batches."""
 
-  kind: str = _field("sft", "Batch kind: 'sft' (conversations), 'preference' (chosen/rejected "
-                     "pairs sharing images) or 'grounding' (box records as box-text SFT + boxes).")
-  batch_size: int = _field(8, "Examples per batch on this process (the per-host batch).")
-  length_buckets: tuple[int, ...] = _field(
-      (256, 512, 1024, 2048), "Sequence lengths T a batch is padded to: the smallest that fits "
-      "its longest example. Few buckets = few compilations; the largest is the maximum length.")
-  max_images: int = _field(1, "Image slots N per example; examples with more images are skipped. "
-                           "2 for CaD-VI image pairs.")
-  tokens_per_image: int = _field(576, "Image-token copies per image: the vision tower's patch "
-                                 "count (576 for CLIP ViT-L/14 at 336 px).")
-  template: str = _field("vicuna_v1", f"Chat template, one of {TEMPLATES}; 'tokenizer' uses the "
-                         "tokenizer's own Jinja template.")
-  system_prompt: str | None = _field(None, "System prompt; None keeps the template's default, "
-                                     "'' drops it.")
-  image_token: str = _field("<image>", "The placeholder marking each image in the text; the "
-                            "tokenizer must hold it as one token.")
-  image: ImageProcessing = _field(ImageProcessing(), "Pad-to-square, resize and normalisation; "
-                                  "see ImageProcessing.from_hf_preprocessor_config.")
-  max_image_pixels: int | None = _field(None, "Images with more pixels are refused as "
-                                        "decompression bombs (None: PIL's MAX_IMAGE_PIXELS).")
-  grounding_prompt: str = _field("<image>\nWhere is {expression}? Answer with a box.",
-                                 "User turn of a grounding example; the answer is the box text. "
-                                 "Records without an expression are skipped.")
-  box_format: BoxFormat = _field(BoxFormat(), "How boxes are written as text (grid and markup).")
-  with_ref_logps: bool = _field(False, "Preference only: carry each record's ref_chosen_logp / "
-                                "ref_rejected_logp into the batch (records without them are "
-                                "skipped), so the reference model is not run in training.")
-  shuffle: bool = _field(True, "Shuffle the records (a new order every epoch).")
-  seed: int = _field(0, "Shuffle seed; the same seed gives the same batches.")
-  num_epochs: int | None = _field(None, "Passes over the data; None repeats forever (train by "
-                                  "steps; needed for multi-host runs, whose shards skip "
-                                  "different numbers of examples).")
-  worker_count: int = _field(0, "Worker processes that load and preprocess (0: in this process).")
-  worker_buffer_size: int = _field(16, "Preprocessed examples each worker keeps ready.")
-  read_threads: int = _field(4, "Threads per process that load and preprocess ahead.")
-  read_buffer_size: int = _field(64, "Examples per process those threads keep ready.")
-  max_skip_fraction: float = _field(0.05, "Largest share of examples that may be skipped (bad "
-                                    "image, too long, ...) before the run stops with an error.")
+  kind: str = help_field("sft", "Batch kind: 'sft' (conversations), 'preference' (chosen/rejected "
+                         "pairs sharing images) or 'grounding' (box records as "
+                         "box-text SFT + boxes).")
+  batch_size: int = help_field(8, "Examples per batch on this process (the per-host batch).")
+  length_buckets: tuple[int, ...] = help_field(
+      (256, 512, 1024, 2048), "Sequence lengths T a batch is padded to: the smallest that fits its "
+      "longest example. Few buckets = few compilations; the largest is the maximum length.")
+  max_images: int = help_field(1, "Image slots N per example; examples with more images are "
+                               "skipped. 2 for CaD-VI image pairs.")
+  tokens_per_image: int = help_field(576, "Image-token copies per image: the vision tower's patch "
+                                     "count (576 for CLIP ViT-L/14 at 336 px).")
+  template: str = help_field("vicuna_v1", f"Chat template, one of {TEMPLATES}; 'tokenizer' uses "
+                             "the tokenizer's own Jinja template.")
+  system_prompt: str | None = help_field(None, "System prompt; None keeps the template's "
+                                         "default, '' drops it.")
+  image_token: str = help_field("<image>", "The placeholder marking each image in the text; the "
+                                "tokenizer must hold it as one token.")
+  image: ImageProcessing = help_field(ImageProcessing(), "Pad-to-square, resize and normalisation; "
+                                      "see ImageProcessing.from_hf_preprocessor_config.")
+  max_image_pixels: int | None = help_field(None, "Images with more pixels are refused as "
+                                            "decompression bombs (None: PIL's MAX_IMAGE_PIXELS).")
+  grounding_prompt: str = help_field(
+      "<image>\nWhere is {expression}? Answer with a box.", "User turn of a grounding example; the "
+      "answer is the box text. Records without an expression are skipped.")
+  box_format: BoxFormat = help_field(BoxFormat(), "How boxes are written as "
+                                     "text (grid and markup).")
+  with_ref_logps: bool = help_field(False, "Preference only: carry each record's ref_chosen_logp / "
+                                    "ref_rejected_logp into the batch (records without them are "
+                                    "skipped), so the reference model is not run in training.")
+  shuffle: bool = help_field(True, "Shuffle the records (a new order every epoch).")
+  seed: int = help_field(0, "Shuffle seed; the same seed gives the same batches.")
+  num_epochs: int | None = help_field(None, "Passes over the data; None repeats forever (train by "
+                                      "steps; needed for multi-host runs, whose shards skip "
+                                      "different numbers of examples).")
+  worker_count: int = help_field(0, "Worker processes that load and preprocess "
+                                 "(0: in this process).")
+  worker_buffer_size: int = help_field(16, "Preprocessed examples each worker keeps ready.")
+  read_threads: int = help_field(4, "Threads per process that load and preprocess ahead.")
+  read_buffer_size: int = help_field(64, "Examples per process those threads keep ready.")
+  max_skip_fraction: float = help_field(0.05, "Largest share of examples that may be skipped (bad "
+                                        "image, too long, ...) before the run stops with an error.")
 
   def __post_init__(self):
     if self.kind not in KINDS:

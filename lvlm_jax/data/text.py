@@ -210,17 +210,20 @@ def image_token_id(tokenizer, image_token: str = "<image>") -> int:
 def tokenize(rendered: Rendered, tokenizer, *, image_token: str = "<image>",
              tokens_per_image: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """Rendered text -> (`input_ids int32 [L]`, `loss_mask int32 [L]`), each image token expanded
-  to `tokens_per_image` copies. A token is a target when it overlaps a target span."""
+  to `tokens_per_image` copies. A token is a target when it overlaps a target span. The tokenizer
+  must hold `image_token` only when the text contains it (text-only tokenizers need not)."""
   encoding = _backend(tokenizer).encode(rendered.text, add_special_tokens=False)
   ids = np.asarray(encoding.ids, np.int32)
   offsets = np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
   mask = np.zeros(len(ids), bool)
   for start, end in rendered.targets:
     mask |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
-  image_id = image_token_id(tokenizer, image_token)
-  is_image = ids == image_id
-  if is_image.sum() != rendered.text.count(image_token):
-    raise UserError(f"the tokenizer does not encode every {image_token!r} in the text as one token")
+  is_image = np.zeros(len(ids), bool)
+  if image_token in rendered.text:
+    is_image = ids == image_token_id(tokenizer, image_token)
+    if is_image.sum() != rendered.text.count(image_token):
+      raise UserError(f"the tokenizer does not encode every {image_token!r} in the text as one "
+                      "token")
   repeats = np.where(is_image, tokens_per_image, 1)
   mask &= ~is_image
   return np.repeat(ids, repeats), np.repeat(mask, repeats).astype(np.int32)

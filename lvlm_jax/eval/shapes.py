@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from lvlm_jax.data.pipeline import DataConfig
 from lvlm_jax.data.shapes import CAPTION_PROMPTS, Scene, ShapesConfig, ShapesSource
 from lvlm_jax.data.text import box_iou, tokenize_conversation
+from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.eval.hallucination import hallucination_metrics
 from lvlm_jax.sampling.decode import SamplingConfig, decode
 from lvlm_jax.sharding import place, replicated
@@ -31,20 +32,16 @@ from lvlm_jax.training.losses import token_logprobs
 _PAD_TO = 16  # sequence lengths round up to this, so a handful of shapes compile
 
 
-def _help(text: str, default):
-  return dataclasses.field(default=default, metadata={"help": text})
-
-
 @dataclasses.dataclass(frozen=True)
 class ShapesEvalConfig:
   """Which shapes-world metrics to compute, on how many held-out examples."""
-  yes_no: int = _help("Yes/no questions (half yes); 0 skips the metric.", 200)
-  grounding: int = _help("Referring expressions to ground; 0 skips the metric.", 100)
-  captions: int = _help("Images to caption for the hallucination metrics; 0 skips them.", 50)
-  batch_size: int = _help("Examples per evaluation batch.", 50)
-  yes_no_mode: str = _help("POPE negatives: random, popular or adversarial.", "random")
-  box_tokens: int = _help("Most tokens generated for a box answer.", 32)
-  caption_tokens: int = _help("Most tokens generated for a caption.", 160)
+  yes_no: int = help_field(200, "Yes/no questions (half yes); 0 skips the metric.")
+  grounding: int = help_field(100, "Referring expressions to ground; 0 skips the metric.")
+  captions: int = help_field(50, "Images to caption for the hallucination metrics; 0 skips them.")
+  batch_size: int = help_field(50, "Examples per evaluation batch.")
+  yes_no_mode: str = help_field("random", "POPE negatives: random, popular or adversarial.")
+  box_tokens: int = help_field(32, "Most tokens generated for a box answer.")
+  caption_tokens: int = help_field(160, "Most tokens generated for a caption.")
 
 
 def _rows(tokenizer, data: DataConfig, turns_list):

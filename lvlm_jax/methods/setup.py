@@ -22,6 +22,7 @@ from lvlm_jax.data.pipeline import DataConfig, make_dataset
 from lvlm_jax.data.shapes import TASKS, ShapesConfig, ShapesSource
 from lvlm_jax.data.shapes_tokenizer import shapes_tokenizer
 from lvlm_jax.data.text import BoxFormat, image_token_id
+from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models import hf
 from lvlm_jax.models.llm import REMAT_POLICIES, LLMConfig
@@ -33,51 +34,48 @@ from lvlm_jax.training.state import init_sharded
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _help(text: str, default):
-  return dataclasses.field(default=default, metadata={"help": text})
-
-
 @dataclasses.dataclass(frozen=True)
 class VisionSize:
   """The CLIP ViT of a model built from scratch."""
-  hidden_size: int = _help("Width of the vision tower.", 64)
-  intermediate_size: int = _help("MLP width of the vision tower.", 128)
-  num_layers: int = _help("Transformer layers of the vision tower.", 2)
-  num_heads: int = _help("Attention heads of the vision tower.", 4)
-  image_size: int = _help("Input image side in pixels.", 32)
-  patch_size: int = _help("Patch side in pixels; (image_size / patch_size)^2 tokens per image.", 8)
+  hidden_size: int = help_field(64, "Width of the vision tower.")
+  intermediate_size: int = help_field(128, "MLP width of the vision tower.")
+  num_layers: int = help_field(2, "Transformer layers of the vision tower.")
+  num_heads: int = help_field(4, "Attention heads of the vision tower.")
+  image_size: int = help_field(32, "Input image side in pixels.")
+  patch_size: int = help_field(8, "Patch side in pixels; (image_size "
+                               "/ patch_size)^2 tokens per image.")
 
 
 @dataclasses.dataclass(frozen=True)
 class TextSize:
   """The LLaMA-style decoder of a model built from scratch (vocabulary from the tokenizer)."""
-  hidden_size: int = _help("Width of the decoder.", 128)
-  intermediate_size: int = _help("SwiGLU width of the decoder.", 256)
-  num_layers: int = _help("Decoder layers.", 2)
-  num_heads: int = _help("Attention heads.", 4)
-  num_kv_heads: int = _help("Key/value heads (grouped-query attention).", 2)
-  max_position_embeddings: int = _help("Longest sequence the model is meant for.", 512)
+  hidden_size: int = help_field(128, "Width of the decoder.")
+  intermediate_size: int = help_field(256, "SwiGLU width of the decoder.")
+  num_layers: int = help_field(2, "Decoder layers.")
+  num_heads: int = help_field(4, "Attention heads.")
+  num_kv_heads: int = help_field(2, "Key/value heads (grouped-query attention).")
+  max_position_embeddings: int = help_field(512, "Longest sequence the model is meant for.")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Which model trains and how it computes."""
-  hf_dir: str = _help("An HF LLaVA directory (config.json + safetensors) to start from; '' "
-                      "builds a new model from `vision` and `text`.", "")
-  tokenizer: str = _help("'shapes' (the shapes world's word-level tokenizer) or a tokenizer "
-                         "directory; '' takes the one in hf_dir.", "shapes")
-  dtype: str = _help(f"Compute dtype, one of {DTYPES}: bfloat16 on TPU/GPU, float32 on CPU.",
-                     "float32")
-  param_dtype: str = _help("Dtype of the master weights (and optimizer moments).", "float32")
-  remat: str = _help(f"Activation checkpointing of decoder layers, one of "
-                     f"{tuple(REMAT_POLICIES)}.", "none")
-  allow_pickle: bool = _help("Accept pickled .bin/.pt weights in hf_dir (they can run code).",
-                             False)
-  init_seed: int = _help("Seed of the random initialisation (new models, LoRA adapters).", 0)
-  vision: VisionSize = _help("Vision tower of a new model (hf_dir='').", VisionSize())
-  text: TextSize = _help("Decoder of a new model (hf_dir='').", TextSize())
-  use_lora: bool = _help("Attach LoRA adapters (`lora`) to the matching Linear layers.", False)
-  lora: LoraConfig = _help("LoRA rank, alpha, dropout and target regex.", LoraConfig())
+  hf_dir: str = help_field("", "An HF LLaVA directory (config.json + safetensors) to start from; "
+                           "'' builds a new model from `vision` and `text`.")
+  tokenizer: str = help_field("shapes", "'shapes' (the shapes world's word-level tokenizer) or a "
+                              "tokenizer directory; '' takes the one in hf_dir.")
+  dtype: str = help_field("float32", f"Compute dtype, one of {DTYPES}: bfloat16 "
+                          "on TPU/GPU, float32 on CPU.")
+  param_dtype: str = help_field("float32", "Dtype of the master weights (and optimizer moments).")
+  remat: str = help_field("none", "Activation checkpointing of decoder layers, "
+                          f"one of {tuple(REMAT_POLICIES)}.")
+  allow_pickle: bool = help_field(False, "Accept pickled .bin/.pt weights "
+                                  "in hf_dir (they can run code).")
+  init_seed: int = help_field(0, "Seed of the random initialisation (new models, LoRA adapters).")
+  vision: VisionSize = help_field(VisionSize(), "Vision tower of a new model (hf_dir='').")
+  text: TextSize = help_field(TextSize(), "Decoder of a new model (hf_dir='').")
+  use_lora: bool = help_field(False, "Attach LoRA adapters (`lora`) to the matching Linear layers.")
+  lora: LoraConfig = help_field(LoraConfig(), "LoRA rank, alpha, dropout and target regex.")
 
   def __post_init__(self):
     for key in ("dtype", "param_dtype"):
@@ -92,17 +90,18 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class DataSources:
   """Where the training examples come from (all sources are mixed) and how they become batches."""
-  shapes_tasks: tuple[tuple[str, int], ...] = _help(
-      f"(task, number of records) pairs from the built-in shapes world; tasks: {TASKS[:3]}.",
-      (("caption", 2000), ("grounding", 2000), ("yes_no", 2000)))
-  shapes: ShapesConfig = _help("The shapes world the shapes tasks draw from.", ShapesConfig())
-  conversations: tuple[str, ...] = _help("LLaVA-format conversation files (JSON or JSONL).", ())
-  grounding: tuple[str, ...] = _help("Grounding files (image + box + expression; JSONL), "
-                                     "trained as box-text answers.", ())
-  image_roots: tuple[str, ...] = _help("Folders searched for relative image paths (default: "
-                                       "each data file's folder).", ())
-  pipeline: DataConfig = _help("Batching: length buckets, chat template, workers, ...",
-                               DataConfig())
+  shapes_tasks: tuple[tuple[str, int], ...] = help_field(
+      (("caption", 2000), ("grounding", 2000), ("yes_no", 2000)), "(task, number of records) pairs "
+      f"from the built-in shapes world; tasks: {TASKS[:3]}.")
+  shapes: ShapesConfig = help_field(ShapesConfig(), "The shapes world the shapes tasks draw from.")
+  conversations: tuple[str, ...] = help_field((), "LLaVA-format conversation "
+                                              "files (JSON or JSONL).")
+  grounding: tuple[str, ...] = help_field((), "Grounding files (image + box + expression; JSONL), "
+                                          "trained as box-text answers.")
+  image_roots: tuple[str, ...] = help_field((), "Folders searched for relative image paths "
+                                            "(default: each data file's folder).")
+  pipeline: DataConfig = help_field(DataConfig(), "Batching: length buckets, chat "
+                                    "template, workers, ...")
 
 
 # Set by the run, not by the user: from train.batch_size, the model and the processor config.

@@ -38,7 +38,7 @@ from lvlm_jax.data.images import color_jitter, load_image, low_resolution, resol
 from lvlm_jax.data.pipeline import DataConfig
 from lvlm_jax.data.shapes import TASKS, ShapesConfig, ShapesSource
 from lvlm_jax.data.sources import ConversationSource
-from lvlm_jax.dataclass_config import from_config_dict, help_lines, to_config_dict
+from lvlm_jax.dataclass_config import from_config_dict, help_field, help_lines, to_config_dict
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval import dar
 from lvlm_jax.eval.shapes import ShapesEvalConfig, ShapesEvaluator
@@ -59,32 +59,27 @@ PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts"
 _UNLABELED_WORLD, _SFT_WORLD = 1, 2
 
 
-def _help(text: str, default):
-  return dataclasses.field(default=default, metadata={"help": text})
-
-
 @dataclasses.dataclass(frozen=True)
 class STICData:
   """The images STIC describes and the SFT subset it infuses; the shapes world or files."""
-  source: str = _help("'shapes': images and SFT subset from the shapes world; 'files': "
-                      "unlabeled_list, sft_conversations and image_root.", "shapes")
-  shapes: ShapesConfig = _help("The shapes world (unlabeled images, SFT subset and evaluation "
-                               "draw disjoint scenes from it).", ShapesConfig())
-  num_unlabeled: int = _help("Unlabeled images for the preference data (STIC: 6k COCO "
-                             "train2014); with source='files', the first this many of "
-                             "unlabeled_list (0: all).", 6000)
-  unlabeled_list: str = _help("source='files': JSON list of image paths relative to image_root "
-                              "(STIC's data/6k_coco_names.json).", "")
-  sft_tasks: tuple[tuple[str, int], ...] = _help(
-      "Shapes-world SFT subset as (task, records) pairs, tasks from "
-      f"{TASKS[:3]} (STIC: 5k samples of LLaVA's SFT mix).",
-      (("caption", 2000), ("yes_no", 2000), ("grounding", 1000)))
-  sft_conversations: str = _help("source='files': LLaVA-format SFT subset (STIC's "
-                                 "mixed_5k.json), image paths relative to image_root.", "")
-  image_root: str = _help("source='files': the folder the image paths of unlabeled_list and "
-                          "sft_conversations are relative to.", "")
-  pipeline: DataConfig = _help("Batching of both trainings: template, lengths, workers, ...",
-                               DataConfig())
+  source: str = help_field("shapes", "'shapes': images and SFT subset from the shapes world; "
+                           "'files': unlabeled_list, sft_conversations and image_root.")
+  shapes: ShapesConfig = help_field(ShapesConfig(), "The shapes world (unlabeled images, SFT "
+                                    "subset and evaluation draw disjoint scenes from it).")
+  num_unlabeled: int = help_field(6000, "Unlabeled images for the preference data (STIC: 6k COCO "
+                                  "train2014); with source='files', the first this many of "
+                                  "unlabeled_list (0: all).")
+  unlabeled_list: str = help_field("", "source='files': JSON list of image paths relative to "
+                                   "image_root (STIC's data/6k_coco_names.json).")
+  sft_tasks: tuple[tuple[str, int], ...] = help_field(
+      (("caption", 2000), ("yes_no", 2000), ("grounding", 1000)), "Shapes-world SFT subset as "
+      f"(task, records) pairs, tasks from {TASKS[:3]} (STIC: 5k samples of LLaVA's SFT mix).")
+  sft_conversations: str = help_field("", "source='files': LLaVA-format SFT subset (STIC's "
+                                      "mixed_5k.json), image paths relative to image_root.")
+  image_root: str = help_field("", "source='files': the folder the image paths of unlabeled_list "
+                               "and sft_conversations are relative to.")
+  pipeline: DataConfig = help_field(DataConfig(), "Batching of both trainings: template, "
+                                    "lengths, workers, ...")
 
   def __post_init__(self):
     if self.source not in ("shapes", "files"):
@@ -99,22 +94,24 @@ class STICData:
 @dataclasses.dataclass(frozen=True)
 class STICSettings:
   """How the preference data and the infused SFT data are generated."""
-  prompts: str = _help("Prompt set: 'shapes', 'paper' (STIC's own lists) or a folder holding "
-                       f"{', '.join(k + '.txt' for k in PROMPT_KINDS)}, one prompt per line.",
-                       "shapes")
-  misleading_prob: float = _help("Share of rejected answers from a misleading prompt on the clean "
-                                 "image; the others come from a corrupted image (STIC: 0.5).", 0.5)
-  low_resolution_side: int = _help("Corruption 1 (half of the corrupted images): shorter side down "
-                                   "to this many pixels and back (STIC: T.Resize(20)).", 20)
-  brightness: float = _help("Corruption 2: ColorJitter brightness (STIC: 0.5).", 0.5)
-  hue: float = _help("Corruption 2: ColorJitter hue (STIC: 0.3).", 0.3)
-  generation: GenerationConfig = _help(
-      "Generation of every answer (STIC: sampling at temperature 0.2, up to 1024 tokens).",
-      GenerationConfig(do_sample=True, temperature=0.2, max_new_tokens=1024, batch_size=8))
-  dpo_epochs: float = _help("Passes over the preference pairs in stage 1 (STIC: 1).", 1.0)
-  sft_epochs: float = _help("Passes over the infused SFT data in stage 2 (STIC: 1).", 1.0)
-  seed: int = _help("Seed of the prompt and corruption draws and of the sampling.", 42)
-  dar_eval: bool = _help("Also measure yes/no accuracy with Describe-and-Respond.", True)
+  prompts: str = help_field("shapes", "Prompt set: 'shapes', 'paper' (STIC's own lists) or a "
+                            f"folder holding {', '.join(k + '.txt' for k in PROMPT_KINDS)}, "
+                            "one prompt per line.")
+  misleading_prob: float = help_field(0.5, "Share of rejected answers from a misleading prompt on "
+                                      "the clean image; the others come from a "
+                                      "corrupted image (STIC: 0.5).")
+  low_resolution_side: int = help_field(20, "Corruption 1 (half of the corrupted images): shorter "
+                                        "side down to this many pixels and back "
+                                        "(STIC: T.Resize(20)).")
+  brightness: float = help_field(0.5, "Corruption 2: ColorJitter brightness (STIC: 0.5).")
+  hue: float = help_field(0.3, "Corruption 2: ColorJitter hue (STIC: 0.3).")
+  generation: GenerationConfig = help_field(
+      GenerationConfig(do_sample=True, temperature=0.2, max_new_tokens=1024, batch_size=8),
+      "Generation of every answer (STIC: sampling at temperature 0.2, up to 1024 tokens).")
+  dpo_epochs: float = help_field(1.0, "Passes over the preference pairs in stage 1 (STIC: 1).")
+  sft_epochs: float = help_field(1.0, "Passes over the infused SFT data in stage 2 (STIC: 1).")
+  seed: int = help_field(42, "Seed of the prompt and corruption draws and of the sampling.")
+  dar_eval: bool = help_field(True, "Also measure yes/no accuracy with Describe-and-Respond.")
 
   def __post_init__(self):
     if not 0 <= self.misleading_prob <= 1:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.llm import LLM, KVCache
 from lvlm_jax.models.lvlm import LVLM
@@ -35,32 +36,29 @@ from lvlm_jax.sampling.decode import decode_step, prefill, suppress_stop_tokens
 NEG = -1.0e9  # transformers' "very large negative" score for excluded beams
 
 
-def _help(text: str, default):
-  return dataclasses.field(default=default, metadata={"help": text})
-
-
 @dataclasses.dataclass(frozen=True)
 class BeamConfig:
   """Beam search settings, named and defaulted as in transformers' GenerationConfig (static under
   jit: each config compiles once)."""
-  num_beams: int = _help("Beams kept per prompt (>= 2).", 4)
-  num_beam_groups: int = _help("Groups for diverse beam search; must divide num_beams. 1 is plain "
-                               "beam search.", 1)
-  diversity_penalty: float = _help("Subtracted from a group's log-prob of a token once per beam "
-                                   "of an earlier group that chose it at the same step (> 0 with "
-                                   "groups).", 0.0)
-  length_penalty: float = _help("Scores are summed log-probs / new_tokens ** length_penalty; > 0 "
-                                "favours longer sequences.", 1.0)
-  early_stopping: bool | str = _help("True: a prompt is done once it has num_beams finished "
-                                     "hypotheses. False: also once no running beam can beat the "
-                                     "worst finished one, judged at the current length "
-                                     "(transformers' heuristic). 'never': judged at the best "
-                                     "possible length.", False)
-  num_return_sequences: int = _help("Hypotheses returned per prompt, best first (<= num_beams).", 1)
-  max_new_tokens: int = _help("Most tokens generated per hypothesis.", 128)
-  min_new_tokens: int = _help("Stop tokens are suppressed until this many tokens exist.", 0)
-  eos_token_ids: tuple[int, ...] = _help("Token ids that finish a hypothesis (kept in it).", ())
-  pad_token_id: int = _help("Token written after a hypothesis ends.", 0)
+  num_beams: int = help_field(4, "Beams kept per prompt (>= 2).")
+  num_beam_groups: int = help_field(1, "Groups for diverse beam search; must divide "
+                                    "num_beams. 1 is plain beam search.")
+  diversity_penalty: float = help_field(0.0, "Subtracted from a group's log-prob of a token once "
+                                        "per beam of an earlier group that chose it at the same "
+                                        "step (> 0 with groups).")
+  length_penalty: float = help_field(1.0, "Scores are summed log-probs / new_tokens ** "
+                                     "length_penalty; > 0 favours longer sequences.")
+  early_stopping: bool | str = help_field(
+      False, "True: a prompt is done once it has num_beams finished hypotheses. False: also once "
+      "no running beam can beat the worst finished one, judged at the current length "
+      "(transformers' heuristic). 'never': judged at the best possible length.")
+  num_return_sequences: int = help_field(1, "Hypotheses returned per prompt, "
+                                         "best first (<= num_beams).")
+  max_new_tokens: int = help_field(128, "Most tokens generated per hypothesis.")
+  min_new_tokens: int = help_field(0, "Stop tokens are suppressed until this many tokens exist.")
+  eos_token_ids: tuple[int, ...] = help_field((), "Token ids that finish a hypothesis "
+                                              "(kept in it).")
+  pad_token_id: int = help_field(0, "Token written after a hypothesis ends.")
 
   def __post_init__(self):
     object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))

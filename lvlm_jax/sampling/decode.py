@@ -16,30 +16,28 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.llm import LLM, KVCache, default_positions
 from lvlm_jax.models.lvlm import LVLM
 from lvlm_jax.sampling.stop_strings import StopStrings
 
 
-def _help(text: str, default):
-  return dataclasses.field(default=default, metadata={"help": text})
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """How `decode` picks tokens and when it stops. Static under jit: each config compiles once."""
-  max_new_tokens: int = _help("Most tokens generated per row; sets the output and KV-cache size.",
-                              128)
-  min_new_tokens: int = _help("Stop tokens are suppressed until a row has this many new tokens "
-                              "(stop strings still end a row, as in transformers).", 0)
-  do_sample: bool = _help("Sample from the (warped) distribution; False is greedy decoding.", False)
-  temperature: float = _help("Logits are divided by this before sampling (> 0).", 1.0)
-  top_k: int = _help("Sample only among the k most likely tokens (ties kept); 0 disables.", 0)
-  top_p: float = _help("Nucleus sampling: keep the smallest set of most likely tokens whose "
-                       "probability reaches top_p; 1.0 disables.", 1.0)
-  eos_token_ids: tuple[int, ...] = _help("Token ids that end a row (kept in the output).", ())
-  pad_token_id: int = _help("Token written after a row has ended.", 0)
+  max_new_tokens: int = help_field(128, "Most tokens generated per row; sets "
+                                   "the output and KV-cache size.")
+  min_new_tokens: int = help_field(0, "Stop tokens are suppressed until a row has this many new "
+                                   "tokens (stop strings still end a row, as in transformers).")
+  do_sample: bool = help_field(False, "Sample from the (warped) distribution; "
+                               "False is greedy decoding.")
+  temperature: float = help_field(1.0, "Logits are divided by this before sampling (> 0).")
+  top_k: int = help_field(0, "Sample only among the k most likely tokens (ties kept); 0 disables.")
+  top_p: float = help_field(1.0, "Nucleus sampling: keep the smallest set of most likely tokens "
+                            "whose probability reaches top_p; 1.0 disables.")
+  eos_token_ids: tuple[int, ...] = help_field((), "Token ids that end a row (kept in the output).")
+  pad_token_id: int = help_field(0, "Token written after a row has ended.")
 
   def __post_init__(self):
     if self.max_new_tokens < 1:

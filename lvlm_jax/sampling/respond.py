@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from lvlm_jax.data.pipeline import DataConfig
 from lvlm_jax.data.text import ensure_image_placeholders, tokenize_conversation
+from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.lvlm import LVLM
 from lvlm_jax.sampling.decode import SamplingConfig, decode
@@ -25,18 +26,15 @@ from lvlm_jax.sharding import batch_sharding, batch_shards, place
 _PAD_TO = 16
 
 
-def _help(text: str, default):
-  return dataclasses.field(default=default, metadata={"help": text})
-
-
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
   """How answers are generated (stop and pad tokens come from the tokenizer)."""
-  max_new_tokens: int = _help("Most tokens per answer.", 128)
-  do_sample: bool = _help("Sample (with temperature/top_p); False is greedy.", False)
-  temperature: float = _help("Sampling temperature (STIC: 0.2).", 1.0)
-  top_p: float = _help("Nucleus sampling mass; 1.0 disables it.", 1.0)
-  batch_size: int = _help("Prompts decoded together (a multiple of the mesh's batch shards).", 32)
+  max_new_tokens: int = help_field(128, "Most tokens per answer.")
+  do_sample: bool = help_field(False, "Sample (with temperature/top_p); False is greedy.")
+  temperature: float = help_field(1.0, "Sampling temperature (STIC: 0.2).")
+  top_p: float = help_field(1.0, "Nucleus sampling mass; 1.0 disables it.")
+  batch_size: int = help_field(32, "Prompts decoded together (a multiple "
+                               "of the mesh's batch shards).")
 
 
 def _to_host(array: jax.Array) -> np.ndarray:

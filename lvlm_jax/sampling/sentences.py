@@ -14,31 +14,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.llm import LLM
 from lvlm_jax.models.lvlm import LVLM
 from lvlm_jax.sampling.beam import BeamConfig, beam_search
 
 
-def _help(text: str, default):
-  return dataclasses.field(default=default, metadata={"help": text})
-
-
 @dataclasses.dataclass(frozen=True)
 class SentenceConfig:
   """The search for next sentences; the defaults are CSR's (METHODS.md 3.3)."""
-  num_candidates: int = _help("Candidate sentences returned per partial response (CSR: 5).", 5)
-  num_beams: int = _help("Beams of the search (CSR: 5).", 5)
-  num_beam_groups: int = _help("Diverse beam search groups (CSR: 5, one beam each).", 5)
-  diversity_penalty: float = _help("Hamming diversity penalty between groups (CSR: 3.0).", 3.0)
-  length_penalty: float = _help("Scores are log-prob sums / length ** length_penalty (CSR: 1.0).",
-                                1.0)
-  max_new_tokens: int = _help("Longest sentence in tokens (CSR: 70).", 70)
-  sentence_end_ids: tuple[int, ...] = _help("Tokens that end a sentence (CSR: '.', 29889 for "
-                                            "LLaMA-2 / Vicuna).", ())
-  response_end_ids: tuple[int, ...] = _help("Tokens that end the whole response (the model's EOS).",
-                                            ())
-  pad_token_id: int = _help("Token written after a candidate ends.", 0)
+  num_candidates: int = help_field(5, "Candidate sentences returned per partial response (CSR: 5).")
+  num_beams: int = help_field(5, "Beams of the search (CSR: 5).")
+  num_beam_groups: int = help_field(5, "Diverse beam search groups (CSR: 5, one beam each).")
+  diversity_penalty: float = help_field(3.0, "Hamming diversity penalty between groups (CSR: 3.0).")
+  length_penalty: float = help_field(1.0, "Scores are log-prob sums / "
+                                     "length ** length_penalty (CSR: 1.0).")
+  max_new_tokens: int = help_field(70, "Longest sentence in tokens (CSR: 70).")
+  sentence_end_ids: tuple[int, ...] = help_field((), "Tokens that end a sentence (CSR: '.', "
+                                                 "29889 for LLaMA-2 / Vicuna).")
+  response_end_ids: tuple[int, ...] = help_field((), "Tokens that end the whole response "
+                                                 "(the model's EOS).")
+  pad_token_id: int = help_field(0, "Token written after a candidate ends.")
 
   def beam_config(self) -> BeamConfig:
     return BeamConfig(num_beams=self.num_beams, num_beam_groups=self.num_beam_groups,

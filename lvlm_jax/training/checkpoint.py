@@ -21,33 +21,30 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
+from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models import hf
 from lvlm_jax.models.lora import LoRA, linear_layers
 from lvlm_jax.models.lvlm import LVLM
 
 
-def _help(text: str, default):
-  return dataclasses.field(default=default, metadata={"help": text})
-
-
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   """When and what to checkpoint, and what to export at the end."""
-  every_steps: int = _help("Save every this many steps (and at the end, and on SIGTERM); 0 "
-                           "saves only then.", 500)
-  keep: int = _help("Checkpoints kept; older ones are deleted.", 2)
-  async_save: bool = _help("Write checkpoints in a background thread while training goes on.",
-                           True)
-  save_frozen: bool = _help("Also save frozen weights. False (for runs from an HF checkpoint) "
-                            "re-reads them from model.hf_dir on resume: much smaller "
-                            "checkpoints for LoRA runs.", True)
-  export_hf: bool = _help("At the end, write the model (LoRA merged) as an HF directory that "
-                          "transformers loads: workdir/export/hf.", True)
-  export_lora: bool = _help("At the end, also write the LoRA adapters alone (PEFT layout): "
-                            "workdir/export/lora.", True)
-  export_dtype: str = _help("dtype of the exported HF tensors: float32, bfloat16 or float16.",
-                            "float32")
+  every_steps: int = help_field(500, "Save every this many steps (and at the end, "
+                                "and on SIGTERM); 0 saves only then.")
+  keep: int = help_field(2, "Checkpoints kept; older ones are deleted.")
+  async_save: bool = help_field(True, "Write checkpoints in a background "
+                                "thread while training goes on.")
+  save_frozen: bool = help_field(True, "Also save frozen weights. False (for runs from an HF "
+                                 "checkpoint) re-reads them from model.hf_dir on resume: much "
+                                 "smaller checkpoints for LoRA runs.")
+  export_hf: bool = help_field(True, "At the end, write the model (LoRA merged) as an HF directory "
+                               "that transformers loads: workdir/export/hf.")
+  export_lora: bool = help_field(True, "At the end, also write the LoRA adapters alone (PEFT "
+                                 "layout): workdir/export/lora.")
+  export_dtype: str = help_field("float32", "dtype of the exported HF tensors: "
+                                 "float32, bfloat16 or float16.")
 
 
 class Checkpointer:

@@ -33,43 +33,40 @@ from jax.sharding import Mesh
 
 from lvlm_jax.data.pipeline import Collate, DataConfig, Preprocess, Skipped
 from lvlm_jax.data.sources import PreferenceSource
+from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.llm import LLM
 from lvlm_jax.models.lora import lora_disabled
 from lvlm_jax.models.lvlm import LVLM
-from lvlm_jax.sharding import batch_sharding, constrain, place
+from lvlm_jax.sharding import batch_sharding, place
 from lvlm_jax.training.losses import hidden_states, token_logprobs
-from lvlm_jax.training.optim import current_lrs
 from lvlm_jax.training.preference import (LOSS_TYPES, PreferenceLossConfig, noisy_token_logps,
                                           preference_loss)
 from lvlm_jax.training.state import TrainState
-from lvlm_jax.training.steps import micro_batches
+from lvlm_jax.training.steps import accumulate, apply_gradients, model_for_step
 
 REFERENCES = ("in_step", "precomputed")
-
-
-def _help(text: str, default):
-  return dataclasses.field(default=default, metadata={"help": text})
 
 
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
   """The preference loss and where its reference log-probs come from."""
-  loss_type: str = _help(f"One of {LOSS_TYPES}: DPO's sigmoid, IPO or SLiC's hinge.", "sigmoid")
-  beta: float = _help("Inverse temperature of the implicit reward (TRL's default 0.1, kept by "
-                      "STIC and CSR).", 0.1)
-  label_smoothing: float = _help("Conservative DPO: assumed share of flipped labels, in [0, 0.5) "
-                                 "(sigmoid only).", 0.0)
-  nll_coef: float = _help("Weight of -log pi(chosen) (summed over its tokens) added to the loss; "
-                          "STIC: 1/1024.", 0.0)
-  reference: str = _help(f"One of {REFERENCES}: 'in_step' runs the reference model (adapters "
-                         "off, other trainables at their initial values) in every step; "
-                         "'precomputed' reads ref_chosen_logp/ref_rejected_logp from the data "
-                         "(written by a reference pass first).", "in_step")
-  noisy_rejected: bool = _help("Score rejected responses (policy and reference) by the model's "
-                               "own top-1 token, or top-2 where top-1 is the label, as STIC's "
-                               "released code does; False scores the rejected labels (the paper's "
-                               "DPO).", False)
+  loss_type: str = help_field("sigmoid", f"One of {LOSS_TYPES}: DPO's sigmoid, "
+                              "IPO or SLiC's hinge.")
+  beta: float = help_field(0.1, "Inverse temperature of the implicit reward "
+                           "(TRL's default 0.1, kept by STIC and CSR).")
+  label_smoothing: float = help_field(0.0, "Conservative DPO: assumed share of flipped "
+                                      "labels, in [0, 0.5) (sigmoid only).")
+  nll_coef: float = help_field(0.0, "Weight of -log pi(chosen) (summed over its "
+                               "tokens) added to the loss; STIC: 1/1024.")
+  reference: str = help_field("in_step", f"One of {REFERENCES}: 'in_step' runs the reference model "
+                              "(adapters off, other trainables at their initial values) in every "
+                              "step; 'precomputed' reads ref_chosen_logp/ref_rejected_logp from "
+                              "the data (written by a reference pass first).")
+  noisy_rejected: bool = help_field(False, "Score rejected responses (policy and reference) by the "
+                                    "model's own top-1 token, or top-2 where top-1 is the label, "
+                                    "as STIC's released code does; False scores the rejected "
+                                    "labels (the paper's DPO).")
 
   def __post_init__(self):
     if self.reference not in REFERENCES:
@@ -180,49 +177,29 @@ def dpo_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.Gr
     raise ValueError("the batch has no ref_*_logp and the state no 'ref' (with_reference)")
 
   def loss_sums(params, micro, refs, index):
-    model = nnx.merge(graphdef, params, state["frozen"])
-    rng = jax.random.fold_in(step_rng, index)  # dropout: same masks after a resume
-    nnx.reseed(model, dropout=rng, default=rng)
+    model = model_for_step(graphdef, params, state["frozen"], jax.random.fold_in(step_rng, index))
     chosen, rejected = response_logps(model, micro, noisy_rejected=noisy_rejected,
                                       logits_chunk=logits_chunk)
     return preference_loss_sums(loss, chosen, rejected, *refs)
 
-  def summed(params, micro, index):
+  def summed(micro, index):
     if precomputed:
       refs = micro["ref_chosen_logp"], micro["ref_rejected_logp"]
     else:
       refs = reference_logps(reference_model(graphdef, state), micro,
                              noisy_rejected=noisy_rejected, logits_chunk=logits_chunk)
     (loss_sum, metrics), grads = jax.value_and_grad(loss_sums, has_aux=True)(
-        params, micro, refs, index)
+        state["params"], micro, refs, index)
     return grads, loss_sum, metrics
 
-  if accum_steps == 1:
-    grads, loss_sum, metric_sums = summed(state["params"], batch, 0)
-  else:
-    micro = micro_batches(batch, accum_steps)
-
-    def body(carry, xs):
-      index, mb = xs
-      mb = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
-      return jax.tree.map(jnp.add, carry, summed(state["params"], mb, index)), None
-
-    zeros = jax.tree.map(jnp.zeros_like,
-                         jax.eval_shape(lambda: summed(state["params"], jax.tree.map(
-                             lambda x: x[0], micro), 0)))
-    (grads, loss_sum, metric_sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+  grads, loss_sum, metric_sums = accumulate(summed, batch, accum_steps)
   rows = batch["chosen_input_ids"].shape[0]
   grads = jax.tree.map(lambda g: g / rows, grads)
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
-  metrics = {k: v / rows for k, v in metric_sums.items()}
-  metrics.update(loss=loss_sum / rows, grad_norm=optax.global_norm(grads),
+  new_state, metrics = apply_gradients(state, grads, tx)
+  metrics.update({k: v / rows for k, v in metric_sums.items()})
+  metrics.update(loss=loss_sum / rows,
                  tokens=(jnp.sum(batch["chosen_attention_mask"])
                          + jnp.sum(batch["rejected_attention_mask"])).astype(jnp.float32))
-  lrs = current_lrs(opt_state)
-  metrics["lr"] = lrs.pop("default", next(iter(lrs.values()), jnp.zeros(())))
-  metrics.update({f"lr/{group}": lr for group, lr in lrs.items()})
   return new_state, metrics
 
 

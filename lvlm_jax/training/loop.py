@@ -18,6 +18,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.sharding import global_batch
 from lvlm_jax.training.checkpoint import Checkpointer
@@ -26,28 +27,25 @@ from lvlm_jax.training.metrics import MetricsWriter, compiled_flops
 Hook = Callable[[dict[str, Any], int], dict[str, float]]
 
 
-def _help(text: str, default):
-  return dataclasses.field(default=default, metadata={"help": text})
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """How long and how the loop runs."""
-  num_steps: int = _help("Optimizer updates in the whole run (the schedule spans them).", 1000)
-  batch_size: int = _help("Global batch size (examples per update over all processes).", 32)
-  grad_accum_steps: int = _help("Split each batch into this many micro-batches, accumulated "
-                                "before one update: same result, less activation memory.", 1)
-  log_every: int = _help("Write train metrics every this many steps.", 10)
-  eval_every: int = _help("Run the evaluation every this many steps (also before the first "
-                          "and after the last); 0: only before and after.", 0)
-  logits_chunk: int = _help("Compute the LM head this many positions at a time (0: all at "
-                            "once); saves the float32 [B, T, V] logits' memory.", 0)
-  peak_flops: float = _help("Peak FLOP/s of one device for MFU; 0 takes it from the device "
-                            "table (TPU/GPU) or measures the CPU.", 0.0)
-  seed: int = _help("Seed of the training RNG (dropout); model.init_seed and "
-                    "data.pipeline.seed seed the initialisation and the data order.", 0)
-  progress_bar: bool = _help("Show a progress bar with ETA (process 0).", True)
-  tensorboard: bool = _help("Also write TensorBoard event files (workdir/tensorboard).", True)
+  num_steps: int = help_field(1000, "Optimizer updates in the whole run (the schedule spans them).")
+  batch_size: int = help_field(32, "Global batch size (examples per update over all processes).")
+  grad_accum_steps: int = help_field(1, "Split each batch into this many micro-batches, "
+                                     "accumulated before one update: same result, "
+                                     "less activation memory.")
+  log_every: int = help_field(10, "Write train metrics every this many steps.")
+  eval_every: int = help_field(0, "Run the evaluation every this many steps (also before the first "
+                               "and after the last); 0: only before and after.")
+  logits_chunk: int = help_field(0, "Compute the LM head this many positions at a time (0: all at "
+                                 "once); saves the float32 [B, T, V] logits' memory.")
+  peak_flops: float = help_field(0.0, "Peak FLOP/s of one device for MFU; 0 takes it from the "
+                                 "device table (TPU/GPU) or measures the CPU.")
+  seed: int = help_field(0, "Seed of the training RNG (dropout); model.init_seed and "
+                         "data.pipeline.seed seed the initialisation and the data order.")
+  progress_bar: bool = help_field(True, "Show a progress bar with ETA (process 0).")
+  tensorboard: bool = help_field(True, "Also write TensorBoard event files (workdir/tensorboard).")
 
   def __post_init__(self):
     if self.num_steps < 1 or self.batch_size < 1 or self.grad_accum_steps < 1 or self.log_every < 1:

@@ -17,37 +17,35 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 
 SCHEDULES = ("cosine", "constant")
 DEFAULT_GROUP = "default"
 
 
-def _help(text: str, default):
-  return dataclasses.field(default=default, metadata={"help": text})
-
-
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """AdamW, its schedule and which parameters it trains."""
-  lr: float = _help("Peak learning rate of every trainable parameter outside lr_groups.", 2e-4)
-  lr_groups: tuple[tuple[str, float], ...] = _help(
-      "(regex, peak lr) pairs: trainable parameters whose dotted path fully matches a regex (the "
-      "first that does) train at that peak lr, e.g. (('projector\\\\..*', 2e-5),).", ())
-  trainable: str = _help("Regex (full match) over dotted parameter paths of the parameters that "
-                         "train; all others are frozen. '.*' trains everything; LoRA: "
-                         "'.*\\\\.lora_[ab]' (plus e.g. '|projector\\\\..*').", ".*")
-  schedule: str = _help(f"Learning-rate schedule after warmup, one of {SCHEDULES}.", "cosine")
-  warmup_ratio: float = _help("Fraction of the steps spent warming up linearly from 0 (LLaVA: "
-                              "0.03).", 0.03)
-  final_lr_ratio: float = _help("Cosine ends at this fraction of the peak learning rate.", 0.0)
-  weight_decay: float = _help("Decoupled weight decay (AdamW) on matrices (kernels, embeddings); "
-                              "never on biases and norm scales.", 0.0)
-  b1: float = _help("Adam beta1.", 0.9)
-  b2: float = _help("Adam beta2.", 0.999)
-  eps: float = _help("Adam epsilon.", 1e-8)
-  clip_norm: float = _help("Clip gradients to this global norm (over all trainable "
-                           "parameters); 0 disables clipping.", 1.0)
+  lr: float = help_field(2e-4, "Peak learning rate of every trainable parameter outside lr_groups.")
+  lr_groups: tuple[tuple[str, float], ...] = help_field(
+      (), "(regex, peak lr) pairs: trainable parameters whose dotted path fully matches a regex "
+      "(the first that does) train at that peak lr, e.g. (('projector\\\\..*', 2e-5),).")
+  trainable: str = help_field(".*", "Regex (full match) over dotted parameter paths of the "
+                              "parameters that train; all others are frozen. '.*' trains "
+                              "everything; LoRA: '.*\\\\.lora_[ab]' (plus e.g. "
+                              "'|projector\\\\..*').")
+  schedule: str = help_field("cosine", f"Learning-rate schedule after warmup, one of {SCHEDULES}.")
+  warmup_ratio: float = help_field(0.03, "Fraction of the steps spent warming "
+                                   "up linearly from 0 (LLaVA: 0.03).")
+  final_lr_ratio: float = help_field(0.0, "Cosine ends at this fraction of the peak learning rate.")
+  weight_decay: float = help_field(0.0, "Decoupled weight decay (AdamW) on matrices (kernels, "
+                                   "embeddings); never on biases and norm scales.")
+  b1: float = help_field(0.9, "Adam beta1.")
+  b2: float = help_field(0.999, "Adam beta2.")
+  eps: float = help_field(1e-8, "Adam epsilon.")
+  clip_norm: float = help_field(1.0, "Clip gradients to this global norm (over all trainable "
+                                "parameters); 0 disables clipping.")
 
   def __post_init__(self):
     if self.schedule not in SCHEDULES:

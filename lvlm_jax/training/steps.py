@@ -2,6 +2,7 @@
 
     sft_step(state, batch) -> (state, metrics)     one optimizer update on one global batch
     eval_step(state, batch) -> metrics             summed loss and tokens, no update
+    model_for_step, accumulate, apply_gradients    the parts every train step (DPO's too) shares
 
 The batch is the data layer's contract (`input_ids`, `loss_mask`, `attention_mask`, `positions`
 [B, T], `pixel_values` [B, N, H, W, 3], ...). With `accum_steps = k` the batch is cut into k
@@ -10,7 +11,7 @@ loss tokens: exactly the update of the whole batch at 1/k of the activation memo
 """
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +25,10 @@ from lvlm_jax.training.optim import current_lrs
 from lvlm_jax.training.state import TrainState, merge
 
 
-def _model_for_step(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
-                    rng: jax.Array) -> nnx.Module:
+def model_for_step(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
+                   rng: jax.Array) -> nnx.Module:
+  """The model a step differentiates: `params` (the argument of the gradient) merged with
+  `frozen`, its dropout reseeded from `rng`."""
   # Rebuilt Variables belong to the current trace (the gradient's), where dropout may then
   # advance its RNG count; the caller's belong to the outer jit trace and are read-only here.
   frozen = jax.tree.map(lambda x: x, frozen)
@@ -46,6 +49,40 @@ def micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
   return {key: cut(x) for key, x in batch.items()}
 
 
+def accumulate(fn: Callable[[dict[str, jax.Array], jax.Array | int], Any],
+               batch: dict[str, jax.Array], accum_steps: int) -> Any:
+  """`fn(micro_batch, index)` summed over `accum_steps` micro-batches of `batch` [B, ...] in a
+  scan (one compiled copy of `fn`); `fn(batch, 0)` when accum_steps is 1. `fn` returns a pytree
+  of sums (gradients, losses, counts) that add up over micro-batches."""
+  if accum_steps == 1:
+    return fn(batch, 0)
+  micro = micro_batches(batch, accum_steps)
+
+  def body(carry, xs):
+    index, mb = xs
+    mb = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
+    return jax.tree.map(jnp.add, carry, fn(mb, index)), None
+
+  zeros = jax.tree.map(jnp.zeros_like,
+                       jax.eval_shape(fn, jax.tree.map(lambda x: x[0], micro), 0))
+  sums, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+  return sums
+
+
+def apply_gradients(state: TrainState, grads: nnx.State,
+                    tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update with the batch's (already normalised) gradients: the new state (step
+  + 1) and metrics grad_norm (before clipping), lr (and lr/<group> for each lr group)."""
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+  metrics = {"grad_norm": optax.tree.norm(grads)}
+  lrs = current_lrs(opt_state)
+  metrics["lr"] = lrs.pop("default", next(iter(lrs.values()), jnp.zeros(())))
+  metrics.update({f"lr/{group}": lr for group, lr in lrs.items()})
+  return new_state, metrics
+
+
 def sft_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
              tx: optax.GradientTransformation, accum_steps: int = 1,
              logits_chunk: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -57,39 +94,20 @@ def sft_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.Gr
   step_rng = jax.random.fold_in(state["rng"], state["step"])
 
   def loss_sums(params, micro, index):
-    model = _model_for_step(graphdef, params, state["frozen"], jax.random.fold_in(step_rng, index))
+    model = model_for_step(graphdef, params, state["frozen"], jax.random.fold_in(step_rng, index))
     return sft_loss_sums(model, micro, logits_chunk)
 
-  def summed(params, micro, index):
-    (loss_sum, tokens), grads = jax.value_and_grad(loss_sums, has_aux=True)(params, micro, index)
+  def summed(micro, index):
+    (loss_sum, tokens), grads = jax.value_and_grad(loss_sums, has_aux=True)(
+        state["params"], micro, index)
     return grads, loss_sum, tokens
 
-  if accum_steps == 1:
-    grads, loss_sum, tokens = summed(state["params"], batch, 0)
-  else:
-    micro = micro_batches(batch, accum_steps)
-
-    def body(carry, xs):
-      index, mb = xs
-      mb = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
-      grads, loss_sum, tokens = summed(state["params"], mb, index)
-      return jax.tree.map(jnp.add, carry, (grads, loss_sum, tokens)), None
-
-    zeros = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.zeros((), jnp.float32),
-             jnp.zeros((), jnp.float32))
-    (grads, loss_sum, tokens), _ = jax.lax.scan(body, zeros,
-                                                (jnp.arange(accum_steps), micro))
+  grads, loss_sum, tokens = accumulate(summed, batch, accum_steps)
   scale = 1.0 / jnp.maximum(tokens, 1.0)
   grads = jax.tree.map(lambda g: g * scale, grads)
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
-  metrics = {"loss": loss_sum * scale, "loss_tokens": tokens,
-             "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
-             "grad_norm": optax.tree.norm(grads)}
-  lrs = current_lrs(opt_state)
-  metrics["lr"] = lrs.pop("default", next(iter(lrs.values()), jnp.zeros(())))
-  metrics.update({f"lr/{group}": lr for group, lr in lrs.items()})
+  new_state, metrics = apply_gradients(state, grads, tx)
+  metrics.update(loss=loss_sum * scale, loss_tokens=tokens,
+                 tokens=jnp.sum(batch["attention_mask"]).astype(jnp.float32))
   return new_state, metrics
 
 

@@ -117,6 +117,18 @@ def test_tokenizer_without_image_token_is_a_user_error():
     text.image_token_id(PreTrainedTokenizerFast(tokenizer_object=tok))
 
 
+def test_text_only_tokenizer_needs_no_image_token_until_the_text_has_one():
+  tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+  ids, mask = text.tokenize(text.Rendered("a b a", ((2, 5),)), tokenizer, tokens_per_image=3)
+  np.testing.assert_array_equal(ids, [0, 1, 0])
+  np.testing.assert_array_equal(mask, [0, 1, 1])
+  assert ids.dtype == mask.dtype == np.int32
+  with pytest.raises(UserError, match="add_special_tokens"):
+    text.tokenize(text.Rendered("<image> a", ()), tokenizer)
+
+
 def test_placeholders_prepended_like_llava():
   turns = [{"from": "gpt", "value": "Hi."}, {"from": "human", "value": "Q?"}]
   assert text.ensure_image_placeholders(turns, 2)[1]["value"] == "<image>\n<image>\nQ?"
