@@ -5,7 +5,15 @@ or allocator state disturb the other. The parent alternates repetitions (jax, to
 ...) so that slow drifts of the machine hit both equally, and reports medians.
 
 A workload is a module-level function `setup(preset: str, **options) -> run`, where `run()` does one
-repetition and blocks until its results are computed (e.g. `jax.block_until_ready`).
+repetition and blocks until its results are computed (e.g. `jax.block_until_ready`); what it
+returns is ignored.
+
+Peak RSS is each worker's own high-water mark (Linux VmHWM), in three phases, the mark reset
+between them: setup (imports, loading the weights, building the step), the first call (JAX
+compiles here) and the steady repetitions after it (warm-up and timed); `peak_rss_gib` is the
+largest. Not `ru_maxrss`: a spawned worker's starts at its parent's RSS at the fork (Linux keeps
+the pre-exec high-water mark), so a parent that had just built the weights with torch would
+raise both workers' peaks to its own size.
 """
 
 import argparse
@@ -16,8 +24,35 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from typing import Any
+
+import presets
+
+
+def peak_rss_gib() -> float:
+  """This process's own peak resident set in GiB (VmHWM) since it started or since the last
+  `reset_peak_rss()`; `ru_maxrss` where /proc is missing (not reset there)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 2**20  # kB -> GiB
+  except OSError:
+    pass
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_rss() -> bool:
+  """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
 
 
 def _worker(connection, module: str, function: str, preset: str, options: dict, env: dict) -> None:
@@ -30,10 +65,13 @@ def _worker(connection, module: str, function: str, preset: str, options: dict, 
     command = connection.recv()
     if command == "stop":
       break
+    if command == "peak":  # the phase's peak RSS, then a new phase
+      connection.send(("peak", peak_rss_gib(), reset_peak_rss()))
+      continue
     start = time.perf_counter()
     run()
     connection.send(("time", time.perf_counter() - start))
-  connection.send(("rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))  # KiB -> GiB
+  connection.send(("peak", peak_rss_gib(), False))
 
 
 class Worker:
@@ -65,10 +103,16 @@ class Worker:
     self._parent.send("run")
     return self._expect("time")[1]
 
+  def phase_peak(self) -> tuple[float, bool]:
+    """(peak RSS in GiB since the previous phase, whether the worker could reset it: if not, the
+    next phase's peak includes this one's)."""
+    self._parent.send("peak")
+    return self._expect("peak")[1:]
+
   def stop(self) -> float:
-    """Ends the worker; returns its peak RSS in GiB."""
+    """Ends the worker; returns the peak RSS in GiB of its last phase."""
     self._parent.send("stop")
-    rss = self._expect("rss")[1]
+    rss = self._expect("peak")[1]
     self._process.join(timeout=60)
     return rss
 
@@ -85,7 +129,11 @@ def compare(workload: str, preset: str, *, ours: str, theirs: str | None, reps: 
   workers = [Worker("lvlm_jax", ours, preset, options)]
   if theirs:
     workers.append(Worker("transformers", theirs, preset, options))
-  first = {w.name: w.run() for w in workers}
+  peaks = {w.name: {"setup": w.phase_peak()} for w in workers}
+  first = {}
+  for w in workers:
+    first[w.name] = w.run()
+    peaks[w.name]["first_call"] = w.phase_peak()
   for _ in range(warmup):
     for w in workers:
       w.run()
@@ -96,8 +144,13 @@ def compare(workload: str, preset: str, *, ours: str, theirs: str | None, reps: 
                             "machine": machine()}
   for w in workers:
     median = statistics.median(w.times)
+    steady = w.stop()
+    (setup_peak, phased), (first_peak, _) = peaks[w.name]["setup"], peaks[w.name]["first_call"]
     entry = {"median_s": median, "min_s": min(w.times), "first_call_s": first[w.name],
-             "setup_s": w.setup_seconds, "peak_rss_gib": w.stop()}
+             "setup_s": w.setup_seconds, "peak_rss_gib": max(setup_peak, first_peak, steady)}
+    if phased:  # else each phase's number would include the ones before it
+      entry.update(setup_peak_rss_gib=setup_peak, first_call_peak_rss_gib=first_peak,
+                   steady_peak_rss_gib=steady)
     if work:
       entry[f"{work_unit}_per_s"] = work / median
     result[w.name] = entry
@@ -109,7 +162,11 @@ def compare(workload: str, preset: str, *, ours: str, theirs: str | None, reps: 
       ours_entry["fraction_of_matmul_peak"] = flops / ours_entry["median_s"] / peak_flops
   if theirs:
     result["speedup"] = result["transformers"]["median_s"] / result["lvlm_jax"]["median_s"]
-    result["memory_ratio"] = result["lvlm_jax"]["peak_rss_gib"] / result["transformers"]["peak_rss_gib"]
+    ours_entry, theirs_entry = result["lvlm_jax"], result["transformers"]
+    result["memory_ratio"] = ours_entry["peak_rss_gib"] / theirs_entry["peak_rss_gib"]
+    if "steady_peak_rss_gib" in ours_entry and "steady_peak_rss_gib" in theirs_entry:
+      result["steady_memory_ratio"] = (ours_entry["steady_peak_rss_gib"]
+                                       / theirs_entry["steady_peak_rss_gib"])
   return result
 
 
@@ -152,8 +209,10 @@ def print_table(result: dict[str, Any]) -> None:
       cells.append(f"{value:16.4g}" if isinstance(value, (int, float)) else f"{'-':>16s}")
     print(f"{key:28s}" + "".join(cells))
   if "speedup" in result:
+    steady = (f" (after the first call: {result['steady_memory_ratio']:.2f})"
+              if "steady_memory_ratio" in result else "")
     print(f"speedup (transformers time / lvlm_jax time): {result['speedup']:.2f}x; "
-          f"peak RSS ratio (lvlm_jax / transformers): {result['memory_ratio']:.2f}")
+          f"peak RSS ratio (lvlm_jax / transformers): {result['memory_ratio']:.2f}{steady}")
 
 
 def write_json(result: dict[str, Any], directory: str) -> str:
@@ -165,8 +224,11 @@ def write_json(result: dict[str, Any], directory: str) -> str:
 
 
 def common_flags(description: str) -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=description)
-  parser.add_argument("--preset", default="small", help="model/batch size preset (see presets.py)")
+  parser = argparse.ArgumentParser(description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--preset", default="small", choices=sorted(presets.PRESETS),
+                      help="model/batch size preset (see presets.py): small runs on a CPU against "
+                      "transformers, 7b/13b on accelerators, lvlm_jax only")
   parser.add_argument("--reps", type=int, default=5, help="timed repetitions per framework")
   parser.add_argument("--warmup", type=int, default=1,
                       help="untimed repetitions after the first call, per framework")

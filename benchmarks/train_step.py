@@ -1,8 +1,8 @@
-"""Train-step benchmark, lvlm_jax vs transformers on the same weights and batch.
+"""Train-step benchmark (SFT), lvlm_jax vs transformers on the same weights and batch.
 
-  python benchmarks/train_step.py   # one AdamW update: CE on the response tokens (SFT)
+  python benchmarks/train_step.py --preset small   # one AdamW update: CE on the response tokens
 
-(The DPO step workload is not written yet.)
+(The DPO step is benchmarks/dpo_step.py; it reuses this file's model, optimizer and FLOP count.)
 
 Both sides train the projector and the LLM (full fine-tuning, fp32), keep the vision tower
 frozen, clip gradients at 1.0 and use AdamW. FLOPs are counted as MaxText does: 6 x matmul
@@ -15,8 +15,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
-
 import harness  # noqa: E402
 import presets  # noqa: E402
 
@@ -24,7 +22,9 @@ LR = 1e-5
 
 
 def train_flops(preset: presets.Preset, passes: float = 3.0) -> float:
-  """FLOPs of one SFT step (forward + backward = 3 forward passes) over the preset's batch."""
+  """FLOPs of `passes` forward-pass equivalents of the LLM and projector over the preset's batch
+  plus one forward of the frozen vision tower over its images: passes = 3 is an SFT step
+  (forward + backward), passes = 1 a forward only (DPO's reference)."""
   v, t = preset.vision, preset.text
   b, seq = preset.batch, preset.seq_len
   patches = (v["image_size"] // v["patch_size"]) ** 2
@@ -42,42 +42,69 @@ def train_flops(preset: presets.Preset, passes: float = 3.0) -> float:
   return vision + dense + attention
 
 
-def setup_jax(preset_name: str):
-  import jax
+TRAINABLE = r"(llm|projector)\..*"
 
+
+def jax_train_state(preset_name: str, reference: bool = False) -> tuple:
+  """The preset's model as a train state on a one-axis mesh, projector + LLM trainable, AdamW
+  (constant lr, clip 1.0): (mesh, graphdef, tx, shardings, state). With `reference`, the state
+  also holds "ref", a frozen copy of the trainable parameters (DPO's in-step reference model)."""
   from lvlm_jax.sharding import make_mesh
-  from lvlm_jax.training import optim, state as train_state, steps
+  from lvlm_jax.training import dpo, optim, state as train_state
 
-  preset = presets.PRESETS[preset_name]
   model = presets.lvlm_jax_model(preset_name)
-  config = optim.OptimConfig(lr=LR, trainable=r"(llm|projector)\..*", warmup_ratio=0.0,
-                             schedule="constant", clip_norm=1.0)
+  config = optim.OptimConfig(lr=LR, trainable=TRAINABLE, warmup_ratio=0.0, schedule="constant",
+                             clip_norm=1.0)
   graphdef, params, frozen = train_state.split_model(model, optim.trainable_filter(config))
   tx = optim.make_optimizer(config, 1000, params)
   mesh = make_mesh()
-  shardings = train_state.state_shardings(train_state.abstract_state(params, frozen, tx), mesh)
-  state = [train_state.init_state(params, frozen, tx, 0, shardings)]
-  batch = presets.batch_arrays(preset)
+  abstract = train_state.abstract_state(params, frozen, tx)
+  if reference:
+    abstract["ref"] = dpo.reference_part(params)
+  shardings = train_state.state_shardings(abstract, mesh)
+  state = train_state.init_state(params, frozen, tx, 0, shardings)
+  if reference:
+    state = dpo.with_reference(state)
+  return mesh, graphdef, tx, shardings, state
+
+
+def torch_model(preset_name: str) -> tuple:
+  """The preset's transformers model in train mode with its vision tower frozen, its trainable
+  parameters, and AdamW over them (no weight decay, like lvlm_jax's default): (model, trainable,
+  optimizer)."""
+  import torch
+  import transformers
+
+  model = transformers.LlavaForConditionalGeneration.from_pretrained(
+      presets.weights_dir(preset_name)).train()
+  model.model.vision_tower.requires_grad_(False)
+  trainable = [p for p in model.parameters() if p.requires_grad]
+  return model, trainable, torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
+
+
+def setup_jax(preset_name: str):
+  import jax
+
+  from lvlm_jax.training import steps
+
+  mesh, graphdef, tx, shardings, state = jax_train_state(preset_name)
+  state = [state]
+  batch = presets.batch_arrays(presets.PRESETS[preset_name])
   step = steps.jit_train_step(steps.sft_step, shardings, mesh, graphdef=graphdef, tx=tx)
 
   def run():
     with jax.set_mesh(mesh):
       state[0], metrics = step(state[0], batch)
     jax.block_until_ready(metrics)
+    return metrics
   return run
 
 
 def setup_torch(preset_name: str):
   import torch
-  import transformers
 
-  preset = presets.PRESETS[preset_name]
-  model = transformers.LlavaForConditionalGeneration.from_pretrained(
-      presets.weights_dir(preset_name)).train()
-  model.model.vision_tower.requires_grad_(False)
-  trainable = [p for p in model.parameters() if p.requires_grad]
-  optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
-  arrays = presets.batch_arrays(preset)
+  model, trainable, optimizer = torch_model(preset_name)
+  arrays = presets.batch_arrays(presets.PRESETS[preset_name])
   ids = torch.tensor(arrays["input_ids"]).long()
   mask = torch.tensor(arrays["attention_mask"])
   pixels = torch.tensor(arrays["pixel_values"][:, 0].transpose(0, 3, 1, 2).copy())
@@ -87,8 +114,9 @@ def setup_torch(preset_name: str):
     optimizer.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
     optimizer.step()
+    return {"loss": loss.detach(), "grad_norm": grad_norm}
   return run
 
 
