@@ -12,7 +12,6 @@ import re
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -26,7 +25,7 @@ from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models import hf
 from lvlm_jax.models.llm import REMAT_POLICIES, LLMConfig
-from lvlm_jax.models.lora import LoraConfig, apply_lora
+from lvlm_jax.models.lora import Linear, LoraConfig, apply_lora
 from lvlm_jax.models.lvlm import LVLM, LVLMConfig
 from lvlm_jax.models.vision import CLIPVisionConfig
 from lvlm_jax.training.state import init_sharded
@@ -161,12 +160,25 @@ def _finish(model: nnx.Module, config: ModelConfig) -> nnx.Module:
 
 def _new_lvlm(lvlm_config: LVLMConfig, seed: int) -> LVLM:
   model = LVLM(lvlm_config, rngs=nnx.Rngs(params=seed))
-  # The projector's last layer starts at zero, so image tokens start as silence rather than
-  # noise: a new decoder otherwise learns to shut the random image features out while it learns
-  # the language, and never looks at images again. Zero output still gets a gradient.
-  last = model.projector.linear_2 or model.projector.linear_1
-  last.kernel[...] = jnp.zeros_like(last.kernel[...])
+  fan_in_init(model, jax.random.key(seed + 1))
   return model
+
+
+def fan_in_init(model: nnx.Module, key: jax.Array) -> None:
+  """Redraws every Linear kernel [in, out] from N(0, 1 / in), in place.
+
+  HF's N(0, 0.02) suits widths near 1/0.02^2 = 2500; at width 64 it shrinks each matmul's output
+  to ~0.16 of its input. The projector then passes ~3% of the image's variation next to its
+  learned (image-independent) bias, the decoder sees near-constant image tokens, and a model
+  trained from scratch stays at chance on questions about the image (measured in the shapes
+  world: yes/no 0.50 after 300 steps with N(0, 0.02); 0.68 with this init and captions in
+  the mix).
+  """
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, Linear):
+      key, sub = jax.random.split(key)
+      kernel = module.kernel[...]
+      module.kernel[...] = jax.random.normal(sub, kernel.shape, kernel.dtype) * kernel.shape[0] ** -0.5
 
 
 def _build_new(config: ModelConfig, tokenizer):
