@@ -119,7 +119,8 @@ class Worker:
 
 def compare(workload: str, preset: str, *, ours: str, theirs: str | None, reps: int, warmup: int,
             options: dict | None = None, work: float | None = None, work_unit: str = "",
-            flops: float | None = None, peak_flops: float | None = None) -> dict[str, Any]:
+            flops: float | None = None, peak_flops: float | None = None,
+            devices: int = 1) -> dict[str, Any]:
   """Times `ours` (and `theirs`, when given) alternately; `work` = units per repetition (e.g. tokens).
 
   The first repetition of each framework is reported as its first-call time (compilation for JAX);
@@ -153,13 +154,15 @@ def compare(workload: str, preset: str, *, ours: str, theirs: str | None, reps: 
                    steady_peak_rss_gib=steady)
     if work:
       entry[f"{work_unit}_per_s"] = work / median
+      if devices > 1:
+        entry[f"{work_unit}_per_s_per_device"] = work / median / devices
     result[w.name] = entry
   if flops:
     ours_entry = result["lvlm_jax"]
     ours_entry["flops_per_step"] = flops
     ours_entry["achieved_flops_per_s"] = flops / ours_entry["median_s"]
     if peak_flops:
-      ours_entry["fraction_of_matmul_peak"] = flops / ours_entry["median_s"] / peak_flops
+      ours_entry["fraction_of_peak"] = flops / ours_entry["median_s"] / peak_flops
   if theirs:
     result["speedup"] = result["transformers"]["median_s"] / result["lvlm_jax"]["median_s"]
     ours_entry, theirs_entry = result["lvlm_jax"], result["transformers"]
@@ -181,6 +184,28 @@ def measure_matmul_peak(size: int = 2048, reps: int = 10) -> float:
   context = mp.get_context("spawn")
   with context.Pool(1) as pool:
     return pool.apply(_matmul_peak, (size, reps))
+
+
+def device_count() -> int:
+  """Number of JAX devices the workers will see (asked in a worker of its own)."""
+  context = mp.get_context("spawn")
+  with context.Pool(1) as pool:
+    return pool.apply(_device_count)
+
+
+def _device_count() -> int:
+  import jax
+  return jax.device_count()
+
+
+def flops_peak(peak_tflops: float | None) -> tuple[float, int, str]:
+  """(peak FLOP/s of all devices, device count, where the figure comes from). With
+  `peak_tflops` (a chip's datasheet bf16 dense peak, as MaxText computes MFU) it is that times the
+  device count; else a jitted fp32 matmul measured on this machine."""
+  devices = device_count()
+  if peak_tflops:
+    return peak_tflops * 1e12 * devices, devices, f"datasheet {peak_tflops} TFLOP/s x {devices} devices"
+  return measure_matmul_peak(), devices, "measured fp32 2048^3 matmul on this machine"
 
 
 def _matmul_peak(size: int, reps: int) -> float:
@@ -233,6 +258,10 @@ def common_flags(description: str) -> argparse.ArgumentParser:
   parser.add_argument("--warmup", type=int, default=1,
                       help="untimed repetitions after the first call, per framework")
   parser.add_argument("--out", default="benchmarks/results", help="directory for the JSON result")
+  parser.add_argument("--peak_tflops", type=float, default=None,
+                      help="one chip's datasheet peak in TFLOP/s (bf16 dense, e.g. TPU v5e 197, "
+                      "v5p 459, H100 SXM 989): MFU against it x the device count, as MaxText "
+                      "reports it; default: a fp32 matmul measured on this machine")
   parser.add_argument("--no_transformers", action="store_true",
                       help="time lvlm_jax alone (accelerator presets have no transformers side)")
   return parser

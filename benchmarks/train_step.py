@@ -127,15 +127,15 @@ def main() -> None:
   if compare_torch:
     presets.weights_dir(args.preset)
   flops = train_flops(preset)
-  peak = harness.measure_matmul_peak()
+  peak, devices, peak_source = harness.flops_peak(args.peak_tflops)
   result = harness.compare(
       "train_sft", args.preset, ours="train_step:setup_jax",
       theirs="train_step:setup_torch" if compare_torch else None, reps=args.reps,
       warmup=args.warmup, work=preset.batch * preset.seq_len,
-      work_unit="tokens", flops=flops, peak_flops=peak)
-  result["matmul_peak_flops_per_s"] = peak
+      work_unit="tokens", flops=flops, peak_flops=peak, devices=devices)
+  result.update(peak_flops_per_s=peak, peak_source=peak_source)
   harness.print_table(result)
-  print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+  print(f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_source})")
   print("wrote", harness.write_json(result, args.out))
 
 
