@@ -171,7 +171,6 @@ class CheckpointReader:
         raise UserError(f"{directory}: no model.safetensors or model.safetensors.index.json found")
       self._pickled = self._load_pickles(directory, pickled)
       self._files = {name: "" for name in self._pickled}
-    self._handles: dict[str, object] = {}
 
   @staticmethod
   def _load_pickles(directory: str, files: list[str]) -> dict[str, np.ndarray]:
@@ -193,9 +192,12 @@ class CheckpointReader:
     path = self._files[name]
     if not path:
       return self._pickled[name]
-    if path not in self._handles:
-      self._handles[path] = safe_open(path, "np")
-    return self._handles[path].get_tensor(name)
+    # Opened per tensor: safe_open maps the whole file, and every page a read touches stays
+    # resident (and counts in this process's RSS) until the map closes, so one handle kept for
+    # the whole load would end with the checkpoint resident beside the model. Reopening costs
+    # about 0.5 ms a tensor (the benchmarks' 68M model: 1.57 -> 1.67 s, peak 580 -> 310 MiB).
+    with safe_open(path, "np") as f:
+      return f.get_tensor(name)
 
 
 def read_hf_config(directory: str) -> dict:
@@ -242,7 +244,8 @@ def fill_from_checkpoint(abstract_model: nnx.Module, reader: CheckpointReader,
     if tuple(array.shape) != tuple(target.shape):
       raise UserError(f"{reader.directory}: tensor {found} has shape {tuple(array.shape)} in our "
                       f"layout, the model expects {tuple(target.shape)} (for {path})")
-    variable.set_value(_place(array.astype(target.dtype), variable, mesh))
+    # copy=False: the tensor is already a fresh host copy; a second one only raises the peak.
+    variable.set_value(_place(array.astype(target.dtype, copy=False), variable, mesh))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

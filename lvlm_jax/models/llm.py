@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lvlm_jax.models.layers import Embed, RMSNorm, activation, dot_product_attention
+from lvlm_jax.models.layers import (DEFAULT_QUERY_CHUNK, Embed, RMSNorm, activation,
+                                    dot_product_attention)
 from lvlm_jax.models.lora import Linear
 from lvlm_jax.sharding import constrain
 
@@ -22,6 +23,12 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Activation checkpointing of each decoder layer in training: what the backward pass may keep
 # instead of recomputing. "dots" keeps matmul outputs; "dots_no_batch" keeps only the weight
 # matmuls (attention scores are recomputed); "full" keeps nothing but the layer inputs.
+# On XLA:CPU they save little: the optimised program has no optimisation barriers left and
+# computes each layer's recomputed attention scores beside its forward pass (the `small`
+# benchmark's SFT step needs 1499 MiB of compiled scratch with "none", 1433 with any policy).
+# Attention scores, the largest activations, are recomputed in the backward by query-chunked
+# attention instead (`LLM.attention_query_chunk`): 1115 MiB with "none", 1049 with "full" or
+# "dots_no_batch", 1193 with "dots".
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -216,11 +223,13 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
 
   def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
-               layer_cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None):
+               layer_cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
+               query_chunk: int = DEFAULT_QUERY_CHUNK):
     """x: [B, T, D], positions: [B, T] (-1 = padding).
 
     layer_cache: None, or (keys [B,S,Hkv,Dh], values, slot positions [B,S] already including this
-    call's tokens, write index []). Returns (y [B, T, D], (keys, values) or None).
+    call's tokens, write index []). query_chunk: see `dot_product_attention`.
+    Returns (y [B, T, D], (keys, values) or None).
     """
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -235,7 +244,8 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
       new_kv = (k, v)
-    out = dot_product_attention(q, k, v, attention_weights_mask(positions, k_positions))
+    out = dot_product_attention(q, k, v, attention_weights_mask(positions, k_positions),
+                                query_chunk=query_chunk)
     return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_kv
 
 
@@ -265,8 +275,8 @@ class DecoderLayer(nnx.Module):
                                   rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, inv_freq, layer_cache):
-    attn_out, new_kv = self.attn(self.input_norm(x), positions, inv_freq, layer_cache)
+  def __call__(self, x, positions, inv_freq, layer_cache, query_chunk=DEFAULT_QUERY_CHUNK):
+    attn_out, new_kv = self.attn(self.input_norm(x), positions, inv_freq, layer_cache, query_chunk)
     x = x + attn_out
     x = x + self.mlp(self.post_attn_norm(x))
     return x, new_kv
@@ -287,6 +297,9 @@ class LLM(nnx.Module):
         rngs=rngs)
     # A key of REMAT_POLICIES; trainers set it (a trace-time choice that changes no parameter).
     self.remat = "none"
+    # Attention over more tokens than this goes in query blocks that the backward recomputes
+    # (`dot_product_attention`); 0 = never. Also trace-time only.
+    self.attention_query_chunk = DEFAULT_QUERY_CHUNK
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """tokens: int [B, T] -> [B, T, D]."""
@@ -304,7 +317,11 @@ class LLM(nnx.Module):
           cache.positions, positions.astype(jnp.int32), cache.index, axis=1)
     x = embeds
     new_keys, new_values = [], []
-    run = DecoderLayer.__call__
+    query_chunk = self.attention_query_chunk
+
+    def run(layer, x, positions, inv_freq, layer_cache):
+      return layer(x, positions, inv_freq, layer_cache, query_chunk)
+
     if REMAT_POLICIES[self.remat] is not None:
       run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
     for i, layer in enumerate(self.layers):

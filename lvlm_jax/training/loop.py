@@ -23,6 +23,7 @@ from lvlm_jax.errors import UserError
 from lvlm_jax.sharding import global_batch
 from lvlm_jax.training.checkpoint import Checkpointer
 from lvlm_jax.training.metrics import MetricsWriter, compiled_flops
+from lvlm_jax.training.steps import release_freed_host_memory
 
 Hook = Callable[[dict[str, Any], int], dict[str, float]]
 
@@ -93,6 +94,7 @@ class _Compiled:
       return (*self._cache[key], 0.0)
     start = time.perf_counter()
     compiled = self._step.lower(state, batch).compile()
+    release_freed_host_memory()  # what the compiler freed, see there
     self._cache[key] = (compiled, compiled_flops(compiled))
     return (*self._cache[key], time.perf_counter() - start)
 

@@ -10,7 +10,9 @@ micro-batches whose gradient sums are accumulated in a scan and divided once by 
 loss tokens: exactly the update of the whole batch at 1/k of the activation memory.
 """
 
+import ctypes
 import functools
+import sys
 from typing import Any, Callable
 
 import jax
@@ -122,10 +124,57 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.G
 
 def jit_train_step(step: Callable, shardings: TrainState, mesh: Mesh, **static) -> Callable:
   """`step(state, batch, **static)` jitted once: state in and out on `shardings` (donated, so the
-  update happens in place), the batch split by rows, metrics replicated."""
-  return jax.jit(functools.partial(step, **static),
-                 in_shardings=(shardings, batch_sharding(mesh)),
-                 out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+  update happens in place), the batch split by rows, metrics replicated. Its first call, which
+  compiles, ends with `release_freed_host_memory()`; `.lower` etc. are the jitted function's."""
+  return _ReleaseAfterFirstCall(jax.jit(functools.partial(step, **static),
+                                        in_shardings=(shardings, batch_sharding(mesh)),
+                                        out_shardings=(shardings, replicated(mesh)),
+                                        donate_argnums=0))
+
+
+def release_freed_host_memory() -> None:
+  """Returns the memory glibc's malloc holds free to the OS (`malloc_trim(0)`); a no-op on other
+  C libraries and platforms.
+
+  Compiling a step (XLA + LLVM) allocates and frees a few hundred MiB in small blocks over its
+  threads' malloc arenas. glibc keeps those pages mapped and little reuses them (the step's own
+  buffers are large enough to get fresh mmaps), so without a trim they stay in the process's
+  resident memory for the whole run. The CPU `small` benchmark's SFT step: the trim takes 30 ms
+  and returns 200 MiB, and the peak RSS of the steps after it falls by as much (2.51 -> 2.32 GiB).
+  """
+  trim = _malloc_trim()
+  if trim is not None:
+    trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    trim = ctypes.CDLL(None).malloc_trim  # the C library this process runs on
+  except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+    return None
+  trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+  return trim
+
+
+class _ReleaseAfterFirstCall:
+  """A jitted function that calls `release_freed_host_memory()` after its first call (the one
+  that compiles) and is otherwise the jitted function (`lower`, `eval_shape`, ...)."""
+
+  def __init__(self, jitted: Callable):
+    self._jitted, self._called = jitted, False
+
+  def __call__(self, *args, **kwargs):
+    out = self._jitted(*args, **kwargs)
+    if not self._called:
+      self._called = True
+      release_freed_host_memory()
+    return out
+
+  def __getattr__(self, name: str):
+    return getattr(self._jitted, name)
 
 
 def jit_eval_step(step: Callable, shardings: TrainState, mesh: Mesh, **static) -> Callable:

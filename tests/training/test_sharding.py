@@ -1,5 +1,6 @@
 """The same steps on 1 CPU device and on an 8-device (2, 2, 2) mesh give the same losses, for full
-fine-tuning and for LoRA. Runs in a subprocess: the device count is fixed when JAX starts.
+fine-tuning and for LoRA (the latter with query-chunked attention). Runs in a subprocess: the
+device count is fixed when JAX starts.
 
 Tolerance: the sharded step splits reductions (matmul contractions over `embed`/`mlp`, the loss
 and gradient sums over the batch) across devices, so float32 sums add up in another order.
@@ -32,6 +33,7 @@ for mode in ("full", "lora"):
     model = tiny_lvlm()
     if mode == "lora":
       apply_lora(model, LoraConfig(rank=4, target=r"llm\.layers\.\d+\..*_proj"), rngs=nnx.Rngs(1))
+      model.llm.attention_query_chunk = 8  # attention in query blocks, on the mesh too
     graphdef, params, frozen = train_state.split_model(model, optim.trainable_filter(config))
     tx = optim.make_optimizer(config, 10, params)
     shardings = train_state.state_shardings(train_state.abstract_state(params, frozen, tx), mesh)

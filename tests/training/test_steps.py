@@ -53,6 +53,22 @@ def test_full_finetune_learns(mesh):
   assert float(metrics["tokens"]) == batch()["attention_mask"].sum()
 
 
+def test_step_releases_freed_host_memory_after_its_first_call(mesh, monkeypatch):
+  """malloc_trim once, after the call that compiles; `lower` (the training loop compiles through
+  it) still reaches the jitted function."""
+  steps.release_freed_host_memory()  # the real one: callable here, whatever the C library
+  calls = []
+  monkeypatch.setattr(steps, "release_freed_host_memory", lambda: calls.append(1))
+  config = optim.OptimConfig(lr=1e-3, warmup_ratio=0.0)
+  graphdef, tx, shardings, state = make_state(tiny_lvlm(), config, mesh)
+  step = steps.jit_train_step(steps.sft_step, shardings, mesh, graphdef=graphdef, tx=tx)
+  with jax.set_mesh(mesh):
+    step.lower(state, global_batch(batch(), mesh)).compile()
+  assert calls == []
+  run_steps(step, state, batch(), mesh, 2)
+  assert calls == [1]
+
+
 def test_accumulation_equals_one_big_batch(mesh):
   """With plain SGD (update = -grad) the updated parameters are the gradients themselves."""
   b = batch(seed=3)
