@@ -289,3 +289,14 @@ def test_bad_settings_are_user_errors(llama):
   with pytest.raises(UserError):
     generate(llama[0], np.ones((1, 4), np.int32), config=GREEDY,
              pixel_values=np.zeros((1, 1, 28, 28, 3), np.float32))
+
+
+def test_top_p_over_top_k_candidates_keeps_what_a_full_sort_keeps():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(64, 500)).astype(np.float32) * 3
+  logits[:8, :40] = 12.0  # 40 ties at the top: more than k of them
+  for k, p in ((10, 0.9), (50, 0.5), (50, 0.999), (40, 0.99)):
+    filtered = top_k_filter(jnp.asarray(logits), k)
+    fast = np.isfinite(np.asarray(top_p_filter(filtered, p, k)))
+    full = np.isfinite(np.asarray(top_p_filter(filtered, p)))
+    np.testing.assert_array_equal(fast, full)
