@@ -68,23 +68,14 @@ def dpo_flops(preset: presets.Preset) -> float:
 
 
 def setup_jax(preset_name: str):
-  import jax
-
   from lvlm_jax.training import dpo, steps
   from lvlm_jax.training.preference import PreferenceLossConfig
 
   mesh, graphdef, tx, shardings, state = train_step.jax_train_state(preset_name, reference=True)
-  state = [state]
   batch = preference_arrays(presets.PRESETS[preset_name])
   step = steps.jit_train_step(dpo.dpo_step, shardings, mesh, graphdef=graphdef, tx=tx,
                               loss=PreferenceLossConfig("sigmoid", beta=BETA))
-
-  def run():
-    with jax.set_mesh(mesh):
-      state[0], metrics = step(state[0], batch)
-    jax.block_until_ready(metrics)
-    return metrics
-  return run
+  return train_step.jax_runner(step, state, batch, mesh)
 
 
 def setup_torch(preset_name: str):

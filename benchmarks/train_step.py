@@ -83,14 +83,19 @@ def torch_model(preset_name: str) -> tuple:
 
 
 def setup_jax(preset_name: str):
-  import jax
-
   from lvlm_jax.training import steps
 
   mesh, graphdef, tx, shardings, state = jax_train_state(preset_name)
-  state = [state]
   batch = presets.batch_arrays(presets.PRESETS[preset_name])
   step = steps.jit_train_step(steps.sft_step, shardings, mesh, graphdef=graphdef, tx=tx)
+  return jax_runner(step, state, batch, mesh)
+
+
+def jax_runner(step, state, batch, mesh):
+  """run() -> metrics: one `step` on `batch`, carrying the (donated) state from call to call."""
+  import jax
+
+  state = [state]
 
   def run():
     with jax.set_mesh(mesh):
