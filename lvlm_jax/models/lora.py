@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lvlm_jax.models.layers import Initializer, default_kernel_init, param
+from lvlm_jax.models.layers import Initializer, default_kernel_init, matmul, param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,7 @@ class LoRA(nnx.Module):
       x = self.dropout(x)
     a = self.lora_a[...].astype(dtype)
     b = self.lora_b[...].astype(dtype)
-    return (jnp.dot(jnp.dot(x.astype(dtype), a), b) * self.scale).astype(dtype)
+    return (matmul(matmul(x.astype(dtype), a), b) * self.scale).astype(dtype)
 
 
 class Linear(nnx.Module):
@@ -70,7 +70,7 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [..., in] -> [..., out] in the compute dtype."""
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora is not None and self.lora.enabled:
