@@ -132,10 +132,12 @@ DEFAULT_QUERY_CHUNK = 128
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
                           query_chunk: int = DEFAULT_QUERY_CHUNK) -> jax.Array:
-  """q: [B, T, H, Dh], k/v: [B, S, Hkv, Dh], mask: bool [B, 1, T, S] or None -> [B, T, H, Dh].
+  """q: [B, T, H, Dh], k/v: [B, Hkv, S, Dh], mask: bool [B, 1, T, S] or None -> [B, T, H, Dh].
 
   Grouped-query attention (Hkv divides H) without repeating k/v; softmax in fp32. A query with
-  nothing to attend to (a padding query) gets zeros.
+  nothing to attend to (a padding query) gets zeros. Keys and values are head-major, the KV
+  cache's layout: both products then contract in the layout XLA:CPU's YNNPACK takes as it is,
+  where a [B, S, Hkv, Dh] cache was copied into this layout at every decoding step and layer.
 
   With T > query_chunk (> 0) the queries go through in blocks of at most query_chunk, one block
   at a time, each block rematerialised in the backward pass: the fp32 [B, H, T, S] scores and
@@ -158,7 +160,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     attend = jax.checkpoint(lambda qb: _attention(qb, k, v, None))
     out = jax.lax.map(attend, q_blocks)
   else:
-    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, t, k.shape[1]))
+    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, t, k.shape[2]))
     mask_blocks = blocks(jnp.pad(mask.swapaxes(1, 2), ((0, 0), (0, pad), (0, 0), (0, 0))))
     attend = jax.checkpoint(lambda qb, mb: _attention(qb, k, v, mb.swapaxes(1, 2)))
     out = jax.lax.map(lambda xs: attend(*xs), (q_blocks, mask_blocks))
@@ -169,9 +171,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
   """`dot_product_attention` in one piece: the [B, H, T, S] scores at once."""
   b, t, h, d = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[1]
   q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
   scores = scores / jnp.sqrt(jnp.float32(d))
   if mask is not None:
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
@@ -180,5 +182,5 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None)
     # A row with nothing to attend to (a padding query) gets zeros rather than a uniform average.
     probs = jnp.where(mask[:, :, None], probs, 0.0)
   probs = probs.astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
   return out.reshape(b, t, h, d)

@@ -92,7 +92,9 @@ class SelfAttention(nnx.Module):
     """x: [B, T, D], mask: bool [B, 1, T, T] or None -> [B, T, D]."""
     b, t, d = x.shape
     split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
-    out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask)
+    heads_first = lambda y: split(y).swapaxes(1, 2)  # keys and values: [B, H, T, Dh]
+    out = dot_product_attention(split(self.q_proj(x)), heads_first(self.k_proj(x)),
+                                heads_first(self.v_proj(x)), mask)
     return self.out_proj(out.reshape(b, t, d))
 
 

@@ -14,8 +14,8 @@ from lvlm_jax.models.llm import LLM, KVCache, LLMConfig, attention_weights_mask
 def qkv(b, t, s, heads, kv_heads, d=8, seed=0):
   keys = jax.random.split(jax.random.key(seed), 4)
   q = jax.random.normal(keys[0], (b, t, heads, d))
-  k = jax.random.normal(keys[1], (b, s, kv_heads, d))
-  v = jax.random.normal(keys[2], (b, s, kv_heads, d))
+  k = jax.random.normal(keys[1], (b, kv_heads, s, d))
+  v = jax.random.normal(keys[2], (b, kv_heads, s, d))
   cotangent = jax.random.normal(keys[3], (b, t, heads, d))
   return q, k, v, cotangent
 
