@@ -131,13 +131,18 @@ DEFAULT_QUERY_CHUNK = 128
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
-                          query_chunk: int = DEFAULT_QUERY_CHUNK) -> jax.Array:
+                          query_chunk: int = DEFAULT_QUERY_CHUNK,
+                          values_transposed: bool = False) -> jax.Array:
   """q: [B, T, H, Dh], k/v: [B, Hkv, S, Dh], mask: bool [B, 1, T, S] or None -> [B, T, H, Dh].
 
   Grouped-query attention (Hkv divides H) without repeating k/v; softmax in fp32. A query with
   nothing to attend to (a padding query) gets zeros. Keys and values are head-major, the KV
   cache's layout: both products then contract in the layout XLA:CPU's YNNPACK takes as it is,
   where a [B, S, Hkv, Dh] cache was copied into this layout at every decoding step and layer.
+  values_transposed: v is [B, Hkv, Dh, S], as the KV cache keeps values: a decoding step's
+  probabilities-times-values product then contracts the cache's minor dimension, which XLA:CPU
+  runs on YNNPACK (with [B, Hkv, S, Dh] values it went to Eigen at ~3x the time). Training keeps
+  [B, Hkv, S, Dh], which saves transposing the values of every layer.
 
   With T > query_chunk (> 0) the queries go through in blocks of at most query_chunk, one block
   at a time, each block rematerialised in the backward pass: the fp32 [B, H, T, S] scores and
@@ -150,25 +155,27 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   """
   b, t, h, d = q.shape
   if not query_chunk or t <= query_chunk:
-    return _attention(q, k, v, mask)
+    return _attention(q, k, v, mask, values_transposed)
   n = -(-t // query_chunk)
   size = -(-t // n)  # n blocks of equal size: at most n - 1 padding queries
   pad = n * size - t
   blocks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)
   q_blocks = blocks(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))))  # [n, B, size, H, Dh]
   if mask is None:
-    attend = jax.checkpoint(lambda qb: _attention(qb, k, v, None))
+    attend = jax.checkpoint(lambda qb: _attention(qb, k, v, None, values_transposed))
     out = jax.lax.map(attend, q_blocks)
   else:
     mask = jnp.broadcast_to(mask, (mask.shape[0], 1, t, k.shape[2]))
     mask_blocks = blocks(jnp.pad(mask.swapaxes(1, 2), ((0, 0), (0, pad), (0, 0), (0, 0))))
-    attend = jax.checkpoint(lambda qb, mb: _attention(qb, k, v, mb.swapaxes(1, 2)))
+    attend = jax.checkpoint(
+        lambda qb, mb: _attention(qb, k, v, mb.swapaxes(1, 2), values_transposed))
     out = jax.lax.map(lambda xs: attend(*xs), (q_blocks, mask_blocks))
   out = jnp.moveaxis(out, 0, 1).reshape(b, n * size, h, d)
   return out[:, :t]
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+               values_transposed: bool = False) -> jax.Array:
   """`dot_product_attention` in one piece: the [B, H, T, S] scores at once."""
   b, t, h, d = q.shape
   kv_heads = k.shape[1]
@@ -182,5 +189,5 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None)
     # A row with nothing to attend to (a padding query) gets zeros rather than a uniform average.
     probs = jnp.where(mask[:, :, None], probs, 0.0)
   probs = probs.astype(v.dtype)
-  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+  out = jnp.einsum("bkgts,bkds->btkgd" if values_transposed else "bkgts,bksd->btkgd", probs, v)
   return out.reshape(b, t, h, d)

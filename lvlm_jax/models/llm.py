@@ -150,7 +150,8 @@ class LLMConfig:
 class KVCache(NamedTuple):
   """A static-size cache shared by all layers.
 
-  keys, values: per layer [B, Hkv, S, Dh] (head-major, as `dot_product_attention` takes them). positions: [B, S] int32, the RoPE position of the token in
+  keys: per layer [B, Hkv, S, Dh]; values: per layer [B, Hkv, Dh, S] (see `dot_product_attention`
+  for why these layouts). positions: [B, S] int32, the RoPE position of the token in
   each slot, -1 for an empty slot or a padding token (never attended). index: int32 [] next free slot.
   """
   keys: tuple[jax.Array, ...]
@@ -161,9 +162,10 @@ class KVCache(NamedTuple):
   @classmethod
   def empty(cls, config: LLMConfig, batch: int, size: int, dtype=None) -> "KVCache":
     dtype = dtype or jnp.dtype(config.dtype)
-    shape = (batch, config.num_kv_heads, size, config.head_dim)
-    return cls(keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-               values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+    keys = (batch, config.num_kv_heads, size, config.head_dim)
+    values = (batch, config.num_kv_heads, config.head_dim, size)
+    return cls(keys=tuple(jnp.zeros(keys, dtype) for _ in range(config.num_layers)),
+               values=tuple(jnp.zeros(values, dtype) for _ in range(config.num_layers)),
                positions=jnp.full((batch, size), -1, jnp.int32),
                index=jnp.zeros((), jnp.int32))
 
@@ -227,8 +229,8 @@ class Attention(nnx.Module):
                query_chunk: int = DEFAULT_QUERY_CHUNK):
     """x: [B, T, D], positions: [B, T] (-1 = padding).
 
-    layer_cache: None, or (keys [B,Hkv,S,Dh], values, slot positions [B,S] already including this
-    call's tokens, write index []). query_chunk: see `dot_product_attention`.
+    layer_cache: None, or (keys [B,Hkv,S,Dh], values [B,Hkv,Dh,S], slot positions [B,S] already
+    including this call's tokens, write index []). query_chunk: see `dot_product_attention`.
     Returns (y [B, T, D], (keys, values) or None).
     """
     b, t, _ = x.shape
@@ -237,16 +239,18 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq).swapaxes(1, 2)  # [B, Hkv, T, Dh]
-    v = v.swapaxes(1, 2)
     if layer_cache is None:
       k_positions, new_kv = positions, None
+      v = v.swapaxes(1, 2)  # [B, Hkv, T, Dh]
     else:
+      v = v.transpose(0, 2, 3, 1)  # [B, Hkv, Dh, T], the cache's layout
       cache_k, cache_v, k_positions, index = layer_cache
       k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=2)
-      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=2)
+      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=3)
       new_kv = (k, v)
     out = dot_product_attention(q, k, v, attention_weights_mask(positions, k_positions),
-                                query_chunk=query_chunk)
+                                query_chunk=query_chunk,
+                                values_transposed=layer_cache is not None)
     return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_kv
 
 

@@ -74,6 +74,12 @@ def test_queries_against_a_cache():
   assert_same(out, ref_out)
   for g, ref in zip(grads, ref_grads):
     assert_same(g, ref)
+  # The cache's layout for values, [B, Hkv, Dh, S], chunked or not, computes the same.
+  v_t = v.swapaxes(2, 3)
+  for chunk in (0, 3):
+    out_t = jax.jit(lambda q, k, v: dot_product_attention(
+        q, k, v, mask, query_chunk=chunk, values_transposed=True))(q, k, v_t)
+    assert_same(out_t, ref_out)
 
 
 def test_no_mask_and_short_sequences():
