@@ -7,7 +7,9 @@
 Every row generates exactly `new_tokens` tokens (stop tokens are suppressed with min_new_tokens)
 so both frameworks do the same work; the sentence workload runs 5-beam search with an early stop
 at '.', like CSR's tree expansion (transformers 5 keeps diverse *group* beam search on the Hub, so
-both sides run plain beam search here).
+both sides run plain beam search here). Both sides sample with num_return_sequences: lvlm_jax
+prefills each prompt once and copies its cache; transformers' generate copies the prompt and
+prefills every copy.
 """
 
 import os
@@ -60,9 +62,9 @@ def setup_jax(preset_name: str, workload: str):
   model = presets.lvlm_jax_model(preset_name)
   rows, settings = _work(workload, preset)
   ids, pixels = prompts(preset, preset.batch)
-  if workload == "sample":  # each prompt repeated, as generate(num_return_sequences=k) does
-    ids, pixels = np.repeat(ids, SAMPLES_PER_PROMPT, 0), np.repeat(pixels, SAMPLES_PER_PROMPT, 0)
-  ids, pixels = jnp.asarray(ids), jnp.asarray(pixels[:, :, :, :, :])
+  if workload == "sample":  # k samples per prompt from one prefill (transformers prefills k times)
+    settings = dict(settings, num_return_sequences=SAMPLES_PER_PROMPT)
+  ids, pixels = jnp.asarray(ids), jnp.asarray(pixels)
   key = [jax.random.key(0)]
 
   if workload == "sentence":

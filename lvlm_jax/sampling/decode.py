@@ -38,6 +38,9 @@ class SamplingConfig:
                             "whose probability reaches top_p; 1.0 disables.")
   eos_token_ids: tuple[int, ...] = help_field((), "Token ids that end a row (kept in the output).")
   pad_token_id: int = help_field(0, "Token written after a row has ended.")
+  num_return_sequences: int = help_field(
+      1, "Samples per prompt (sampling only). Each prompt is prefilled once and its KV cache "
+      "copied; output row i * k + j is sample j of prompt i, as in transformers.")
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -51,6 +54,11 @@ class SamplingConfig:
       raise UserError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
     if not 0 < self.top_p <= 1:
       raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.num_return_sequences < 1:
+      raise UserError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+    if self.num_return_sequences > 1 and not self.do_sample:
+      raise UserError("num_return_sequences > 1 needs do_sample=True: greedy decoding would "
+                      "return the same sequence k times")
     object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
 
 
@@ -223,13 +231,21 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
 
   graphdef, state: `nnx.split` of an LLM or LVLM. input_ids, attention_mask: int [B, T];
   pixel_values: float32 [B, N, H, W, 3] (LVLM); rng: a key, used when sampling; stop: stop strings
-  for this model's vocabulary. Returns a `Generation` with N = max_new_tokens.
+  for this model's vocabulary. Returns a `Generation` of B * config.num_return_sequences rows with
+  N = max_new_tokens.
   """
   model = nnx.merge(graphdef, state)
   model.eval()  # no dropout; this is the traced copy, the caller's model is untouched
   batch, length = input_ids.shape
   n = config.max_new_tokens
   logits, cache, positions = prefill(model, input_ids, attention_mask, length + n, pixel_values)
+  if config.num_return_sequences > 1:  # the same prefill for every sample of a prompt
+    copies = lambda x: jnp.repeat(x, config.num_return_sequences, axis=0)  # noqa: E731
+    logits, positions = copies(logits), copies(positions)
+    cache = cache._replace(keys=tuple(map(copies, cache.keys)),
+                           values=tuple(map(copies, cache.values)),
+                           positions=copies(cache.positions))
+    batch *= config.num_return_sequences
   rng = jax.random.key(0) if rng is None else rng
   loop = _State(step=jnp.zeros((), jnp.int32),
                 tokens=jnp.full((batch, n), config.pad_token_id, jnp.int32),

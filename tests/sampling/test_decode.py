@@ -316,3 +316,23 @@ def test_first_argmax_is_jnp_argmax_with_ties_and_filtered_rows():
   x[2] = -np.inf
   x[3, :290] = -np.inf
   np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
+def test_num_return_sequences_prefills_once_and_matches_repeated_prompts(llama):
+  """k samples per prompt from one prefill are the rows `generate` makes from the prompts repeated
+  k times (row i * k + j, same key), and the k samples of a prompt differ."""
+  import dataclasses
+  ids, mask = left_padded([[5, 9, 14, 3], [7, 22]])
+  config = SamplingConfig(max_new_tokens=8, min_new_tokens=8, do_sample=True, temperature=1.5,
+                          eos_token_ids=(2,))
+  k = 3
+  shared = generate(llama[0], ids, mask, rng=jax.random.key(4),
+                    config=dataclasses.replace(config, num_return_sequences=k))
+  repeated = generate(llama[0], np.repeat(ids, k, 0), np.repeat(mask, k, 0), config=config,
+                      rng=jax.random.key(4))
+  assert shared.tokens.shape == (2 * k, 8)
+  np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(repeated.tokens))
+  np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(repeated.logprobs), atol=1e-5)
+  assert len({tuple(r) for r in np.asarray(shared.tokens)[:k]}) > 1
+  with pytest.raises(UserError, match="do_sample"):
+    SamplingConfig(num_return_sequences=2)
