@@ -55,6 +55,18 @@ def reset_peak_rss() -> bool:
     return False
 
 
+def cpu_steal_seconds() -> float:
+  """Seconds of CPU the hypervisor took from this machine's cores since boot (/proc/stat's steal
+  column; 0 where there is none). On a shared VM, time stolen during a repetition slows it without
+  anything in the process doing more work, so each repetition records it."""
+  try:
+    with open("/proc/stat") as f:
+      fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+  except (OSError, IndexError, ValueError):
+    return 0.0
+
+
 def _worker(connection, module: str, function: str, preset: str, options: dict, env: dict) -> None:
   os.environ.update(env)
   setup = getattr(importlib.import_module(module), function)
@@ -68,9 +80,9 @@ def _worker(connection, module: str, function: str, preset: str, options: dict, 
     if command == "peak":  # the phase's peak RSS, then a new phase
       connection.send(("peak", peak_rss_gib(), reset_peak_rss()))
       continue
-    start = time.perf_counter()
+    steal, start = cpu_steal_seconds(), time.perf_counter()
     run()
-    connection.send(("time", time.perf_counter() - start))
+    connection.send(("time", time.perf_counter() - start, cpu_steal_seconds() - steal))
   connection.send(("peak", peak_rss_gib(), False))
 
 
@@ -87,6 +99,7 @@ class Worker:
     self._process.start()
     _, self.setup_seconds = self._expect("ready")
     self.times: list[float] = []
+    self.steals: list[float] = []  # CPU seconds stolen from the machine during each timed run
 
   def _expect(self, kind: str):
     if not self._parent.poll(3600):
@@ -99,9 +112,10 @@ class Worker:
       raise RuntimeError(f"{self.name}: expected {kind}, got {message}")
     return message
 
-  def run(self) -> float:
+  def run(self) -> tuple[float, float]:
+    """(seconds, CPU seconds stolen by the hypervisor meanwhile) of one repetition."""
     self._parent.send("run")
-    return self._expect("time")[1]
+    return self._expect("time")[1:]
 
   def phase_peak(self) -> tuple[float, bool]:
     """(peak RSS in GiB since the previous phase, whether the worker could reset it: if not, the
@@ -133,21 +147,25 @@ def compare(workload: str, preset: str, *, ours: str, theirs: str | None, reps: 
   peaks = {w.name: {"setup": w.phase_peak()} for w in workers}
   first = {}
   for w in workers:
-    first[w.name] = w.run()
+    first[w.name] = w.run()[0]
     peaks[w.name]["first_call"] = w.phase_peak()
   for _ in range(warmup):
     for w in workers:
       w.run()
   for _ in range(reps):
     for w in workers:
-      w.times.append(w.run())
+      seconds, stolen = w.run()
+      w.times.append(seconds)
+      w.steals.append(stolen)
   result: dict[str, Any] = {"workload": workload, "preset": preset, "reps": reps, "options": options,
                             "machine": machine()}
   for w in workers:
     median = statistics.median(w.times)
     steady = w.stop()
     (setup_peak, phased), (first_peak, _) = peaks[w.name]["setup"], peaks[w.name]["first_call"]
-    entry = {"median_s": median, "min_s": min(w.times), "first_call_s": first[w.name],
+    entry = {"median_s": median, "min_s": min(w.times), "times_s": w.times,
+             "cpu_stolen_s": w.steals,
+             "first_call_s": first[w.name],
              "setup_s": w.setup_seconds, "peak_rss_gib": max(setup_peak, first_peak, steady)}
     if phased:  # else each phase's number would include the ones before it
       entry.update(setup_peak_rss_gib=setup_peak, first_call_peak_rss_gib=first_peak,
@@ -165,6 +183,7 @@ def compare(workload: str, preset: str, *, ours: str, theirs: str | None, reps: 
       ours_entry["fraction_of_peak"] = flops / ours_entry["median_s"] / peak_flops
   if theirs:
     result["speedup"] = result["transformers"]["median_s"] / result["lvlm_jax"]["median_s"]
+    result["speedup_of_min"] = result["transformers"]["min_s"] / result["lvlm_jax"]["min_s"]
     ours_entry, theirs_entry = result["lvlm_jax"], result["transformers"]
     result["memory_ratio"] = ours_entry["peak_rss_gib"] / theirs_entry["peak_rss_gib"]
     if "steady_peak_rss_gib" in ours_entry and "steady_peak_rss_gib" in theirs_entry:
@@ -224,7 +243,7 @@ def _matmul_peak(size: int, reps: int) -> float:
 
 def print_table(result: dict[str, Any]) -> None:
   frameworks = [k for k in ("lvlm_jax", "transformers") if k in result]
-  keys = [k for k in result["lvlm_jax"] if k != "flops_per_step"]
+  keys = [k for k in result["lvlm_jax"] if k not in ("flops_per_step", "times_s", "cpu_stolen_s")]
   print(f"\n{result['workload']} ({result['preset']}), {result['reps']} timed repetitions each")
   print(f"{'':28s}" + "".join(f"{f:>16s}" for f in frameworks))
   for key in keys:
@@ -236,8 +255,12 @@ def print_table(result: dict[str, Any]) -> None:
   if "speedup" in result:
     steady = (f" (after the first call: {result['steady_memory_ratio']:.2f})"
               if "steady_memory_ratio" in result else "")
-    print(f"speedup (transformers time / lvlm_jax time): {result['speedup']:.2f}x; "
+    print(f"speedup (transformers time / lvlm_jax time): {result['speedup']:.2f}x of medians, "
+          f"{result['speedup_of_min']:.2f}x of minima; "
           f"peak RSS ratio (lvlm_jax / transformers): {result['memory_ratio']:.2f}{steady}")
+  for f in frameworks:
+    stolen, wall = sum(result[f]["cpu_stolen_s"]), sum(result[f]["times_s"])
+    print(f"{f}: the hypervisor took {stolen:.1f} CPU-s during {wall:.1f} s of timed runs")
 
 
 def write_json(result: dict[str, Any], directory: str) -> str:

@@ -260,7 +260,8 @@ def run(args: argparse.Namespace) -> None:
     config = decode.SamplingConfig(
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
         do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, eos_token_ids=eos, pad_token_id=pad)
+        top_p=args.top_p, eos_token_ids=eos, pad_token_id=pad,
+        num_return_sequences=args.num_return_sequences)
     vocab = decode.language_model(model).config.vocab_size
     stops = None
     if args.stop:
@@ -274,13 +275,11 @@ def run(args: argparse.Namespace) -> None:
     root = args.image_root or os.path.dirname(os.path.abspath(args.input_jsonl))
     files = [[images_lib.resolve_image_path(p, [root]) for p in image_paths(r)] for r in records]
 
-  # Sampling several answers: each prompt appears that many times in the batch.
-  copies = 1 if beams else args.num_return_sequences
-  work = [item for item in zip(records, files) for _ in range(copies)]
+  work = list(zip(records, files))
   texts, scores = [], []  # per item of `work`: its answers, and their beam scores
   key = jax.random.key(args.seed)
   batch_size = min(args.batch_size, len(work))
-  with tqdm(total=len(work), desc="generating", unit="answer", file=sys.stderr,
+  with tqdm(total=len(work), desc="generating", unit="prompt", file=sys.stderr,
             disable=args.prompt is not None) as bar:
     for start in range(0, len(work), batch_size):
       chunk = work[start:start + batch_size]
@@ -292,13 +291,16 @@ def run(args: argparse.Namespace) -> None:
       else:
         out = decode.generate(model, ids, mask, config=config, pixel_values=pixels,
                               rng=jax.random.fold_in(key, start), stop=stops)
-        tokens, lengths = np.asarray(out.tokens)[:, None], np.asarray(out.lengths)[:, None]
+        # Several samples of a prompt share its prefill; they come as rows i * k + j.
+        k = config.num_return_sequences
+        tokens = np.asarray(out.tokens).reshape(-1, k, out.tokens.shape[-1])
+        lengths = np.asarray(out.lengths).reshape(-1, k)
       texts += [[tokenizer.decode(tokens[i, j, :lengths[i, j]], skip_special_tokens=True)
                  for j in range(tokens.shape[1])] for i in range(len(chunk))]
       bar.update(len(chunk))
 
   for n, record in enumerate(records):
-    answers = sum(texts[n * copies:(n + 1) * copies], [])
+    answers = texts[n]
     record["response"] = answers[0]
     if len(answers) > 1:
       record["responses"] = answers
