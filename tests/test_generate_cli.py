@@ -141,6 +141,24 @@ def test_beam_search_returns_ranked_answers(llama_dir, tmp_path, capsys):
   assert record["scores"][0] >= record["scores"][1]
 
 
+def test_sampling_several_answers_per_prompt(llama_dir, tmp_path, capsys):
+  """Each prompt's samples come from one prefill and land on that prompt's record."""
+  source = tmp_path / "in.jsonl"
+  source.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n"
+                            for i, p in enumerate(["Say something.", "Count to three."])))
+  target = tmp_path / "out.jsonl"
+  code, _, err = run(["--model", llama_dir, "--input_jsonl", str(source), "--output_jsonl",
+                      str(target), "--do_sample", "--temperature", "1.5",
+                      "--num_return_sequences", "3", "--max_new_tokens", "6", "--template", "none",
+                      "--batch_size", "4"], capsys)
+  assert code == 0, err
+  records = [json.loads(line) for line in target.read_text().splitlines()]
+  assert [r["id"] for r in records] == [0, 1]
+  for record in records:
+    assert len(record["responses"]) == 3 and record["response"] == record["responses"][0]
+  assert len({r for record in records for r in record["responses"]}) > 2
+
+
 @pytest.mark.parametrize("case", ["missing_image", "escaping_image", "bad_json", "no_model",
                                   "images_for_text_model", "beams_with_stop"])
 def test_user_errors_are_one_line_with_exit_2(case, llava_dir, llama_dir, images, tmp_path, capsys):
