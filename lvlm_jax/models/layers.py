@@ -43,10 +43,10 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """x [..., K] @ w [K, N] -> [..., N], the product every Linear and output projection uses.
 
   Its gradient is jnp.dot's. On the CPU backend the weight gradient is computed as
-  transpose(x) @ dy from an explicitly transposed copy of the (smaller) input: written the usual way
-  (x contracted over its leading dimension), XLA:CPU hands that product to Eigen instead of
-  YNNPACK and first writes a transposed copy of the activation gradient, which cost a fifth of an
-  SFT step (benchmarks/profile_step.py shows the breakdown). Other backends use jnp.dot as is.
+  transpose(x) @ dy from an explicitly transposed copy of the input: written the usual way (x
+  contracted over its leading dimension), XLA:CPU hands that product to Eigen instead of YNNPACK
+  and first writes a transposed copy of the activation gradient, which cost a fifth of an SFT
+  step (benchmarks/profile_step.py shows the breakdown). Other backends use jnp.dot as is.
   """
   if jax.default_backend() != "cpu":
     return jnp.dot(x, w)

@@ -120,11 +120,12 @@ def suppress_stop_tokens(scores: jax.Array, step: jax.Array, min_new_tokens: int
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
-  """[B, V] -> int32 [B]: jnp.argmax (the first maximum) as a max and a min, two plain reductions;
-  XLA:CPU runs argmax's value-and-index reduction over a 32k vocabulary about 2x slower."""
+  """[B, V] -> int32 [B]: jnp.argmax (the first maximum, or the first NaN) as a max and a min, two
+  plain reductions; XLA:CPU runs argmax's value-and-index reduction over a 32k vocabulary about
+  2x slower."""
   top = jnp.max(x, axis=-1, keepdims=True)
   index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-  return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
+  return jnp.min(jnp.where((x == top) | jnp.isnan(x), index, x.shape[-1]), axis=-1)
 
 
 def _order_keys(logits: jax.Array) -> jax.Array:

@@ -315,6 +315,7 @@ def test_first_argmax_is_jnp_argmax_with_ties_and_filtered_rows():
   x[1, [5, 7, 250]] = 9.0  # ties: the first wins
   x[2] = -np.inf
   x[3, :290] = -np.inf
+  x[4, [30, 60]] = np.nan  # a broken row: the first NaN, as jnp.argmax
   np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
 
 
