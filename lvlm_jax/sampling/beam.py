@@ -347,11 +347,9 @@ def beam_decode(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
   model.eval()  # no dropout; this is the traced copy, the caller's model is untouched
   batch, length = input_ids.shape
   k = config.num_beams
+  # Every beam starts from the same prompt: one prefill, its rows copied.
   logits, cache, positions = prefill(model, input_ids, attention_mask,
-                                     length + config.max_new_tokens, pixel_values)
-  # Every beam starts from the same prompt: prefill once, then copy rows.
-  cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0) if x.ndim else x, cache)
-  logits, positions = jnp.repeat(logits, k, axis=0), jnp.repeat(positions, k, axis=0)
+                                     length + config.max_new_tokens, pixel_values, copies=k)
 
   def advance(loop):
     """Feeds every beam's newest token -> (loop, logits [B*K, V])."""

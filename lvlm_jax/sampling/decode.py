@@ -79,11 +79,15 @@ def language_model(model: LLM | LVLM) -> LLM:
 
 
 def prefill(model: LLM | LVLM, input_ids: jax.Array, attention_mask: jax.Array, cache_size: int,
-            pixel_values: jax.Array | None = None) -> tuple[jax.Array, KVCache, jax.Array]:
+            pixel_values: jax.Array | None = None,
+            copies: int = 1) -> tuple[jax.Array, KVCache, jax.Array]:
   """Runs the prompts into a fresh cache of `cache_size` slots.
 
   input_ids, attention_mask: int [B, T]; pixel_values: float32 [B, N, H, W, 3] for a LVLM.
-  Returns (logits after each row's last real token, float32 [B, V]; cache; next position int32 [B]).
+  copies: rows per prompt in the result (samples or beams of one prompt), row i * copies + j a copy
+  of prompt i's: each prompt runs once.
+  Returns (logits after each row's last real token, float32 [B * copies, V]; cache; next position
+  int32 [B * copies]).
   """
   positions = default_positions(input_ids, None, attention_mask)
   if isinstance(model, LVLM):
@@ -95,7 +99,10 @@ def prefill(model: LLM | LVLM, input_ids: jax.Array, attention_mask: jax.Array, 
   hidden, cache = lm.hidden(embeds, positions, cache)
   last = jnp.argmax(positions, axis=1)  # the last real token, wherever the padding is
   last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
-  return lm.logits(last_hidden)[:, 0], cache, jnp.max(positions, axis=1) + 1
+  out = lm.logits(last_hidden)[:, 0], cache, jnp.max(positions, axis=1) + 1
+  if copies == 1:
+    return out
+  return jax.tree.map(lambda x: jnp.repeat(x, copies, axis=0) if x.ndim else x, out)
 
 
 def decode_step(model: LLM | LVLM, tokens: jax.Array, positions: jax.Array,
@@ -237,16 +244,11 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
   """
   model = nnx.merge(graphdef, state)
   model.eval()  # no dropout; this is the traced copy, the caller's model is untouched
-  batch, length = input_ids.shape
+  length = input_ids.shape[1]
   n = config.max_new_tokens
-  logits, cache, positions = prefill(model, input_ids, attention_mask, length + n, pixel_values)
-  if config.num_return_sequences > 1:  # the same prefill for every sample of a prompt
-    copies = lambda x: jnp.repeat(x, config.num_return_sequences, axis=0)  # noqa: E731
-    logits, positions = copies(logits), copies(positions)
-    cache = cache._replace(keys=tuple(map(copies, cache.keys)),
-                           values=tuple(map(copies, cache.values)),
-                           positions=copies(cache.positions))
-    batch *= config.num_return_sequences
+  logits, cache, positions = prefill(model, input_ids, attention_mask, length + n, pixel_values,
+                                     copies=config.num_return_sequences)
+  batch = logits.shape[0]
   rng = jax.random.key(0) if rng is None else rng
   loop = _State(step=jnp.zeros((), jnp.int32),
                 tokens=jnp.full((batch, n), config.pad_token_id, jnp.int32),
