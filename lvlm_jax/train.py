@@ -7,8 +7,9 @@ The config file defines `get_config()` returning a ConfigDict (start from
 e.g. --config.optim.lr=1e-5 --config.train.num_steps=200. A misspelled key or a value of the
 wrong type is an error. Running the same command again resumes from the latest checkpoint in
 the workdir (default: workdir/<config file name>). On several hosts, run the same command on
-every host (see launch/). Exit codes: 0 done, 2 bad config or input, 75 stopped by SIGTERM
-after saving a checkpoint (run it again to resume).
+every host (see launch/). Exit codes: 0 done (or the stages pipeline.only_stage /
+pipeline.stop_after asked for are), 2 bad config or input, 75 stopped by SIGTERM at any moment,
+with everything finished saved (run it again to resume).
 """
 
 import difflib
@@ -16,6 +17,7 @@ import os
 import re
 import sys
 
+from lvlm_jax import preemption
 from lvlm_jax.cli import run_cli
 from lvlm_jax.errors import UserError
 
@@ -129,6 +131,9 @@ def parse_flags(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+  # First: a SIGTERM from here on (startup, evaluations, exports, generation) stops at the next
+  # safe point with everything finished saved, and exits 75.
+  preemption.install()
   argv = list(sys.argv if argv is None else argv)
   if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
     print(usage())
@@ -141,8 +146,12 @@ def main(argv: list[str] | None = None) -> int:
   module = _module(method)
   parsed = module.parse(config)
   initialize(parsed.mesh)
-  summary = module.run(parsed, workdir, raw_config=config)
-  return 0 if summary["status"] == "done" else EXIT_STOPPED
+  try:
+    summary = module.run(parsed, workdir, raw_config=config)
+  except preemption.Preempted:
+    return EXIT_STOPPED
+  # 'partial': the stages pipeline.only_stage / stop_after asked for are done.
+  return EXIT_STOPPED if summary["status"] == "preempted" else 0
 
 
 if __name__ == "__main__":

@@ -1,19 +1,20 @@
 """Supervised fine-tuning: next-token cross-entropy on the assistant turns of conversations.
 
-`run` does the whole job: build the model (HF directory or from scratch, LoRA optional) and its
-sharded train state, resume from the workdir's latest checkpoint if there is one, train, and
-export the result. Workdir layout:
-  config.json          the resolved config of the run
+A pipeline of three stages (methods/pipeline.py):
+  eval_base   shapes-world metrics of the starting model (HF directory, or a new model as
+              training initialises it)
+  sft         training (methods/training_run.py): build, resume from the latest checkpoint,
+              train, export
+  eval_sft    the same metrics of the exported model
+Workdir layout:
+  config.json, pipeline.json, summary.json ({"status", "eval": {"base", "sft"}, ...}), eval/
   checkpoints/<step>/  train state + data iterator position (training/checkpoint.py)
-  metrics.jsonl, tensorboard/
-  summary.json         shapes-world metrics before and after training, wall time
+  metrics.jsonl, tensorboard/, train_summary.json (the training stage's own)
   export/hf/           the final model as an HF directory (+ tokenizer); export/lora/ the adapters
 """
 
 import dataclasses
-import json
 import os
-import time
 
 import jax
 from ml_collections import config_dict
@@ -21,13 +22,15 @@ from ml_collections import config_dict
 from lvlm_jax.dataclass_config import from_config_dict, help_lines, to_config_dict
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval.shapes import ShapesEvalConfig, ShapesEvaluator
-from lvlm_jax.methods import setup
-from lvlm_jax.sharding import MeshConfig, abstract_tree, mesh_from_config
-from lvlm_jax.training import checkpoint, loop, metrics, optim, state as train_state, steps
+from lvlm_jax.methods import setup, training_run
+from lvlm_jax.methods.pipeline import Pipeline, PipelineConfig, Stage
+from lvlm_jax.models import hf
+from lvlm_jax.sharding import MeshConfig, mesh_from_config
+from lvlm_jax.training import checkpoint, loop, optim, state as train_state, steps
 
 SECTIONS = {"model": setup.ModelConfig, "data": setup.DataSources, "optim": optim.OptimConfig,
             "train": loop.TrainConfig, "checkpoint": checkpoint.CheckpointConfig,
-            "mesh": MeshConfig, "eval": ShapesEvalConfig}
+            "mesh": MeshConfig, "eval": ShapesEvalConfig, "pipeline": PipelineConfig}
 EXCLUDED = {"data": setup.DERIVED_PIPELINE_FIELDS}
 
 
@@ -40,6 +43,7 @@ class SFTConfig:
   checkpoint: checkpoint.CheckpointConfig
   mesh: MeshConfig
   eval: ShapesEvalConfig
+  pipeline: PipelineConfig = PipelineConfig()
 
 
 def default_config() -> config_dict.ConfigDict:
@@ -71,115 +75,78 @@ def parse(config: config_dict.ConfigDict | dict) -> SFTConfig:
 
 def _log(message: str) -> None:
   if jax.process_index() == 0:
-    print(message, flush=True)
+    print(f"[sft] {message}", flush=True)
 
 
-def _format_metrics(values: dict[str, float]) -> str:
-  return ", ".join(f"{k} {v:.4f}" for k, v in values.items())
+def _evaluates(config: ShapesEvalConfig) -> bool:
+  return bool(config.yes_no or config.grounding or config.captions)
 
 
-def _initial_state(config: SFTConfig, tokenizer, mesh, trainable, tx, abstract, shardings,
-                   checkpointer: checkpoint.Checkpointer, batches) -> tuple[dict, int | None]:
-  """(train state, step it was restored from or None): the latest checkpoint if there is one
-  (with the data iterator moved to its position), else the model's initial weights."""
-  latest = checkpointer.latest_step()
-  if latest is None:
-    params, frozen = setup.load_params(config.model, tokenizer, mesh, trainable, shardings)
-    return train_state.init_state(params, frozen, tx, config.train.seed, shardings), None
-  state = checkpointer.restore(latest, abstract_tree(abstract, shardings), batches)
-  if "frozen" not in state:  # checkpoint.save_frozen=False: the frozen base comes from hf_dir
-    state["frozen"] = setup.load_params(config.model, tokenizer, mesh, trainable, shardings)[1]
-  return state, latest
+def evaluate_model(config: SFTConfig, model, tokenizer, mesh) -> dict[str, float]:
+  """The shapes-world metrics of `model` on the held-out world (what `evaluate` reports)."""
+  data = setup.pipeline_config(config.data, model, config.model, config.eval.batch_size)
+  evaluator = ShapesEvaluator(tokenizer, data, setup.held_out_world(config.data.shapes),
+                              config.eval, mesh)
+  with jax.set_mesh(mesh):
+    return evaluator(model)
 
 
-def _export(config: SFTConfig, model, tokenizer, workdir: str) -> None:
-  export = os.path.join(workdir, "export")
-  if config.checkpoint.export_hf:
-    checkpoint.export_hf(model, os.path.join(export, "hf"), config.checkpoint.export_dtype,
-                         tokenizer)
-  if config.checkpoint.export_lora and config.model.use_lora:
-    checkpoint.export_lora(model, os.path.join(export, "lora"), config.model.hf_dir)
+def train_stage(config: SFTConfig, workdir: str, tokenizer, mesh, stop_at: int | None = None,
+                summary_file: str = "train_summary.json") -> dict:
+  """The training stage: its summary, status 'done' (exported) or 'preempted' (checkpoint
+  saved), and the step reached."""
+  def batches(built):
+    data = setup.pipeline_config(config.data, built.abstract_model, config.model,
+                                 built.local_batch)
+    return setup.training_batches(config.data, tokenizer, data)
+
+  def step(built):
+    return steps.jit_train_step(steps.sft_step, built.shardings, mesh, graphdef=built.graphdef,
+                                tx=built.tx, accum_steps=config.train.grad_accum_steps,
+                                logits_chunk=config.train.logits_chunk)
+
+  def hooks(built):
+    if not (config.train.eval_every and _evaluates(config.eval)):
+      return ()
+    return (lambda state, step_index: evaluate_model(
+        config, train_state.merge(built.graphdef, state), tokenizer, mesh),)
+
+  return training_run.run(
+      workdir=workdir, model=config.model, tokenizer=tokenizer, optim_config=config.optim,
+      train=config.train, checkpoint_config=config.checkpoint, mesh=mesh, batches=batches,
+      steps=step, hooks=hooks, name="sft", summary_file=summary_file, stop_at=stop_at)
 
 
 def run(config: SFTConfig, workdir: str, *, raw_config: config_dict.ConfigDict | None = None,
         stop_at: int | None = None) -> dict:
-  """Trains (or resumes) in `workdir`; returns the summary (also written to summary.json).
+  """Runs (or resumes) the SFT pipeline in `workdir`; returns the summary (also summary.json).
 
-  Call `sharding.initialize(config.mesh)` first in multi-process runs. stop_at: stop after this
-  step as a preemption would (tests).
+  Call `sharding.initialize(config.mesh)` first in multi-process runs. stop_at: stop training
+  after this step as a preemption would (tests).
   """
-  started = time.time()
-  os.makedirs(workdir, exist_ok=True)
-  if raw_config is not None and jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(raw_config.to_json_best_effort(indent=2))
   mesh = mesh_from_config(config.mesh)
   tokenizer = setup.load_tokenizer(config.model, (config.data.pipeline.grounding_prompt,))
-  abstract_model = setup.abstract_model(config.model, tokenizer)
-  setup.check_vocabulary(abstract_model, tokenizer)
-  trainable = optim.trainable_filter(config.optim)
-  graphdef, abstract_params, abstract_frozen = train_state.split_model(abstract_model, trainable)
-  tx = optim.make_optimizer(config.optim, config.train.num_steps, abstract_params)
-  abstract = train_state.abstract_state(abstract_params, abstract_frozen, tx)
-  shardings = train_state.state_shardings(abstract, mesh)
-  _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} "
-       f"processes | parameters: {train_state.count_params(abstract_params):,} trainable, "
-       f"{train_state.count_params(abstract_frozen):,} frozen")
+  export = os.path.join(workdir, "export", "hf")
 
-  local_batch = setup.per_process_batch(config.train.batch_size, mesh,
-                                        config.train.grad_accum_steps)
-  data_config = setup.pipeline_config(config.data, abstract_model, config.model, local_batch)
-  batches = setup.training_batches(config.data, tokenizer, data_config)
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
-  state, resumed_from = _initial_state(config, tokenizer, mesh, trainable, tx, abstract,
-                                       shardings, checkpointer, batches)
-  if resumed_from is not None:
-    _log(f"resuming from step {resumed_from} in {workdir}")
+  def eval_base():
+    if not _evaluates(config.eval):
+      return None
+    return evaluate_model(config, training_run.initial_model(config.model, tokenizer, mesh),
+                          tokenizer, mesh)
 
-  writer = metrics.MetricsWriter(workdir, tensorboard=config.train.tensorboard)
-  hooks, evaluations = (), []
-  before_path = os.path.join(workdir, "eval_before.json")
-  if config.eval.yes_no or config.eval.grounding or config.eval.captions:
-    evaluator = ShapesEvaluator(tokenizer, data_config, setup.held_out_world(config.data.shapes),
-                                config.eval, mesh)
+  def eval_sft():
+    if not (_evaluates(config.eval) and config.checkpoint.export_hf):
+      return None
+    model = hf.load_model(export, mesh=mesh, dtype=config.model.dtype,
+                          param_dtype=config.model.param_dtype)
+    return evaluate_model(config, model, tokenizer, mesh)
 
-    def evaluate(s, step):
-      del step
-      evaluations.append(evaluator(train_state.merge(graphdef, s)))
-      return evaluations[-1]
-
-    hooks = (evaluate,)
-    if resumed_from is None:
-      with jax.set_mesh(mesh):
-        writer.write(0, evaluate(state, 0), prefix="eval")
-      if jax.process_index() == 0:
-        with open(before_path, "w") as f:
-          json.dump(evaluations[-1], f)
-
-  peak = metrics.peak_flops(config.train.peak_flops)
-  _log(f"MFU peak: {peak[1]}")
-  step = steps.jit_train_step(steps.sft_step, shardings, mesh, graphdef=graphdef, tx=tx,
-                              accum_steps=config.train.grad_accum_steps,
-                              logits_chunk=config.train.logits_chunk)
-  state, status = loop.train(state, step=step, batches=batches, mesh=mesh, config=config.train,
-                             checkpointer=checkpointer, writer=writer, peak=peak, hooks=hooks,
-                             stop_at=stop_at)
-  checkpointer.close()
-  writer.close()
-  summary = {"status": status, "step": int(state["step"]), "wall_time_s": time.time() - started}
-  if status == "done":
-    _export(config, train_state.merge(graphdef, state), tokenizer, workdir)
-    if evaluations:
-      before = {}
-      if os.path.exists(before_path):
-        with open(before_path) as f:
-          before = json.load(f)
-      summary.update(before=before, after=evaluations[-1])
-      _log(f"shapes world before: {_format_metrics(before)}")
-      _log(f"shapes world after:  {_format_metrics(evaluations[-1])}")
-  else:
-    _log(f"stopped at step {summary['step']}: checkpoint saved; run the same command to resume")
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+  stages = [Stage("eval_base", eval_base, eval_label="base"),
+            Stage("sft", lambda: train_stage(config, workdir, tokenizer, mesh, stop_at)),
+            Stage("eval_sft", eval_sft, eval_label="sft")]
+  summary = Pipeline("sft", workdir, stages, config.pipeline, raw_config).run()
+  if summary["status"] == "done" and config.checkpoint.export_hf:
+    _log(f"the trained model (an HF directory, with its tokenizer): {export}")
+    _log(f"to train again from scratch, delete {workdir} or pass --workdir elsewhere; the same "
+         "command in this workdir does nothing more")
   return summary

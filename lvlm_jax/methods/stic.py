@@ -26,7 +26,6 @@ stages: generation resumes after its last complete batch, training from its last
 import dataclasses
 import os
 import shutil
-import time
 
 import jax
 import numpy as np
@@ -39,12 +38,14 @@ from lvlm_jax.data.pipeline import DataConfig
 from lvlm_jax.data.shapes import TASKS, ShapesConfig, ShapesSource
 from lvlm_jax.data.sources import ConversationSource
 from lvlm_jax.dataclass_config import from_config_dict, help_field, help_lines, to_config_dict
+from lvlm_jax import preemption
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval import dar
 from lvlm_jax.eval.shapes import ShapesEvalConfig, ShapesEvaluator
 from lvlm_jax.methods import dpo as dpo_run
 from lvlm_jax.methods import setup, sft
-from lvlm_jax.methods.artifacts import (JsonlWriter, read_json, read_jsonl, write_json,
+from lvlm_jax.methods.pipeline import Pipeline, PipelineConfig, Stage
+from lvlm_jax.artifacts import (JsonlWriter, read_json, read_jsonl, write_json,
                                         write_jsonl)
 from lvlm_jax.models import hf
 from lvlm_jax.sampling.respond import GenerationConfig, Responder
@@ -133,13 +134,14 @@ class STICConfig:
   checkpoint: checkpoint.CheckpointConfig
   mesh: MeshConfig
   eval: ShapesEvalConfig
+  pipeline: PipelineConfig = PipelineConfig()
 
 
 SECTIONS = {"model": setup.ModelConfig, "data": STICData, "stic": STICSettings, "dpo": DPOConfig,
             "dpo_optim": optim.OptimConfig, "dpo_train": loop.TrainConfig,
             "sft_optim": optim.OptimConfig, "sft_train": loop.TrainConfig,
             "checkpoint": checkpoint.CheckpointConfig, "mesh": MeshConfig,
-            "eval": ShapesEvalConfig}
+            "eval": ShapesEvalConfig, "pipeline": PipelineConfig}
 # Set by the pipeline: the steps from the data size and the epochs, the pipeline from the model.
 EXCLUDED = {"data": setup.DERIVED_PIPELINE_FIELDS + ("pipeline.with_ref_logps",),
             "dpo_train": ("num_steps",), "sft_train": ("num_steps",)}
@@ -304,6 +306,7 @@ def generate_preferences(responder: Responder, inputs: Inputs, prompts: dict[str
   if start:
     _log(f"preferences: resuming after {start} of {len(inputs.unlabeled)} pairs")
   for first in range(start, len(inputs.unlabeled), size):
+    preemption.check()
     names = inputs.unlabeled[first:first + size]
     images = [inputs.image(n) for n in names]
     plans = [pair_plan(first + i, image, prompts, settings) for i, image in enumerate(images)]
@@ -329,7 +332,11 @@ def infuse_sft_data(responder: Responder, inputs: Inputs, prompts: dict[str, lis
   described = [i for i, r in enumerate(records) if len(r["images"]) == 1]
   size = responder.config.batch_size
   writer = JsonlWriter(os.path.join(directory, "descriptions.jsonl"), size)
-  for first in range(writer.resume(), len(described), size):
+  start = writer.resume()
+  if start:
+    _log(f"describe: resuming after {start} of {len(described)} descriptions")
+  for first in range(start, len(described), size):
+    preemption.check()
     chunk = described[first:first + size]
     questions = [prompts["simple"][np.random.default_rng([settings.seed, 1, i]).integers(
         len(prompts["simple"]))] for i in chunk]
@@ -378,122 +385,110 @@ def evaluate(config: STICConfig, hf_dir: str, tokenizer, prompts, mesh) -> dict[
   return metrics
 
 
-def _eval_stage(name: str, config: STICConfig, hf_dir: str, tokenizer, prompts, mesh,
-                workdir: str) -> dict | None:
-  if not (config.eval.yes_no or config.eval.captions or config.eval.grounding):
-    return None
-  path = os.path.join(workdir, "eval", f"{name}.json")
-  if not os.path.exists(path):
-    _log(f"eval_{name}: evaluating {hf_dir}")
-    write_json(path, {"model": hf_dir, **evaluate(config, hf_dir, tokenizer, prompts, mesh)})
-  metrics = read_json(path)
-  _log(f"eval_{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                    if isinstance(v, float)))
-  return metrics
-
-
-def _done(run_dir: str) -> bool:
-  path = os.path.join(run_dir, "summary.json")
-  return os.path.exists(path) and read_json(path).get("status") == "done" and os.path.isdir(
-      os.path.join(run_dir, "export", "hf"))
-
-
 def _records(path: str) -> int:
   with open(path) as f:
     return sum(1 for line in f if line.strip())
 
 
+def _evaluates(config: STICConfig) -> bool:
+  return bool(config.eval.yes_no or config.eval.captions or config.eval.grounding)
+
+
 def run(config: STICConfig, workdir: str, *, raw_config: config_dict.ConfigDict | None = None,
         stop_at: dict[str, int] | None = None) -> dict:
-  """Runs (or resumes) every stage in `workdir`; returns the summary (also summary.json).
+  """Runs (or resumes) every stage in `workdir` (methods/pipeline.py); returns the summary (also
+  summary.json).
 
   stop_at: {"dpo": step} or {"sft": step} stops that training there as a preemption would (tests).
+  Each stage loads the model it needs and drops it when it ends.
   """
-  started = time.time()
   stop_at = stop_at or {}
-  os.makedirs(workdir, exist_ok=True)
-  if raw_config is not None and jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(raw_config.to_json_best_effort(indent=2))
   mesh = mesh_from_config(config.mesh)
   prompts = load_prompts(config.stic.prompts)
   tokenizer = setup.load_tokenizer(config.model, (config.data.pipeline.grounding_prompt,))
   image_token = config.data.pipeline.image_token
-  inputs = Inputs(config, workdir)
-  evals = {"base": _eval_stage("base", config, config.model.hf_dir, tokenizer, prompts, mesh,
-                               workdir)}
-
   prefs_dir = os.path.join(workdir, "preferences")
   prefs = os.path.join(prefs_dir, "preferences.jsonl")
-  if not os.path.exists(prefs):
-    _log(f"preferences: {len(inputs.unlabeled)} pairs")
-    base, data = _load(config, config.model.hf_dir, mesh)
-    generate_preferences(Responder(base, tokenizer, data, config.stic.generation, mesh),
-                         inputs, prompts, config.stic, prefs, image_token)
-  if config.dpo.reference == "precomputed":
-    with_ref = os.path.join(prefs_dir, "preferences.ref.jsonl")
+  with_ref = os.path.join(prefs_dir, "preferences.ref.jsonl")
+  precomputed = config.dpo.reference == "precomputed"
+  dpo_dir, sft_dir = os.path.join(workdir, "dpo"), os.path.join(workdir, "sft")
+  dpo_export = os.path.join(dpo_dir, "export", "hf")
+  sft_data = os.path.join(workdir, "sft_data")
+  infused = os.path.join(sft_data, "infused.jsonl")
+  inputs = []  # the stage `images` fills it; later stages read it
+
+  def images():
+    inputs[:] = [Inputs(config, workdir)]
+    return "done"
+
+  def the_inputs() -> Inputs:
+    if not inputs:  # a rerun that skips `images` (done) still needs to know where they are
+      inputs.append(Inputs(config, workdir))
+    return inputs[0]
+
+  def evaluation(hf_dir: str):
+    def stage():
+      if not _evaluates(config):
+        return None
+      return {"model": hf_dir, **evaluate(config, hf_dir, tokenizer, prompts, mesh)}
+    return stage
+
+  def preferences():
+    if not os.path.exists(prefs):
+      base, data = _load(config, config.model.hf_dir, mesh)
+      generate_preferences(Responder(base, tokenizer, data, config.stic.generation, mesh),
+                           the_inputs(), prompts, config.stic, prefs, image_token)
+    return "done"
+
+  def reference():
     if not os.path.exists(with_ref):
-      _log("reference: log-probs of the starting model")
       base, data = _load(config, config.model.hf_dir, mesh)
       counts = write_reference_logps(
           base, prefs, with_ref, tokenizer, data, mesh,
-          image_roots=(inputs.root,), batch_size=config.stic.generation.batch_size,
-          noisy_rejected=config.dpo.noisy_rejected)
+          image_roots=(the_inputs().root,), batch_size=config.stic.generation.batch_size,
+          noisy_rejected=config.dpo.noisy_rejected, log=_log)
       _log(f"reference: {counts}")
-    prefs = with_ref
+    return "done"
 
-  dpo_dir = os.path.join(workdir, "dpo")
-  dpo_export = os.path.join(dpo_dir, "export", "hf")
-  if not _done(dpo_dir):
-    steps = dpo_run.num_steps(_records(prefs), config.stic.dpo_epochs, config.dpo_train.batch_size)
-    _log(f"dpo: {steps} steps in {dpo_dir}")
-    summary = dpo_run.run(
-        model=config.model, tokenizer=tokenizer, preferences=prefs, image_roots=(inputs.root,),
-        pipeline=config.data.pipeline, dpo_config=config.dpo, optim_config=config.dpo_optim,
-        train=dataclasses.replace(config.dpo_train, num_steps=steps),
+  def dpo_stage():
+    pairs = with_ref if precomputed else prefs
+    steps = dpo_run.num_steps(_records(pairs), config.stic.dpo_epochs, config.dpo_train.batch_size)
+    return dpo_run.run(
+        model=config.model, tokenizer=tokenizer, preferences=pairs,
+        image_roots=(the_inputs().root,), pipeline=config.data.pipeline, dpo_config=config.dpo,
+        optim_config=config.dpo_optim, train=dataclasses.replace(config.dpo_train, num_steps=steps),
         checkpoint_config=config.checkpoint, mesh_config=config.mesh, workdir=dpo_dir,
         stop_at=stop_at.get("dpo"))
-    if summary["status"] != "done":
-      return _finish(workdir, "preempted", evals, started)
-  evals["dpo"] = _eval_stage("dpo", config, dpo_export, tokenizer, prompts, mesh, workdir)
 
-  sft_data = os.path.join(workdir, "sft_data")
-  infused = os.path.join(sft_data, "infused.jsonl")
-  if not os.path.exists(infused):
-    _log("describe: descriptions of the SFT images by the DPO model")
-    model, data = _load(config, dpo_export, mesh)
-    infuse_sft_data(Responder(model, tokenizer, data, config.stic.generation, mesh), inputs,
-                    prompts, config.stic, sft_data, image_token)
+  def describe():
+    if not os.path.exists(infused):
+      model, data = _load(config, dpo_export, mesh)
+      infuse_sft_data(Responder(model, tokenizer, data, config.stic.generation, mesh),
+                      the_inputs(), prompts, config.stic, sft_data, image_token)
+    return "done"
 
-  sft_dir = os.path.join(workdir, "sft")
-  if not _done(sft_dir):
+  def sft_stage():
     steps = dpo_run.num_steps(_records(infused), config.stic.sft_epochs,
                               config.sft_train.batch_size)
-    _log(f"sft: {steps} steps in {sft_dir}")
-    summary = sft.run(sft.SFTConfig(
+    sft_config = sft.SFTConfig(
         model=dataclasses.replace(config.model, hf_dir=dpo_export),
         data=setup.DataSources(shapes_tasks=(), shapes=config.data.shapes, conversations=(infused,),
-                               image_roots=(inputs.root,), pipeline=config.data.pipeline),
+                               image_roots=(the_inputs().root,), pipeline=config.data.pipeline),
         optim=config.sft_optim, train=dataclasses.replace(config.sft_train, num_steps=steps),
         checkpoint=dataclasses.replace(config.checkpoint, export_hf=True), mesh=config.mesh,
-        eval=ShapesEvalConfig(yes_no=0, grounding=0, captions=0)), sft_dir,
-        stop_at=stop_at.get("sft"))
-    if summary["status"] != "done":
-      return _finish(workdir, "preempted", evals, started)
-  evals["sft"] = _eval_stage("sft", config, os.path.join(sft_dir, "export", "hf"), tokenizer,
-                             prompts, mesh, workdir)
-  return _finish(workdir, "done", evals, started)
+        eval=ShapesEvalConfig(yes_no=0, grounding=0, captions=0))
+    return sft.train_stage(sft_config, sft_dir, tokenizer, mesh, stop_at.get("sft"),
+                           summary_file="summary.json")
 
-
-def _finish(workdir: str, status: str, evals: dict, started: float) -> dict:
-  summary = {"status": status, "wall_time_s": time.time() - started,
-             "eval": {k: v for k, v in evals.items() if v is not None}}
-  write_json(os.path.join(workdir, "summary.json"), summary)
-  if status != "done":
-    _log("stopped: run the same command to resume")
-  elif summary["eval"]:
-    keys = [k for k in next(iter(summary["eval"].values())) if k != "model"]
-    _log("metrics by stage:\n" + "\n".join(
-        f"  {stage:5s} " + "  ".join(f"{k} {m[k]:.4f}" for k in keys)
-        for stage, m in summary["eval"].items()))
-  return summary
+  stages = [Stage("images", images),
+            Stage("eval_base", evaluation(config.model.hf_dir), eval_label="base"),
+            Stage("preferences", preferences)]
+  if precomputed:
+    stages.append(Stage("reference", reference))
+  stages += [Stage("dpo", dpo_stage),
+             Stage("eval_dpo", evaluation(dpo_export), eval_label="dpo"),
+             Stage("describe", describe),
+             Stage("sft", sft_stage),
+             Stage("eval_sft", evaluation(os.path.join(sft_dir, "export", "hf")),
+                   eval_label="sft")]
+  return Pipeline("stic", workdir, stages, config.pipeline, raw_config).run()

@@ -55,7 +55,6 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(
-            save_interval_steps=max(config.every_steps, 1) if config.every_steps else 1 << 62,
             max_to_keep=config.keep, enable_async_checkpointing=config.async_save,
             cleanup_tmp_directories=True, create=True))
 
@@ -69,10 +68,14 @@ class Checkpointer:
            force: bool = False) -> bool:
     """Saves if `step` is due (every_steps) or `force`; returns whether it did. Every process
     must call it at the same steps."""
+    every = self.config.every_steps
+    if not (force or (every and step % every == 0)):
+      return False
     items = {"state": ocp.args.StandardSave(self._saved(state))}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    # The decision is ours: Orbax's own policy also saves the first step it sees.
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, abstract_state: dict[str, Any],
               data_iter: grain.DatasetIterator | None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ a reference that moves with the policy is not DPO's, so it is not copied here.)
 import dataclasses
 import functools
 import json
-import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from lvlm_jax import preemption
+from lvlm_jax.artifacts import JsonlWriter, read_jsonl
 from lvlm_jax.data.pipeline import Collate, DataConfig, Preprocess, Skipped
 from lvlm_jax.data.sources import PreferenceSource
 from lvlm_jax.dataclass_config import help_field
@@ -222,12 +224,15 @@ def _to_host(array: jax.Array) -> np.ndarray:
 
 def write_reference_logps(model: LLM | LVLM, path: str, out_path: str, tokenizer,
                           data: DataConfig, mesh: Mesh, *, image_roots: tuple[str, ...] = (),
-                          batch_size: int = 8, noisy_rejected: bool = False) -> dict[str, int]:
+                          batch_size: int = 8, noisy_rejected: bool = False,
+                          log: Callable[[str], None] = lambda message: None) -> dict[str, int]:
   """Writes `out_path`: every record of the preference JSONL `path` (one JSON object per line),
   as it is, plus `ref_chosen_logp` and `ref_rejected_logp` under `model` (the reference: the
   model before training, adapters off). Records the pipeline cannot use (too long, bad image)
-  are written without them, so training skips and counts them. Written to a temporary file and
-  renamed when complete; every process must call it (process 0 writes). Returns counts.
+  are written without them, so training skips and counts them. Records go to
+  `out_path.partial` batch by batch and the file is renamed when complete: rerun after a kill or
+  a preemption (`lvlm_jax.preemption`), it resumes after the last record written. Every process
+  must call it (process 0 writes). Returns counts.
 
   `data`: the training run's pipeline config (template, lengths, image processing);
   `batch_size` must be a multiple of the mesh's batch shards.
@@ -241,36 +246,39 @@ def write_reference_logps(model: LLM | LVLM, path: str, out_path: str, tokenizer
   preprocess = Preprocess(source, tokenizer, config)
   collate = Collate(config, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
   graphdef, model_state = nnx.split(model)
-  logps = {}
-
-  def score(indices: list[int], rows: list[dict]) -> None:
-    rows = rows + [rows[-1]] * (batch_size - len(rows))  # one batch shape for all
-    batch = collate(rows)
-    batch = place(batch, {k: batch_sharding(mesh) for k in batch})
-    with jax.set_mesh(mesh):
-      chosen, rejected = _reference_pass(graphdef, model_state, batch, noisy_rejected)
-    for i, c, r in zip(indices, _to_host(chosen), _to_host(rejected)):
-      logps[i] = (float(c), float(r))
-
-  indices, rows = [], []
-  for i in range(len(source)):
-    example = preprocess(i)
-    if isinstance(example, Skipped):
-      continue
-    indices.append(i)
-    rows.append(example)
-    if len(rows) == batch_size:
-      score(indices, rows)
-      indices, rows = [], []
-  if rows:
-    score(indices, rows)
-  if jax.process_index() == 0:
-    tmp = out_path + ".tmp"
-    with open(tmp, "w") as f:
-      for i, line in enumerate(raw):
-        record = json.loads(line)
-        if i in logps:
-          record["ref_chosen_logp"], record["ref_rejected_logp"] = logps[i]
-        f.write(json.dumps(record) + "\n")
-    os.replace(tmp, out_path)
-  return {"records": len(raw), "with_ref_logps": len(logps), "skipped": len(raw) - len(logps)}
+  # One line per record, so the partial file's complete lines are the records done.
+  writer = JsonlWriter(out_path, 1)
+  start = writer.resume()
+  if start:
+    log(f"reference: resuming after {start} of {len(raw)} records")
+  counts = {"records": len(raw), "with_ref_logps": 0, "skipped": 0}
+  for first in range(start, len(raw), batch_size):
+    preemption.check()
+    examples = {i: preprocess(i) for i in range(first, min(first + batch_size, len(raw)))}
+    scored = [i for i, e in examples.items() if not isinstance(e, Skipped)]
+    logps = {}
+    if scored:
+      rows = [examples[i] for i in scored]
+      rows += [rows[-1]] * (batch_size - len(rows))  # one batch shape for all
+      batch = collate(rows)
+      batch = place(batch, {k: batch_sharding(mesh) for k in batch})
+      with jax.set_mesh(mesh):
+        chosen, rejected = _reference_pass(graphdef, model_state, batch, noisy_rejected)
+      logps = {i: (float(c), float(r)) for i, c, r in zip(scored, _to_host(chosen),
+                                                          _to_host(rejected))}
+    records = []
+    for i in examples:
+      record = json.loads(raw[i])
+      if i in logps:
+        record["ref_chosen_logp"], record["ref_rejected_logp"] = logps[i]
+      records.append(record)
+    writer.append(records)
+    counts["with_ref_logps"] += len(logps)
+    counts["skipped"] += len(examples) - len(logps)
+    log(f"reference: {min(first + batch_size, len(raw))}/{len(raw)}")
+  writer.close()
+  if start:  # the counts of the records written before the resume
+    records = read_jsonl(out_path)
+    counts["with_ref_logps"] = sum("ref_chosen_logp" in r for r in records)
+    counts["skipped"] = len(records) - counts["with_ref_logps"]
+  return counts

@@ -7,7 +7,6 @@ restarted run resumes from the latest checkpoint with the same data order.
 """
 
 import dataclasses
-import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,9 +14,9 @@ from typing import Any
 import jax
 import numpy as np
 import tqdm
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from lvlm_jax import preemption
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.sharding import global_batch
@@ -37,8 +36,9 @@ class TrainConfig:
                                      "accumulated before one update: same result, "
                                      "less activation memory.")
   log_every: int = help_field(10, "Write train metrics every this many steps.")
-  eval_every: int = help_field(0, "Run the evaluation every this many steps (also before the first "
-                               "and after the last); 0: only before and after.")
+  eval_every: int = help_field(0, "Also evaluate every this many steps during training, into the "
+                               "metrics (the evaluation stages before and after training run "
+                               "anyway); 0: never during training.")
   logits_chunk: int = help_field(0, "Compute the LM head this many positions at a time (0: all at "
                                  "once); saves the float32 [B, T, V] logits' memory.")
   peak_flops: float = help_field(0.0, "Peak FLOP/s of one device for MFU; 0 takes it from the "
@@ -56,29 +56,35 @@ class TrainConfig:
                       f"train.grad_accum_steps={self.grad_accum_steps}")
 
 
-class Preemption:
-  """Turns SIGTERM into a flag the loop checks (the default handler would kill mid-step)."""
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """A stretch of training with its own step function and its own way of making batches.
 
-  def __init__(self):
-    self.requested = False
-    self._previous = None
+  The phases of a run repeat in order until `TrainConfig.num_steps` (SC-Tune: 200 describer
+  steps, 100 locator steps, again and again). `next_batch(state, batches)` returns this process's
+  next batch; an on-policy phase makes it from the current state (a rollout), drawing its inputs
+  from `batches`, whose position is checkpointed. `enter(state)` runs when the phase begins (at
+  its first step, also after a resume that lands exactly there): reset the optimizer, change the
+  learning rate, re-sync a frozen snapshot. A checkpoint holds the state after `enter`, so a run
+  resumed mid-phase continues exactly.
+  """
+  name: str
+  num_steps: int
+  step: Callable
+  next_batch: Callable[[dict[str, Any], Iterator], dict[str, np.ndarray]] = (
+      lambda state, batches: next(batches))
+  enter: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
-  def __enter__(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
 
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
-
-  def anywhere(self) -> bool:
-    """Whether any process was asked to stop (a collective: all processes must call it)."""
-    if jax.process_count() == 1:
-      return self.requested
-    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+def phase_at(phases: tuple[Phase, ...], step_index: int) -> tuple[int, bool]:
+  """(index of the phase that update `step_index` (0-based) belongs to, whether it is that
+  phase's first update)."""
+  offset = step_index % sum(p.num_steps for p in phases)
+  for index, phase in enumerate(phases):
+    if offset < phase.num_steps:
+      return index, offset == 0
+    offset -= phase.num_steps
+  raise AssertionError("unreachable")
 
 
 class _Compiled:
@@ -108,18 +114,22 @@ def _skip_metrics(batches) -> dict[str, float]:
   return out
 
 
-def train(state: dict[str, Any], *, step: Callable, batches: Iterator[dict[str, np.ndarray]],
-          mesh: Mesh, config: TrainConfig, checkpointer: Checkpointer | None,
-          writer: MetricsWriter, peak: tuple[float | None, str] = (None, "unknown"),
+def train(state: dict[str, Any], *, batches: Iterator, mesh: Mesh, config: TrainConfig,
+          checkpointer: Checkpointer | None, writer: MetricsWriter, step: Callable | None = None,
+          phases: tuple[Phase, ...] = (), peak: tuple[float | None, str] = (None, "unknown"),
           hooks: tuple[Hook, ...] = (), stop_at: int | None = None) -> tuple[dict[str, Any], str]:
-  """Runs `step` (jitted, donating the state) from `state["step"]` to `config.num_steps`.
+  """Runs the jitted steps (donating the state) from `state["step"]` to `config.num_steps`.
 
-  batches: this process's batches (a Grain iterator; its position is checkpointed). hooks:
-  evaluations `hook(state, step) -> metrics`, run every `config.eval_every` steps and at the
-  end. stop_at: return after this step as a preemption would (tests). Returns (state, 'done' |
-  'preempted').
+  step: one step function for the whole run, fed `next(batches)`; or phases: the run's phases
+  (see Phase). batches: this process's batches or rollout inputs (a Grain iterator; its
+  position is checkpointed). hooks: evaluations `hook(state, step) -> metrics`, run every
+  `config.eval_every` steps. stop_at: return after this step as a preemption would (tests).
+  Returns (state, 'done' | 'preempted').
   """
-  compiled_step = _Compiled(step)
+  if (step is None) == (not phases):
+    raise ValueError("give either step or phases")
+  phases = phases or (Phase("train", config.num_steps, step),)
+  compiled_steps = [_Compiled(p.step) for p in phases]
   start = int(state["step"])
   bar = tqdm.tqdm(total=config.num_steps, initial=start, disable=not (
       config.progress_bar and writer.enabled), dynamic_ncols=True, desc="train")
@@ -127,15 +137,19 @@ def train(state: dict[str, Any], *, step: Callable, batches: Iterator[dict[str, 
   window_start, window_steps, compile_seconds = time.perf_counter(), 0, 0.0
   in_flight = None  # the previous step's loss: the host runs at most one step ahead
   status = "done"
-  with Preemption() as preemption, jax.set_mesh(mesh):
+  with preemption.during(), jax.set_mesh(mesh):
     for step_index in range(start, config.num_steps):
+      index, first = phase_at(phases, step_index)
+      phase = phases[index]
+      if first and phase.enter is not None:
+        state = phase.enter(state)
       try:
-        local = next(batches)
+        local = phase.next_batch(state, batches)
       except StopIteration:
         raise UserError(f"the data ran out after {step_index} steps; set "
                         "data.pipeline.num_epochs=None (repeat) or fewer train.num_steps") from None
       batch = global_batch(local, mesh)
-      compiled, flops, compile_time = compiled_step(state, batch)
+      compiled, flops, compile_time = compiled_steps[index](state, batch)
       compile_seconds += compile_time
       state, metrics = compiled(state, batch)
       if in_flight is not None:
@@ -155,6 +169,8 @@ def train(state: dict[str, Any], *, step: Callable, batches: Iterator[dict[str, 
           values["mfu"] = flops / seconds / peak[0]
         if compile_seconds:
           values["compile_s"] = compile_seconds
+        if len(phases) > 1:
+          values["phase"] = float(index)
         values.update(_skip_metrics(batches))
         writer.write(done, values)
         bar.set_postfix(loss=f"{values['loss']:.4f}")
@@ -176,7 +192,4 @@ def train(state: dict[str, Any], *, step: Callable, batches: Iterator[dict[str, 
   bar.close()
   if checkpointer is not None:
     checkpointer.wait()
-  if status == "done":
-    for hook in hooks:
-      writer.write(int(state["step"]), hook(state, int(state["step"])), prefix="eval")
   return state, status

@@ -82,19 +82,53 @@ def _format(value: float) -> str:
   return f"{value:.3e}"
 
 
+def _drop_after(path: str, step: int) -> None:
+  """Keeps the records of `path` (metrics JSONL) up to `step`, and no torn last line."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path, "rb") as f:
+    for line in f.read().split(b"\n"):
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict) and record.get("step", 0) <= step:
+        kept.append(line)
+  with open(path + ".tmp", "wb") as f:
+    f.write(b"".join(line + b"\n" for line in kept))
+  os.replace(path + ".tmp", path)
+
+
 class MetricsWriter:
   """Writes scalars to stdout (above the progress bar), a JSONL file and TensorBoard; only
-  process 0 writes anything."""
+  process 0 writes anything.
 
-  def __init__(self, workdir: str | None, *, tensorboard: bool = True):
+  resumed_from: the step the run (re)starts after. What an earlier attempt logged past it (the
+  steps after its last checkpoint, which this attempt runs again) is dropped from the JSONL, and
+  TensorBoard is told to purge it, so every step is logged once.
+  """
+
+  def __init__(self, workdir: str | None, *, tensorboard: bool = True, resumed_from: int = 0):
     self.enabled = jax.process_index() == 0
-    self._jsonl = self._tensorboard = None
+    self._jsonl = self._tensorboard = self._clock_path = None
+    self._started, self._earlier = time.time(), 0.0
     if self.enabled and workdir:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      _drop_after(path, resumed_from)
+      self._clock_path = os.path.join(workdir, "wall_time.json")
+      try:
+        with open(self._clock_path) as f:
+          clock = json.load(f)
+        self._earlier = float(clock["earlier_attempts_s"]) + float(clock["last_attempt_s"])
+      except (OSError, ValueError, KeyError, TypeError):
+        self._earlier = 0.0
+      self._jsonl = open(path, "a")
       if tensorboard:
         from tensorboardX import SummaryWriter
-        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                          purge_step=resumed_from + 1 if resumed_from else None)
 
   def write(self, step: int, metrics: dict[str, float], prefix: str = "train",
             echo: bool = True) -> None:
@@ -104,6 +138,7 @@ class MetricsWriter:
     if self._jsonl is not None:
       self._jsonl.write(json.dumps({"step": step, "kind": prefix, **scalars}) + "\n")
       self._jsonl.flush()
+      self._save_clock()
     if self._tensorboard is not None:
       for key, value in scalars.items():
         if np.isfinite(value):
@@ -113,7 +148,21 @@ class MetricsWriter:
       line = " | ".join(f"{k} {_format(v)}" for k, v in scalars.items())
       tqdm.tqdm.write(f"[{prefix}] step {step} | {line}")
 
+  def wall_time_s(self) -> float:
+    """Seconds this run has taken over all its attempts (a killed attempt counts up to its last
+    logged step)."""
+    return self._earlier + time.time() - self._started
+
+  def _save_clock(self) -> None:
+    if self._clock_path is None:
+      return
+    with open(self._clock_path + ".tmp", "w") as f:
+      json.dump({"earlier_attempts_s": self._earlier,
+                 "last_attempt_s": time.time() - self._started}, f)
+    os.replace(self._clock_path + ".tmp", self._clock_path)
+
   def close(self) -> None:
+    self._save_clock()
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tensorboard is not None:

@@ -16,7 +16,7 @@ from training_fixtures import CACHE_DIR  # noqa: E402,F401  (turns the compile c
 from lvlm_jax.data.shapes import ShapesConfig, ShapesSource  # noqa: E402
 from lvlm_jax.data.shapes_tokenizer import shapes_tokenizer  # noqa: E402
 from lvlm_jax.methods import setup, stic  # noqa: E402
-from lvlm_jax.methods.artifacts import read_jsonl  # noqa: E402
+from lvlm_jax.artifacts import read_jsonl  # noqa: E402
 from lvlm_jax.models import hf  # noqa: E402
 from lvlm_jax.models.llm import LLMConfig  # noqa: E402
 from lvlm_jax.models.lvlm import LVLM, LVLMConfig  # noqa: E402

@@ -33,11 +33,16 @@ def run(workdir, stop_at=None, **overrides):
   return sft.run(sft.parse(config), str(workdir), raw_config=config, stop_at=stop_at)
 
 
+def trained_step(summary) -> int:
+  """The step the SFT pipeline's training stage reached."""
+  return next(s for s in summary["stages"] if s["name"] == "sft")["step"]
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("straight")
   summary = run(workdir, **{"train.num_steps": 40, "checkpoint.every_steps": 5})
-  assert summary["status"] == "done" and summary["step"] == 40
+  assert summary["status"] == "done" and trained_step(summary) == 40
   return workdir
 
 
@@ -47,10 +52,10 @@ def test_interrupted_run_resumes_bitwise(straight, tmp_path):
   so nothing can differ; keep-last-2 leaves only the newest checkpoints."""
   settings = {"train.num_steps": 40, "checkpoint.every_steps": 5}
   first = run(tmp_path, stop_at=6, **settings)
-  assert first["status"] == "preempted" and first["step"] == 6
+  assert first["status"] == "preempted" and trained_step(first) == 6
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5", "6"]
   second = run(tmp_path, **settings)
-  assert second["status"] == "done" and second["step"] == 40
+  assert second["status"] == "done" and trained_step(second) == 40
   resumed, expected = train_losses(tmp_path), train_losses(straight)
   assert sorted(resumed) == list(range(1, 41))
   assert resumed == expected
@@ -196,3 +201,86 @@ def test_evaluate_cli_on_a_workdir_and_an_export(shapes_llava_dir, tmp_path, cap
   assert from_export["yes_no_accuracy"] == from_workdir["yes_no_accuracy"]
   assert 0 <= from_export["grounding_acc50"] <= 1
   assert '"yes_no_accuracy"' in capsys.readouterr().out
+
+
+def test_kill_9_mid_run_logs_each_step_once_and_sums_wall_time(tmp_path):
+  """kill -9 a few steps after a checkpoint, then the same command: the steps after it run
+  again, but metrics.jsonl holds every step once, with an uninterrupted run's losses; the wall
+  time counts both attempts."""
+  settings = {"train.num_steps": 300, "checkpoint.every_steps": 5}
+  straight = train_losses_of(run(tmp_path / "straight", **settings), tmp_path / "straight")
+  config = write_config_file(tmp_path / "tiny.py", **settings)
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-m", "lvlm_jax.train", "--config", config, "--workdir", str(workdir)]
+  env = subprocess_env(fast_compile=False)
+  proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  metrics, checkpoints = workdir / "metrics.jsonl", workdir / "checkpoints"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    saved = [int(n) for n in os.listdir(checkpoints) if n.isdigit()] if checkpoints.exists() else []
+    if saved and sum(1 for _ in open(metrics)) >= max(saved) + 2:
+      proc.kill()
+      break
+    time.sleep(0.002)
+  proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  logged = [json.loads(line)["step"] for line in open(metrics)]
+  first_attempt = json.load(open(workdir / "wall_time.json"))["last_attempt_s"]
+  rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  resumed = int(rerun.stdout.split("resuming from step ")[1].split()[0])
+  assert resumed < max(logged), "the kill came after the last checkpoint: nothing to re-log"
+  assert train_losses(workdir) == straight  # train_losses asserts each step once
+  summary = json.load(open(workdir / "train_summary.json"))
+  assert summary["wall_time_s"] > first_attempt > 0
+
+
+def train_losses_of(summary, workdir) -> dict[int, float]:
+  assert summary["status"] == "done"
+  return train_losses(workdir)
+
+
+def test_every_steps_0_saves_only_at_the_end(tmp_path):
+  summary = run(tmp_path, **{"train.num_steps": 4, "checkpoint.every_steps": 0})
+  assert trained_step(summary) == 4
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+
+
+def test_torn_summaries_only_redo_their_stage(tmp_path):
+  """A crash that leaves zeroed summary files: the rerun finds the finished training in its
+  checkpoints and completes, instead of failing on the JSON."""
+  settings = {"train.num_steps": 4, "checkpoint.every_steps": 2}
+  first = run(tmp_path, **settings)
+  for name in ("pipeline.json", "summary.json", "train_summary.json"):
+    open(tmp_path / name, "w").close()
+  again = run(tmp_path, **settings)
+  assert again["status"] == "done" and trained_step(again) == 4
+  assert trained_step(first) == 4
+  assert sorted(train_losses(tmp_path)) == [1, 2, 3, 4]
+
+
+def test_sigterm_during_an_evaluation_stage_exits_75_and_resumes(tmp_path):
+  """SIGTERM outside the training loop (here: while the base model is evaluated) stops the run
+  at the next safe point with exit 75, not the default kill (143); the rerun finishes."""
+  settings = {"train.num_steps": 4, "eval.yes_no": 8, "eval.batch_size": 8,
+              "checkpoint.export_hf": True}
+  config = write_config_file(tmp_path / "tiny.py", **settings)
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-u", "-m", "lvlm_jax.train", "--config", config, "--workdir",
+             str(workdir)]
+  env = subprocess_env()
+  proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  for line in proc.stdout:
+    if "stage eval_base: starting" in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  out, err = proc.communicate(timeout=240)
+  assert proc.returncode == 75, err[-3000:]
+  state = json.load(open(workdir / "pipeline.json"))["stages"]
+  assert state["eval_base"]["status"] == "done" and "sft" not in state
+  rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  summary = json.load(open(workdir / "summary.json"))
+  assert summary["status"] == "done" and set(summary["eval"]) == {"base", "sft"}
