@@ -76,8 +76,19 @@ def load_model(directory: str, *, mesh: Mesh | None = None, **config_overrides) 
     return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
 
   abstract_params = jax.tree.map(target, params, is_leaf=_is_variable)
-  restored = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"),
-                                                nnx.to_pure_dict(abstract_params))
+  try:
+    restored = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"),
+                                                  nnx.to_pure_dict(abstract_params))
+  except ValueError as e:
+    # Orbax lists each differing subtree as an unindented "path:" line under a long dump.
+    paths = [line.rstrip(":") for line in str(e).splitlines()[1:]
+             if line.endswith(":") and line[0] != " "]
+    if not paths:
+      raise
+    listed = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+    raise UserError(f"{directory}: params/ does not hold the parameters config.json describes "
+                    f"(they differ at {listed}); restore the config that was saved with "
+                    "them") from None
   nnx.replace_by_pure_dict(params, restored)
   return nnx.merge(graphdef, params, jax.tree.map(_fresh_rng, rest, is_leaf=_is_variable))
 
