@@ -355,8 +355,31 @@ def load_model(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool =
   _, _, names = _family(hf_config, where)
   model_class, config = model_config(hf_config, where, **config_overrides)
   model = nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0)))
-  return fill_from_checkpoint(model, CheckpointReader(directory, allow_pickle=allow_pickle),
-                              names, mesh, allow_unused=allow_unused)
+  reader = CheckpointReader(directory, allow_pickle=allow_pickle)
+  heads = _tied_head_copies(config, reader, names)
+  if heads:
+    allow_unused = "|".join([re.escape(h) for h in heads] + ([allow_unused] if allow_unused else []))
+  return fill_from_checkpoint(model, reader, names, mesh, allow_unused=allow_unused)
+
+
+def _tied_head_copies(config, reader: CheckpointReader, names) -> list[str]:
+  """The output-projection tensors a checkpoint holds beside tied embeddings: copies of the
+  embedding, which are not read. One that differs is refused, as transformers then unties."""
+  text = getattr(config, "text", config)
+  if not isinstance(text, LLMConfig) or not text.tie_word_embeddings:
+    return []
+  prefix = "" if text is config else "llm."
+  heads = [n for n in names(prefix + "lm_head.kernel") if n in reader]
+  embed = next((n for n in names(prefix + "embed_tokens.embedding") if n in reader), None)
+  if not heads or embed is None:
+    return heads
+  embedding = reader.get(embed)
+  for head in heads:
+    if not np.array_equal(reader.get(head), embedding):
+      raise UserError(f"{reader.directory}: config.json ties the embeddings but the checkpoint's "
+                      f"{head} differs from {embed}; set tie_word_embeddings to false to use it "
+                      "(transformers unties them)")
+  return heads
 
 
 def hf_config(model: nnx.Module) -> dict:
