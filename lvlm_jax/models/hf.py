@@ -270,7 +270,8 @@ def _check_no_unused(abstract_model: nnx.Module, reader: CheckpointReader,
     listed = ", ".join(unused[:_LISTED]) + (", ..." if len(unused) > _LISTED else "")
     raise UserError(f"{reader.directory}: {len(unused)} checkpoint tensors are not used by the "
                     f"model its config.json describes ({listed}); fix the config (e.g. "
-                    "num_hidden_layers), or pass allow_unused=REGEX to load without them")
+                    "num_hidden_layers), or pass allow_unused=REGEX (convert: --allow_unused) "
+                    "to load without them")
 
 
 def load_llm(directory: str, **kwargs) -> LLM:
