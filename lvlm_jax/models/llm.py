@@ -1,8 +1,8 @@
 """Decoder-only LLMs: LLaMA / Vicuna / Mistral and Qwen2 (GQA, RoPE, RMSNorm, SwiGLU).
 
 One module covers the families; they differ only in config fields (QKV bias, tied embeddings,
-rope scaling, sliding-window attention). Attention takes an optional static-size KV cache so the same code serves training
-(no cache), prefill and one-token decode.
+rope scaling, sliding-window attention). Attention takes an optional static-size KV cache so the
+same code serves training (no cache), prefill and one-token decode.
 """
 
 import dataclasses
@@ -158,7 +158,8 @@ class LLMConfig:
       hf["mlp_bias"] = self.mlp_bias
     if self.model_type == "mistral":
       if self.layer_types is not None:
-        raise ValueError("transformers' Mistral slides the window in every layer; it has no layer_types")
+        raise ValueError("transformers' Mistral slides the window in every layer; "
+                         "it has no layer_types")
       hf["sliding_window"] = self.sliding_window
     elif self.model_type == "qwen2":
       layer_types = [("full_attention" if self.layer_window(i) is None else "sliding_attention")
@@ -186,8 +187,8 @@ def _rope_from_hf(hf: dict) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
   if any(isinstance(v, dict) for v in rope.values()):
     raise UserError(f"{key}: per-layer-type RoPE parameters are not supported; give one dict")
   theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-  rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-  rope.pop("type", None)
+  old_spelling = rope.pop("type", "default")
+  rope_type = rope.pop("rope_type", old_spelling)
   if rope_type not in SUPPORTED_ROPE_TYPES:
     raise UserError(f"{key}: RoPE type {rope_type!r} is not supported; supported: "
                     f"{', '.join(SUPPORTED_ROPE_TYPES)}")
@@ -272,7 +273,8 @@ def rope_inverse_frequencies(config: LLMConfig) -> jax.Array:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return jnp.where(medium, smoothed, scaled)
-  raise ValueError(f"unsupported rope scaling {rope_type!r}; supported: {list(SUPPORTED_ROPE_TYPES)}")
+  raise ValueError(f"unsupported rope scaling {rope_type!r}; "
+                   f"supported: {list(SUPPORTED_ROPE_TYPES)}")
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
@@ -341,8 +343,8 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=2)
       v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=3)
       new_kv = (k, v)
-    out = dot_product_attention(q, k, v, attention_weights_mask(positions, k_positions, self.window),
-                                query_chunk=query_chunk,
+    mask = attention_weights_mask(positions, k_positions, self.window)
+    out = dot_product_attention(q, k, v, mask, query_chunk=query_chunk,
                                 values_transposed=layer_cache is not None)
     return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_kv
 

@@ -59,9 +59,11 @@ def load_model(directory: str, *, mesh: Mesh | None = None, **config_overrides) 
     raise UserError(f"{directory}: not an lvlm_jax model checkpoint (no params/ directory)")
   config = hf.read_hf_config(directory)
   lora = config.pop(LORA_KEY, None)
+  model_class, model_config = hf.model_config(config, os.path.join(directory, "config.json"),
+                                              **config_overrides)
 
   def build():
-    model = hf.build_model(config, **config_overrides)
+    model = model_class(model_config, rngs=nnx.Rngs(0))
     if lora is not None:
       apply_lora(model, LoraConfig(**lora), rngs=nnx.Rngs(0))
     return model
