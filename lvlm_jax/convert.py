@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--allow_pickle", action="store_true",
                       help="accept pickled .bin/.pt weights; pickles can run code when loaded, "
                       "so use this only for files you trust")
+  parser.add_argument("--allow_unused", default=None, metavar="REGEX",
+                      help="checkpoint tensor names (a regular expression, matched whole) that "
+                      "the model may leave unread; by default an unread tensor is an error")
   return parser.parse_args(argv)
 
 
@@ -48,7 +51,8 @@ def convert(args: argparse.Namespace) -> None:
   if os.path.isdir(os.path.join(args.input, "params")):
     model = params_io.load_model(args.input)
   else:
-    model = hf.load_model(args.input, allow_pickle=args.allow_pickle)
+    model = hf.load_model(args.input, allow_pickle=args.allow_pickle,
+                          allow_unused=args.allow_unused)
   if args.to == "hf":
     hf.save_hf(model, args.output, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
   else:

@@ -22,7 +22,7 @@ def run_convert(*args):
 def test_help_lists_every_flag():
   result = run_convert("--help")
   assert result.returncode == 0
-  for flag in ("--to", "--dtype", "--max_shard_gb", "--allow_pickle"):
+  for flag in ("--to", "--dtype", "--max_shard_gb", "--allow_pickle", "--allow_unused"):
     assert flag in result.stdout
 
 
@@ -55,13 +55,19 @@ def test_lora_adapters_survive_our_checkpoint(tiny_llama_dir, tmp_path):
   np.testing.assert_array_equal(np.asarray(forward(model, ids)[0]), np.asarray(forward(restored, ids)[0]))
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_model"])
+@pytest.mark.parametrize("case", ["missing", "not_a_model", "dynamic_rope"])
 def test_bad_input_is_one_line_exit_2(tmp_path, case):
   source = tmp_path / "in"
   if case == "not_a_model":
     source.mkdir()
     (source / "config.json").write_text('{"model_type": "bert"}')
+  if case == "dynamic_rope":  # refused from the config, before any tensor is read
+    source.mkdir()
+    (source / "config.json").write_text(
+        '{"model_type": "llama", "rope_scaling": {"type": "dynamic", "factor": 2.0}}')
   result = run_convert(str(source), str(tmp_path / "out"), "--to", "hf")
   assert result.returncode == 2
   assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
   assert "Traceback" not in result.stderr
+  if case == "dynamic_rope":
+    assert "rope_scaling: RoPE type 'dynamic' is not supported" in result.stderr

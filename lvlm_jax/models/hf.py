@@ -66,6 +66,11 @@ CLIP_MODEL_RULES = [
     (r"logit_scale", r"logit_scale"),
 ]
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+# Checkpoint tensors that are no parameter of any model, accepted unread: buffers that older
+# transformers versions saved (RoPE frequencies, CLIP's position ids), recomputed from the config.
+KNOWN_EXTRAS = r"(.*\.)?(rotary_emb\.inv_freq|position_ids)"
+# How many unused tensor names an error lists.
+_LISTED = 3
 
 
 def _apply_rules(rules, path: str) -> str | None:
@@ -219,11 +224,15 @@ def _place(array: np.ndarray, variable: nnx.Variable, mesh: Mesh | None) -> jax.
 
 
 def fill_from_checkpoint(abstract_model: nnx.Module, reader: CheckpointReader,
-                         names: Callable[[str], list[str]], mesh: Mesh | None = None) -> nnx.Module:
+                         names: Callable[[str], list[str]], mesh: Mesh | None = None, *,
+                         allow_unused: str | None = None) -> nnx.Module:
   """Replaces every abstract parameter of the model with its tensor from the checkpoint.
 
-  LoRA adapters are not part of HF checkpoints and keep their initial values.
+  LoRA adapters are not part of HF checkpoints and keep their initial values. A checkpoint tensor
+  that fills no parameter is an error (the config describes another model: fewer layers, another
+  family), unless its name matches KNOWN_EXTRAS or the regular expression allow_unused.
   """
+  _check_no_unused(abstract_model, reader, names, allow_unused)
   graphdef, state = nnx.split(abstract_model)
   flat = nnx.to_flat_state(state)
   for key, variable in flat:
@@ -249,6 +258,22 @@ def fill_from_checkpoint(abstract_model: nnx.Module, reader: CheckpointReader,
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+def _check_no_unused(abstract_model: nnx.Module, reader: CheckpointReader,
+                     names: Callable[[str], list[str]], allow_unused: str | None) -> None:
+  """Raises UserError naming the checkpoint tensors that no parameter of the model reads."""
+  used = set()
+  for key, _ in nnx.to_flat_state(nnx.state(abstract_model, nnx.Param)):
+    used.update(names(".".join(str(k) for k in key)))
+  accepted = KNOWN_EXTRAS if allow_unused is None else f"{KNOWN_EXTRAS}|(?:{allow_unused})"
+  unused = sorted(n for n in reader.keys() if n not in used and not re.fullmatch(accepted, n))
+  if unused:
+    listed = ", ".join(unused[:_LISTED]) + (", ..." if len(unused) > _LISTED else "")
+    raise UserError(f"{reader.directory}: {len(unused)} checkpoint tensors are not used by the "
+                    f"model its config.json describes ({listed}); fix the config (e.g. "
+                    "num_hidden_layers), or pass allow_unused=REGEX (convert: --allow_unused) "
+                    "to load without them")
+
+
 def load_llm(directory: str, **kwargs) -> LLM:
   """An HF LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM directory -> LLM."""
   return _load_expecting(LLM, directory, **kwargs)
@@ -260,13 +285,16 @@ def load_clip(directory: str, **kwargs) -> CLIPModel:
 
 
 def load_clip_vision(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
-                     **config_overrides) -> CLIPVisionTower:
-  """The vision tower of an HF CLIPModel or CLIPVisionModel directory."""
+                     allow_unused: str | None = None, **config_overrides) -> CLIPVisionTower:
+  """The vision tower of an HF CLIPModel or CLIPVisionModel directory (a CLIPModel's text tower
+  and projections stay unread)."""
   hf = read_hf_config(directory)
   config = CLIPVisionConfig.from_hf(hf.get("vision_config", hf), **config_overrides)
   model = nnx.eval_shape(lambda: CLIPVisionTower(config, rngs=nnx.Rngs(0)))
-  return fill_from_checkpoint(model, CheckpointReader(directory, allow_pickle=allow_pickle),
-                              clip_vision_names, mesh)
+  others = r"(?!vision_model\.).*"
+  return fill_from_checkpoint(
+      model, CheckpointReader(directory, allow_pickle=allow_pickle), clip_vision_names, mesh,
+      allow_unused=others if allow_unused is None else f"{others}|(?:{allow_unused})")
 
 
 def load_lvlm(directory: str, **kwargs) -> LVLM:
@@ -300,20 +328,59 @@ def _family(hf_config: dict, where: str):
   return FAMILIES[model_type]
 
 
+def model_config(hf_config: dict, where: str = "config", **config_overrides):
+  """(model class, its config) for an HF config dict; UserErrors name `where` (the file)."""
+  model_class, config_class, _ = _family(hf_config, where)
+  try:
+    return model_class, config_class.from_hf(hf_config, **config_overrides)
+  except UserError as e:
+    raise UserError(f"{where}: {e}") from None
+
+
 def build_model(hf_config: dict, *, rngs: nnx.Rngs | None = None, **config_overrides) -> nnx.Module:
   """A randomly initialised model of the family and size an HF config dict describes."""
-  model_class, config_class, _ = _family(hf_config, "config")
-  return model_class(config_class.from_hf(hf_config, **config_overrides), rngs=rngs or nnx.Rngs(0))
+  model_class, config = model_config(hf_config, **config_overrides)
+  return model_class(config, rngs=rngs or nnx.Rngs(0))
 
 
 def load_model(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
-               **config_overrides) -> nnx.Module:
-  """Any supported HF directory (LLaVA, CLIP, CLIP vision, Llama/Mistral/Qwen2)."""
+               allow_unused: str | None = None, **config_overrides) -> nnx.Module:
+  """Any supported HF directory (LLaVA, CLIP, CLIP vision, Llama/Mistral/Qwen2).
+
+  The config is checked before any tensor is read: what we cannot compute as transformers does
+  (an unsupported RoPE type, vision tower or text model) is a UserError. allow_unused: a regular
+  expression of checkpoint tensor names that may stay unread (see `fill_from_checkpoint`).
+  """
   hf_config = read_hf_config(directory)
-  _, _, names = _family(hf_config, os.path.join(directory, "config.json"))
-  model = nnx.eval_shape(lambda: build_model(hf_config, **config_overrides))
-  return fill_from_checkpoint(model, CheckpointReader(directory, allow_pickle=allow_pickle),
-                              names, mesh)
+  where = os.path.join(directory, "config.json")
+  _, _, names = _family(hf_config, where)
+  model_class, config = model_config(hf_config, where, **config_overrides)
+  model = nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0)))
+  reader = CheckpointReader(directory, allow_pickle=allow_pickle)
+  heads = _tied_head_copies(config, reader, names)
+  if heads:
+    allow_unused = "|".join([re.escape(h) for h in heads] + ([allow_unused] if allow_unused else []))
+  return fill_from_checkpoint(model, reader, names, mesh, allow_unused=allow_unused)
+
+
+def _tied_head_copies(config, reader: CheckpointReader, names) -> list[str]:
+  """The output-projection tensors a checkpoint holds beside tied embeddings: copies of the
+  embedding, which are not read. One that differs is refused, as transformers then unties."""
+  text = getattr(config, "text", config)
+  if not isinstance(text, LLMConfig) or not text.tie_word_embeddings:
+    return []
+  prefix = "" if text is config else "llm."
+  heads = [n for n in names(prefix + "lm_head.kernel") if n in reader]
+  embed = next((n for n in names(prefix + "embed_tokens.embedding") if n in reader), None)
+  if not heads or embed is None:
+    return heads
+  embedding = reader.get(embed)
+  for head in heads:
+    if not np.array_equal(reader.get(head), embedding):
+      raise UserError(f"{reader.directory}: config.json ties the embeddings but the checkpoint's "
+                      f"{head} differs from {embed}; set tie_word_embeddings to false to use it "
+                      "(transformers unties them)")
+  return heads
 
 
 def hf_config(model: nnx.Module) -> dict:

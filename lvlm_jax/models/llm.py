@@ -1,8 +1,8 @@
 """Decoder-only LLMs: LLaMA / Vicuna / Mistral and Qwen2 (GQA, RoPE, RMSNorm, SwiGLU).
 
 One module covers the families; they differ only in config fields (QKV bias, tied embeddings,
-rope scaling). Attention takes an optional static-size KV cache so the same code serves training
-(no cache), prefill and one-token decode.
+rope scaling, sliding-window attention). Attention takes an optional static-size KV cache so the
+same code serves training (no cache), prefill and one-token decode.
 """
 
 import dataclasses
@@ -13,12 +13,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lvlm_jax.errors import UserError
 from lvlm_jax.models.layers import (DEFAULT_QUERY_CHUNK, Embed, RMSNorm, activation,
                                     dot_product_attention)
 from lvlm_jax.models.lora import Linear
 from lvlm_jax.sharding import constrain
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# RoPE variants `rope_inverse_frequencies` computes, with the keys each one needs.
+SUPPORTED_ROPE_TYPES = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Activation checkpointing of each decoder layer in training: what the backward pass may keep
 # instead of recomputing. "dots" keeps matmul outputs; "dots_no_batch" keeps only the weight
@@ -49,7 +57,8 @@ class LLMConfig:
   head_dim: int
   model_type: str = "llama"
   rope_theta: float = 10000.0
-  rope_scaling: tuple[tuple[str, Any], ...] | None = None  # HF rope_parameters minus theta, as items
+  # HF rope_parameters minus theta, as sorted items with `rope_type`; None = unscaled RoPE.
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
   rms_norm_eps: float = 1e-6
   tie_word_embeddings: bool = False
   qkv_bias: bool = False
@@ -57,6 +66,11 @@ class LLMConfig:
   mlp_bias: bool = False
   hidden_act: str = "silu"
   max_position_embeddings: int = 4096
+  # A query sees itself and the sliding_window - 1 positions before it (transformers' mask,
+  # `kv > q - sliding_window`) in the layers that layer_types marks "sliding_attention" (every
+  # layer when layer_types is None, as in Mistral); None = full causal attention everywhere.
+  sliding_window: int | None = None
+  layer_types: tuple[str, ...] | None = None
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
@@ -65,21 +79,13 @@ class LLMConfig:
 
   @classmethod
   def from_hf(cls, hf: dict, **overrides) -> "LLMConfig":
+    """Raises UserError for what we cannot run exactly as transformers does, naming the key."""
     model_type = hf.get("model_type", "llama")
     if model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(f"unsupported LLM model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
-    if model_type == "mistral" and hf.get("sliding_window") and hf.get("use_sliding_window", True):
-      window = hf["sliding_window"]
-      if window < hf.get("max_position_embeddings", 0):
-        # Sequences below the window attend exactly as full attention, which is all we support.
-        overrides.setdefault("max_position_embeddings", window)
-    rope = dict(hf.get("rope_parameters") or {})
-    if hf.get("rope_scaling"):  # transformers 4.x spelling
-      rope.update(hf["rope_scaling"])
-    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    scaling = None if rope_type == "default" else tuple(sorted(
-        (k, v) for k, v in rope.items() if k != "type"))
+      raise UserError(f"model_type {model_type!r} is not a supported LLM; supported: "
+                      f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    theta, scaling = _rope_from_hf(hf)
+    window, layer_types = _sliding_window_from_hf(hf, model_type)
     heads = hf["num_attention_heads"]
     eos = hf.get("eos_token_id")
     attention_bias = hf.get("attention_bias", False)
@@ -101,12 +107,20 @@ class LLMConfig:
         mlp_bias=hf.get("mlp_bias", False),
         hidden_act=hf.get("hidden_act", "silu"),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        sliding_window=window,
+        layer_types=layer_types,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=hf.get("pad_token_id"),
     )
     fields.update(overrides)
     return cls(**fields)
+
+  def layer_window(self, layer: int) -> int | None:
+    """The sliding window of decoder layer `layer`, or None for full causal attention."""
+    if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+      return None
+    return self.sliding_window
 
   def to_hf(self) -> dict:
     rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
@@ -143,8 +157,77 @@ class LLMConfig:
       hf["attention_bias"] = self.qkv_bias
       hf["mlp_bias"] = self.mlp_bias
     if self.model_type == "mistral":
-      hf["sliding_window"] = None
+      if self.layer_types is not None:
+        raise ValueError("transformers' Mistral slides the window in every layer; "
+                         "it has no layer_types")
+      hf["sliding_window"] = self.sliding_window
+    elif self.model_type == "qwen2":
+      layer_types = [("full_attention" if self.layer_window(i) is None else "sliding_attention")
+                     for i in range(self.num_layers)]
+      hf["use_sliding_window"] = self.sliding_window is not None
+      hf["sliding_window"] = self.sliding_window
+      hf["layer_types"] = layer_types
+      # Read by transformers 4, which slides the window in layers from this index on.
+      hf["max_window_layers"] = (layer_types.index("sliding_attention")
+                                 if "sliding_attention" in layer_types else self.num_layers)
+    elif self.sliding_window is not None:
+      raise ValueError(f"transformers' {self.model_type} has no sliding-window attention")
     return hf
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+  """(theta, scaling items with their `rope_type`, None when unscaled), as transformers reads them.
+
+  transformers 4 spelled it `rope_scaling` ({"type": ...} or {"rope_type": ...}) beside a top-level
+  `rope_theta`; transformers 5 writes `rope_parameters` with the theta inside. As in
+  transformers 5, a `rope_scaling` dict replaces `rope_parameters`.
+  """
+  key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+  rope = dict(hf.get(key) or {})
+  if any(isinstance(v, dict) for v in rope.values()):
+    raise UserError(f"{key}: per-layer-type RoPE parameters are not supported; give one dict")
+  theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+  old_spelling = rope.pop("type", "default")
+  rope_type = rope.pop("rope_type", old_spelling)
+  if rope_type not in SUPPORTED_ROPE_TYPES:
+    raise UserError(f"{key}: RoPE type {rope_type!r} is not supported; supported: "
+                    f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+  if rope_type == "llama3":  # transformers' default for a missing pretraining length
+    rope.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+  missing = [k for k in SUPPORTED_ROPE_TYPES[rope_type] if rope.get(k) is None]
+  if missing:
+    raise UserError(f"{key}: RoPE type {rope_type!r} needs {', '.join(missing)}")
+  if rope_type == "default":
+    return float(theta), None
+  return float(theta), tuple(sorted({**rope, "rope_type": rope_type}.items()))
+
+
+def _sliding_window_from_hf(hf: dict, model_type: str) -> tuple[int | None, tuple[str, ...] | None]:
+  """(sliding_window, layer_types) as transformers' Mistral and Qwen2 read them; Llama has none.
+
+  Mistral slides in every layer whenever `sliding_window` is set. Qwen2 only with
+  `use_sliding_window`, in the layers `layer_types` names, or else from `max_window_layers` on.
+  """
+  if model_type == "mistral":  # a missing key is transformers' default, 4096
+    window, layer_types = hf.get("sliding_window", 4096), None
+  elif model_type == "qwen2" and hf.get("use_sliding_window", False):
+    window = hf.get("sliding_window", 4096)
+    layers = hf["num_hidden_layers"]
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+      first = hf.get("max_window_layers", 28)
+      layer_types = ["full_attention" if i < first else "sliding_attention" for i in range(layers)]
+    if len(layer_types) != layers or set(layer_types) - set(LAYER_TYPES):
+      raise UserError(f"layer_types must name one of {', '.join(LAYER_TYPES)} for each of the "
+                      f"{layers} layers, got {layer_types}")
+    layer_types = tuple(layer_types)
+  else:
+    return None, None
+  if window is None:
+    return None, None
+  if not isinstance(window, int) or window < 1:
+    raise UserError(f"sliding_window must be a positive integer or null, got {window!r}")
+  return window, layer_types
 
 
 class KVCache(NamedTuple):
@@ -177,7 +260,7 @@ def rope_inverse_frequencies(config: LLMConfig) -> jax.Array:
   if not config.rope_scaling:
     return inv_freq
   scaling = dict(config.rope_scaling)
-  rope_type = scaling.get("rope_type", scaling.get("type"))
+  rope_type = scaling["rope_type"]
   if rope_type == "linear":
     return inv_freq / scaling["factor"]
   if rope_type == "llama3":
@@ -190,7 +273,8 @@ def rope_inverse_frequencies(config: LLMConfig) -> jax.Array:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return jnp.where(medium, smoothed, scaled)
-  raise ValueError(f"unsupported rope scaling {rope_type!r}; supported: linear, llama3")
+  raise ValueError(f"unsupported rope scaling {rope_type!r}; "
+                   f"supported: {list(SUPPORTED_ROPE_TYPES)}")
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
@@ -203,15 +287,25 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return rotated.astype(x.dtype)
 
 
-def attention_weights_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
-  """bool [B, 1, T, S]: a query sees keys that exist (position >= 0) and are not in its future."""
-  allowed = (k_positions[:, None, :] >= 0) & (k_positions[:, None, :] <= q_positions[:, :, None])
+def attention_weights_mask(q_positions: jax.Array, k_positions: jax.Array,
+                           window: int | None = None) -> jax.Array:
+  """q_positions [B, T], k_positions [B, S] -> bool [B, 1, T, S]: a query sees keys that exist
+  (position >= 0) and are not in its future; with a window, only the keys less than `window`
+  positions behind it (itself and window - 1 before, transformers' sliding-window mask).
+
+  Positions rather than slots: a cache holds every past key and the mask slides over them, so
+  prefill, decoding and the full forward see the same keys.
+  """
+  q, k = q_positions[:, :, None], k_positions[:, None, :]
+  allowed = (k >= 0) & (k <= q)
+  if window is not None:
+    allowed = allowed & (k > q - window)
   return allowed[:, None, :, :]
 
 
 class Attention(nnx.Module):
 
-  def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: LLMConfig, *, window: int | None = None, rngs: nnx.Rngs):
     dt, pdt = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     self.q_proj = Linear(d, h * hd, axes=("embed", "heads"), use_bias=config.qkv_bias,
@@ -223,6 +317,7 @@ class Attention(nnx.Module):
     self.o_proj = Linear(h * hd, d, axes=("heads", "embed"), use_bias=config.o_bias,
                          dtype=dt, param_dtype=pdt, rngs=rngs)
     self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+    self.window = window
 
   def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                layer_cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
@@ -248,8 +343,8 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=2)
       v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=3)
       new_kv = (k, v)
-    out = dot_product_attention(q, k, v, attention_weights_mask(positions, k_positions),
-                                query_chunk=query_chunk,
+    mask = attention_weights_mask(positions, k_positions, self.window)
+    out = dot_product_attention(q, k, v, mask, query_chunk=query_chunk,
                                 values_transposed=layer_cache is not None)
     return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_kv
 
@@ -272,10 +367,10 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
 
-  def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: LLMConfig, *, window: int | None = None, rngs: nnx.Rngs):
     pdt = jnp.dtype(config.param_dtype)
     self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=pdt, rngs=rngs)
-    self.attn = Attention(config, rngs=rngs)
+    self.attn = Attention(config, window=window, rngs=rngs)
     self.post_attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=pdt,
                                   rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
@@ -295,7 +390,8 @@ class LLM(nnx.Module):
     dt, pdt = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dt, param_dtype=pdt,
                               rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.layers = nnx.List([DecoderLayer(config, window=config.layer_window(i), rngs=rngs)
+                            for i in range(config.num_layers)])
     self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=pdt, rngs=rngs)
     self.lm_head = None if config.tie_word_embeddings else Linear(
         config.hidden_size, config.vocab_size, axes=("embed", "vocab"), dtype=dt, param_dtype=pdt,

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lvlm_jax.errors import UserError
 from lvlm_jax.models.llm import LLM, KVCache, LLMConfig, default_positions
 from lvlm_jax.models.projector import Projector
 from lvlm_jax.models.vision import CLIPVisionConfig, CLIPVisionTower
@@ -35,12 +36,25 @@ class LVLMConfig:
 
   @classmethod
   def from_hf(cls, hf: dict, **dtype_overrides) -> "LVLMConfig":
+    """Raises UserError for a tower or text model we do not implement, naming its model_type."""
     if hf.get("model_type") != "llava":
       raise ValueError(f"expected a llava config, got model_type={hf.get('model_type')!r}")
+    # transformers' LlavaConfig defaults for a section without a model_type.
+    vision_type = hf["vision_config"].get("model_type", "clip_vision_model")
+    if vision_type != "clip_vision_model":
+      raise UserError(f"vision_config.model_type {vision_type!r} is not supported; supported: "
+                      "clip_vision_model")
+    try:
+      text = LLMConfig.from_hf({"model_type": "llama", **hf["text_config"]}, **dtype_overrides)
+    except UserError as e:
+      raise UserError(f"text_config.{e}") from None
+    # transformers ties LLaVA's lm_head on the top-level flag, which the text config's True sets.
+    if hf.get("tie_word_embeddings"):
+      text = dataclasses.replace(text, tie_word_embeddings=True)
     layer = hf.get("vision_feature_layer", -2)
     return cls(
         vision=CLIPVisionConfig.from_hf(hf["vision_config"], **dtype_overrides),
-        text=LLMConfig.from_hf(hf["text_config"], **dtype_overrides),
+        text=text,
         image_token_id=hf.get("image_token_id", hf.get("image_token_index")),
         projector_hidden_act=hf.get("projector_hidden_act", "gelu"),
         projector_bias=hf.get("multimodal_projector_bias", True),

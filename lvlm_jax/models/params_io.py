@@ -59,9 +59,11 @@ def load_model(directory: str, *, mesh: Mesh | None = None, **config_overrides) 
     raise UserError(f"{directory}: not an lvlm_jax model checkpoint (no params/ directory)")
   config = hf.read_hf_config(directory)
   lora = config.pop(LORA_KEY, None)
+  model_class, model_config = hf.model_config(config, os.path.join(directory, "config.json"),
+                                              **config_overrides)
 
   def build():
-    model = hf.build_model(config, **config_overrides)
+    model = model_class(model_config, rngs=nnx.Rngs(0))
     if lora is not None:
       apply_lora(model, LoraConfig(**lora), rngs=nnx.Rngs(0))
     return model
@@ -76,8 +78,19 @@ def load_model(directory: str, *, mesh: Mesh | None = None, **config_overrides) 
     return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
 
   abstract_params = jax.tree.map(target, params, is_leaf=_is_variable)
-  restored = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"),
-                                                nnx.to_pure_dict(abstract_params))
+  try:
+    restored = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"),
+                                                  nnx.to_pure_dict(abstract_params))
+  except ValueError as e:
+    # Orbax lists each differing subtree as an unindented "path:" line under a long dump.
+    paths = [line.rstrip(":") for line in str(e).splitlines()[1:]
+             if line.endswith(":") and line[0] != " "]
+    if not paths:
+      raise
+    listed = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+    raise UserError(f"{directory}: params/ does not hold the parameters config.json describes "
+                    f"(they differ at {listed}); restore the config that was saved with "
+                    "them") from None
   nnx.replace_by_pure_dict(params, restored)
   return nnx.merge(graphdef, params, jax.tree.map(_fresh_rng, rest, is_leaf=_is_variable))
 

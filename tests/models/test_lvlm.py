@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from safetensors.numpy import save_file
 
 from conftest import forward, TINY_CLIP_VISION, TINY_LLAMA, save_tiny
 from lvlm_jax.errors import UserError
@@ -177,3 +178,104 @@ def test_shape_mismatch_names_the_tensor(tiny_llama_dir, tmp_path):
   os.symlink(os.path.join(tiny_llama_dir, "model.safetensors"), tmp_path / "model.safetensors")
   with pytest.raises(UserError, match=r"model\.layers\.0\.mlp\.\w+_proj\.weight has shape .* expects"):
     hf.load_llm(str(tmp_path))
+
+
+def test_llava_mistral_sliding_window_logits_and_export(tmp_path):
+  """Window 8 on 27-token sequences (one image): logits and the export as transformers'."""
+  torch.manual_seed(6)
+  config = transformers.LlavaConfig(
+      vision_config=transformers.CLIPVisionConfig(**TINY_CLIP_VISION),
+      text_config=transformers.MistralConfig(**{**TINY_LLAMA, "sliding_window": 8}),
+      image_token_id=IMAGE_TOKEN)
+  directory = save_tiny(transformers.LlavaForConditionalGeneration(config), tmp_path / "hf")
+  ours = hf.load_lvlm(directory)
+  assert ours.config.text.sliding_window == 8
+  rng = np.random.default_rng(7)
+  ids = np.asarray([sequence(rng, 1, text_len=8)], np.int32)
+  assert ids.shape[1] == 27
+  mask = np.ones_like(ids)
+  images = rng.normal(size=(1, 1, 28, 28, 3)).astype(np.float32)
+  logits, _ = forward(ours, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                      pixel_values=jnp.asarray(images))
+  ref = transformers.LlavaForConditionalGeneration.from_pretrained(directory).eval()
+  expected = torch_llava_logits(ref, ids, mask, images[:, 0])
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=TOL, rtol=0)
+  hf.save_hf(ours, str(tmp_path / "export"))
+  text = json.load(open(tmp_path / "export" / "config.json"))["text_config"]
+  assert (text["sliding_window"], text["max_position_embeddings"]) == (8, 128)
+  reloaded = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "export"))
+  assert reloaded.config.text_config.sliding_window == 8
+  np.testing.assert_allclose(torch_llava_logits(reloaded.eval(), ids, mask, images[:, 0]),
+                             expected, atol=TOL, rtol=0)
+
+
+def test_tied_embeddings_set_only_at_the_top_level(tmp_path):
+  """transformers ties LLaVA's lm_head on the top-level flag; the text config says untied."""
+  torch.manual_seed(8)
+  config = transformers.LlavaConfig(
+      vision_config=transformers.CLIPVisionConfig(**TINY_CLIP_VISION),
+      text_config=transformers.LlamaConfig(**TINY_LLAMA), image_token_id=IMAGE_TOKEN,
+      tie_word_embeddings=True)
+  directory = save_tiny(transformers.LlavaForConditionalGeneration(config), tmp_path)
+  written = json.load(open(os.path.join(directory, "config.json")))
+  assert written["tie_word_embeddings"] and not written["text_config"]["tie_word_embeddings"]
+  ours = hf.load_lvlm(directory)
+  assert ours.config.text.tie_word_embeddings and ours.llm.lm_head is None
+  rng = np.random.default_rng(9)
+  ids = np.asarray([sequence(rng, 1)], np.int32)
+  mask = np.ones_like(ids)
+  images = rng.normal(size=(1, 1, 28, 28, 3)).astype(np.float32)
+  logits, _ = forward(ours, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                      pixel_values=jnp.asarray(images))
+  ref = transformers.LlavaForConditionalGeneration.from_pretrained(directory).eval()
+  np.testing.assert_allclose(np.asarray(logits), torch_llava_logits(ref, ids, mask, images[:, 0]),
+                             atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("section,config,message", [
+    ("vision_config", transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48,
+                                                      num_hidden_layers=2, num_attention_heads=4,
+                                                      image_size=28, patch_size=7),
+     "vision_config.model_type 'siglip_vision_model' is not supported; supported: "
+     "clip_vision_model"),
+    ("text_config", transformers.GemmaConfig(vocab_size=128, hidden_size=64,
+                                             intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2),
+     "text_config.model_type 'gemma' is not a supported LLM; supported: llama, mistral, qwen2"),
+])
+def test_unsupported_llava_parts_are_refused_by_model_type(tmp_path, section, config, message):
+  parts = {"vision_config": transformers.CLIPVisionConfig(**TINY_CLIP_VISION),
+           "text_config": transformers.LlamaConfig(**TINY_LLAMA), section: config}
+  transformers.LlavaConfig(**parts, image_token_id=IMAGE_TOKEN).save_pretrained(str(tmp_path))
+  with pytest.raises(UserError) as error:
+    hf.load_lvlm(str(tmp_path))
+  assert str(error.value) == f"{tmp_path}/config.json: {message}"
+
+
+def test_unused_checkpoint_tensors_are_an_error_unless_known_or_allowed(tmp_path):
+  """A 3-layer checkpoint under a 2-layer config is refused, naming the extra tensors; rotary
+  buffers old checkpoints carry load silently; allow_unused opts out."""
+  torch.manual_seed(10)
+  deep = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY_LLAMA,
+                                                                   "num_hidden_layers": 3}))
+  directory = save_tiny(deep, tmp_path / "deep")
+  config = json.load(open(os.path.join(directory, "config.json")))
+  config["num_hidden_layers"] = 2
+  json.dump(config, open(os.path.join(directory, "config.json"), "w"))
+  with pytest.raises(UserError) as error:
+    hf.load_llm(directory)
+  assert str(error.value).startswith(
+      f"{directory}: 9 checkpoint tensors are not used by the model its config.json describes "
+      "(model.layers.2.input_layernorm.weight, model.layers.2.mlp.down_proj.weight, "
+      "model.layers.2.mlp.gate_proj.weight, ...)")
+  shallow = hf.load_llm(directory, allow_unused=r"model\.layers\.2\..*")
+  assert shallow.config.num_layers == 2
+  tensors = {k: v.numpy() for k, v in deep.state_dict().items() if ".layers.2." not in k}
+  tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
+  os.makedirs(tmp_path / "old")
+  save_file(tensors, str(tmp_path / "old" / "model.safetensors"))
+  json.dump(config, open(tmp_path / "old" / "config.json", "w"))
+  old = hf.load_llm(str(tmp_path / "old"))
+  ids = jnp.asarray([[5, 9, 20]], jnp.int32)
+  np.testing.assert_array_equal(np.asarray(forward(old, ids)[0]),
+                                np.asarray(forward(shallow, ids)[0]))

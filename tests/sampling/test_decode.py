@@ -8,7 +8,7 @@ import torch
 import transformers
 from flax import nnx
 
-from conftest import forward
+from conftest import forward, TINY_LLAMA, save_tiny
 from lvlm_jax.errors import UserError
 from lvlm_jax.models import hf
 from lvlm_jax.models.llm import default_positions
@@ -102,6 +102,23 @@ def test_greedy_llava_matches_transformers(llava, images):
   expected, _ = hf_generate(llava[1], ids, mask, pixels, max_new_tokens=NEW, min_new_tokens=NEW,
                             eos_token_id=2)
   np.testing.assert_array_equal(np.asarray(out.tokens), expected)
+
+
+def test_greedy_sliding_window_mistral_matches_transformers(tmp_path):
+  """Window 8, prompts of 10/6/8 tokens and 32 new ones: decoding runs far past the window, where
+  transformers' generate (its sliding cache) and ours (a full cache, masked) must agree."""
+  torch.manual_seed(11)
+  config = transformers.MistralConfig(**{**TINY_LLAMA, "sliding_window": 8})
+  directory = save_tiny(transformers.MistralForCausalLM(config), tmp_path)
+  ours, ref = hf.load_llm(directory), transformers.AutoModelForCausalLM.from_pretrained(directory)
+  ids, mask = text_prompts(seed=2)
+  out = generate(ours, ids, mask, config=GREEDY)
+  expected, logits = hf_generate(ref, ids, mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                                 eos_token_id=2)
+  np.testing.assert_array_equal(np.asarray(out.tokens), expected)
+  logp = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
+  expected_logp = np.take_along_axis(np.asarray(logp), expected[..., None], axis=-1)[..., 0]
+  np.testing.assert_allclose(np.asarray(out.logprobs), expected_logp, atol=TOL, rtol=0)
 
 
 def test_stop_tokens_end_each_row_like_transformers(llama, llama_greedy):
