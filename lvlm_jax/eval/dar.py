@@ -12,7 +12,8 @@ import numpy as np
 from flax import nnx
 
 from lvlm_jax.eval.shapes import ShapesEvaluator
-from lvlm_jax.sampling.respond import Responder
+from lvlm_jax.sampling.decode import SamplingConfig
+from lvlm_jax.sampling.service import GenerationService, Prompt
 
 DESCRIPTION = "Image description:\n{description}\n\n"
 
@@ -29,23 +30,20 @@ def infuse(turns: list[dict], description: str, image_token: str = "<image>") ->
   return turns
 
 
-def describe(responder: Responder, images: list[np.ndarray], prompt: str,
-             seed: int = 0) -> list[str]:
-  """One description per image under `prompt`, `responder.config.batch_size` at a time."""
-  size, out = responder.config.batch_size, []
-  for start in range(0, len(images), size):
-    chunk = images[start:start + size]
-    out += responder(chunk, [prompt] * len(chunk), jax.random.key(seed + start // size))
-  return out
+def describe(service: GenerationService, sampling: SamplingConfig, images: list[np.ndarray],
+             prompt: str, seed: int = 0) -> list[str]:
+  """One description per image under `prompt`."""
+  return service.texts([Prompt.question(prompt, (image,)) for image in images], sampling,
+                       jax.random.key(seed), desc="describe")
 
 
-def dar_yes_no_accuracy(evaluator: ShapesEvaluator, model: nnx.Module, responder: Responder,
-                        prompt: str) -> tuple[float, list[str]]:
+def dar_yes_no_accuracy(evaluator: ShapesEvaluator, model: nnx.Module, service: GenerationService,
+                        sampling: SamplingConfig, prompt: str) -> tuple[float, list[str]]:
   """The evaluator's yes/no accuracy when every question carries the model's own description of
-  its image (described under `prompt` by `responder`, which holds the same model).
+  its image (described under `prompt` by `service`, which holds the same model).
   Returns (accuracy, descriptions)."""
   records = evaluator.yes_no
-  descriptions = describe(responder, [r["images"][0] for r in records], prompt)
+  descriptions = describe(service, sampling, [r["images"][0] for r in records], prompt)
   infused = [dict(r, conversations=infuse(r["conversations"], d, evaluator.data.image_token))
              for r, d in zip(records, descriptions)]
   graphdef, state = nnx.split(model)

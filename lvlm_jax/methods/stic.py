@@ -48,7 +48,7 @@ from lvlm_jax.methods.pipeline import Pipeline, PipelineConfig, Stage
 from lvlm_jax.artifacts import (JsonlWriter, read_json, read_jsonl, write_json,
                                         write_jsonl)
 from lvlm_jax.models import hf
-from lvlm_jax.sampling.respond import GenerationConfig, Responder
+from lvlm_jax.sampling.service import GenerationConfig, GenerationService, Prompt
 from lvlm_jax.sharding import MeshConfig, mesh_from_config
 from lvlm_jax.training import checkpoint, loop, optim
 from lvlm_jax.training.dpo import DPOConfig, write_reference_logps
@@ -297,10 +297,18 @@ def _batch_key(seed: int, batch: int, part: int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), batch), part)
 
 
-def generate_preferences(responder: Responder, inputs: Inputs, prompts: dict[str, list[str]],
+def _answers(service: GenerationService, settings: STICSettings, images: list[np.ndarray],
+             questions: list[str], key: jax.Array) -> list[str]:
+  """One answer per (image, question), generated as `settings.generation` says."""
+  sampling = settings.generation.sampling(service.tokenizer)
+  return service.texts([Prompt.question(q, (i,)) for i, q in zip(images, questions)], sampling,
+                       key)
+
+
+def generate_preferences(service: GenerationService, inputs: Inputs, prompts: dict[str, list[str]],
                          settings: STICSettings, path: str, image_token: str) -> None:
   """Stage-1 pairs to `path` (flat preference JSONL, STIC's fields), resumable by batch."""
-  size = responder.config.batch_size
+  size = service.batch_size
   writer = JsonlWriter(path, size)
   start = writer.resume()
   if start:
@@ -311,10 +319,10 @@ def generate_preferences(responder: Responder, inputs: Inputs, prompts: dict[str
     images = [inputs.image(n) for n in names]
     plans = [pair_plan(first + i, image, prompts, settings) for i, image in enumerate(images)]
     batch = first // size
-    chosen = responder(images, prompts["detailed"] * len(names),
-                       _batch_key(settings.seed, batch, 0))
-    rejected = responder([p["rejected_image"] for p in plans],
-                         [p["rejected_prompt"] for p in plans], _batch_key(settings.seed, batch, 1))
+    chosen = _answers(service, settings, images, prompts["detailed"] * len(names),
+                      _batch_key(settings.seed, batch, 0))
+    rejected = _answers(service, settings, [p["rejected_image"] for p in plans],
+                        [p["rejected_prompt"] for p in plans], _batch_key(settings.seed, batch, 1))
     writer.append([{"id": name, "image": name, "prompt": f"{image_token}\n{plan['prompt']}",
                     "chosen": c, "rejected": r, "rejected_kind": plan["rejected_kind"],
                     "rejected_prompt": plan["rejected_prompt"], "corruption": plan["corruption"]}
@@ -323,14 +331,14 @@ def generate_preferences(responder: Responder, inputs: Inputs, prompts: dict[str
   writer.close()
 
 
-def infuse_sft_data(responder: Responder, inputs: Inputs, prompts: dict[str, list[str]],
+def infuse_sft_data(service: GenerationService, inputs: Inputs, prompts: dict[str, list[str]],
                     settings: STICSettings, directory: str, image_token: str) -> str:
   """Descriptions of the SFT subset's images (a random simple prompt each, resumable by batch),
   then the infused conversations: directory/infused.jsonl (returned)."""
   source = ConversationSource(inputs.sft_path, (inputs.root,))
   records = [source[i] for i in range(len(source))]
   described = [i for i, r in enumerate(records) if len(r["images"]) == 1]
-  size = responder.config.batch_size
+  size = service.batch_size
   writer = JsonlWriter(os.path.join(directory, "descriptions.jsonl"), size)
   start = writer.resume()
   if start:
@@ -341,7 +349,8 @@ def infuse_sft_data(responder: Responder, inputs: Inputs, prompts: dict[str, lis
     questions = [prompts["simple"][np.random.default_rng([settings.seed, 1, i]).integers(
         len(prompts["simple"]))] for i in chunk]
     images = [load_image(records[i]["images"][0]) for i in chunk]
-    texts = responder(images, questions, _batch_key(settings.seed + 1, first // size, 0))
+    texts = _answers(service, settings, images, questions,
+                     _batch_key(settings.seed + 1, first // size, 0))
     writer.append([{"id": records[i]["id"], "prompt": q, "description": d}
                    for i, q, d in zip(chunk, questions, texts)])
     _log(f"describe: {min(first + size, len(described))}/{len(described)}")
@@ -379,15 +388,20 @@ def evaluate(config: STICConfig, hf_dir: str, tokenizer, prompts, mesh) -> dict[
   if config.stic.dar_eval and evaluator.yes_no:
     greedy = GenerationConfig(max_new_tokens=config.eval.caption_tokens,
                               batch_size=config.eval.batch_size)
-    responder = Responder(model, tokenizer, data, greedy, mesh)
+    service = GenerationService(model, tokenizer, data, mesh, greedy.batch_size)
     metrics["dar_yes_no_accuracy"], _ = dar.dar_yes_no_accuracy(
-        evaluator, model, responder, prompts["describe"][0])
+        evaluator, model, service, greedy.sampling(tokenizer), prompts["describe"][0])
   return metrics
 
 
 def _records(path: str) -> int:
   with open(path) as f:
     return sum(1 for line in f if line.strip())
+
+
+def _service(config: STICConfig, model, tokenizer, data, mesh) -> GenerationService:
+  return GenerationService(model, tokenizer, data, mesh, config.stic.generation.batch_size,
+                           progress=True)
 
 
 def _evaluates(config: STICConfig) -> bool:
@@ -436,7 +450,7 @@ def run(config: STICConfig, workdir: str, *, raw_config: config_dict.ConfigDict 
   def preferences():
     if not os.path.exists(prefs):
       base, data = _load(config, config.model.hf_dir, mesh)
-      generate_preferences(Responder(base, tokenizer, data, config.stic.generation, mesh),
+      generate_preferences(_service(config, base, tokenizer, data, mesh),
                            the_inputs(), prompts, config.stic, prefs, image_token)
     return "done"
 
@@ -463,7 +477,7 @@ def run(config: STICConfig, workdir: str, *, raw_config: config_dict.ConfigDict 
   def describe():
     if not os.path.exists(infused):
       model, data = _load(config, dpo_export, mesh)
-      infuse_sft_data(Responder(model, tokenizer, data, config.stic.generation, mesh),
+      infuse_sft_data(_service(config, model, tokenizer, data, mesh),
                       the_inputs(), prompts, config.stic, sft_data, image_token)
     return "done"
 

@@ -31,7 +31,7 @@ from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.llm import LLM, KVCache
 from lvlm_jax.models.lvlm import LVLM
-from lvlm_jax.sampling.decode import decode_step, prefill, suppress_stop_tokens
+from lvlm_jax.sampling.decode import Prefix, decode_step, prefill, suppress_stop_tokens
 
 NEG = -1.0e9  # transformers' "very large negative" score for excluded beams
 
@@ -345,11 +345,26 @@ def beam_decode(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
   Returns `Beams` with R = num_return_sequences, N = max_new_tokens."""
   model = nnx.merge(graphdef, state)
   model.eval()  # no dropout; this is the traced copy, the caller's model is untouched
-  batch, length = input_ids.shape
-  k = config.num_beams
   # Every beam starts from the same prompt: one prefill, its rows copied.
-  logits, cache, positions = prefill(model, input_ids, attention_mask,
-                                     length + config.max_new_tokens, pixel_values, copies=k)
+  prefix = prefill(model, input_ids, attention_mask, input_ids.shape[1] + config.max_new_tokens,
+                   pixel_values, copies=config.num_beams)
+  return _search(model, prefix, config)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def beams_from(graphdef: nnx.GraphDef, state: nnx.State, prefix: Prefix, *,
+               config: BeamConfig) -> Beams:
+  """Beam search after a prefix of B prompts (`decode.branch`ed num_beams times: B * K rows,
+  with max_new_tokens free cache slots): a prompt already fed is not fed again."""
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  return _search(model, prefix, config)
+
+
+def _search(model: LLM | LVLM, prefix: Prefix, config: BeamConfig) -> Beams:
+  k = config.num_beams
+  batch = prefix.logits.shape[0] // k
+  logits, cache, positions = prefix
 
   def advance(loop):
     """Feeds every beam's newest token -> (loop, logits [B*K, V])."""

@@ -78,16 +78,23 @@ def language_model(model: LLM | LVLM) -> LLM:
   return model.llm if isinstance(model, LVLM) else model
 
 
+class Prefix(NamedTuple):
+  """What decoding continues from: the KV cache of everything fed so far (prompt, images and any
+  extension), computed once. logits: float32 [B, V] after each row's last fed token; cache;
+  positions: int32 [B], the position of the next token. Rows can be copied (`branch`) and
+  extended with more tokens (`extend`) without feeding the prompt again."""
+  logits: jax.Array
+  cache: KVCache
+  positions: jax.Array
+
+
 def prefill(model: LLM | LVLM, input_ids: jax.Array, attention_mask: jax.Array, cache_size: int,
-            pixel_values: jax.Array | None = None,
-            copies: int = 1) -> tuple[jax.Array, KVCache, jax.Array]:
+            pixel_values: jax.Array | None = None, copies: int = 1) -> Prefix:
   """Runs the prompts into a fresh cache of `cache_size` slots.
 
   input_ids, attention_mask: int [B, T]; pixel_values: float32 [B, N, H, W, 3] for a LVLM.
   copies: rows per prompt in the result (samples or beams of one prompt), row i * copies + j a copy
   of prompt i's: each prompt runs once.
-  Returns (logits after each row's last real token, float32 [B * copies, V]; cache; next position
-  int32 [B * copies]).
   """
   positions = default_positions(input_ids, None, attention_mask)
   if isinstance(model, LVLM):
@@ -99,10 +106,29 @@ def prefill(model: LLM | LVLM, input_ids: jax.Array, attention_mask: jax.Array, 
   hidden, cache = lm.hidden(embeds, positions, cache)
   last = jnp.argmax(positions, axis=1)  # the last real token, wherever the padding is
   last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
-  out = lm.logits(last_hidden)[:, 0], cache, jnp.max(positions, axis=1) + 1
+  return branch(Prefix(lm.logits(last_hidden)[:, 0], cache, jnp.max(positions, axis=1) + 1),
+                copies)
+
+
+def branch(prefix: Prefix, copies: int) -> Prefix:
+  """Each row `copies` times, row i * copies + j a copy of row i (the cache's slot index is
+  shared by all rows and stays)."""
   if copies == 1:
-    return out
-  return jax.tree.map(lambda x: jnp.repeat(x, copies, axis=0) if x.ndim else x, out)
+    return prefix
+  return jax.tree.map(lambda x: jnp.repeat(x, copies, axis=0) if x.ndim else x, prefix)
+
+
+def extend(model: LLM | LVLM, prefix: Prefix, tokens: jax.Array, mask: jax.Array) -> Prefix:
+  """Feeds more text after each row: tokens, mask int [B, E] (padding anywhere; a row may add
+  nothing). The cache needs E free slots. Equal to prefilling prompt + extension afresh."""
+  lm = language_model(model)
+  positions = jnp.where(mask > 0, prefix.positions[:, None] + jnp.cumsum(mask, axis=1) - 1, -1)
+  hidden, cache = lm.hidden(lm.embed(tokens), positions.astype(jnp.int32), prefix.cache)
+  last = jnp.argmax(positions, axis=1)
+  logits = lm.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1))[:, 0]
+  grew = jnp.any(mask > 0, axis=1)
+  return Prefix(jnp.where(grew[:, None], logits, prefix.logits), cache,
+                prefix.positions + jnp.sum(mask > 0, axis=1).astype(jnp.int32))
 
 
 def decode_step(model: LLM | LVLM, tokens: jax.Array, positions: jax.Array,
@@ -230,6 +256,36 @@ def _choose(state: _State, logits: jax.Array, rng: jax.Array, stop: StopStrings 
       match=match)
 
 
+def _decode_loop(model: LLM | LVLM, prefix: Prefix, config: SamplingConfig, rng: jax.Array | None,
+                 stop: StopStrings | None) -> Generation:
+  """Up to `config.max_new_tokens` tokens after every row of `prefix` (whose cache has room)."""
+  n = config.max_new_tokens
+  batch = prefix.logits.shape[0]
+  rng = jax.random.key(0) if rng is None else rng
+  loop = _State(step=jnp.zeros((), jnp.int32),
+                tokens=jnp.full((batch, n), config.pad_token_id, jnp.int32),
+                logprobs=jnp.zeros((batch, n), jnp.float32),
+                lengths=jnp.zeros((batch,), jnp.int32),
+                done=jnp.zeros((batch,), bool),
+                stopped=jnp.zeros((batch,), bool),
+                positions=prefix.positions,
+                match=jnp.zeros((batch,), jnp.int32),
+                cache=prefix.cache)
+  loop = _choose(loop, prefix.logits, rng, stop, config)
+
+  def running(loop: _State):
+    return (loop.step < n) & ~jnp.all(loop.done)
+
+  def step(loop: _State):
+    last = jax.lax.dynamic_index_in_dim(loop.tokens, loop.step - 1, axis=1, keepdims=False)
+    logits, cache = decode_step(model, last, loop.positions, loop.cache)
+    loop = loop._replace(cache=cache, positions=loop.positions + 1)
+    return _choose(loop, logits, rng, stop, config)
+
+  loop = jax.lax.while_loop(running, step, loop)
+  return Generation(loop.tokens, loop.logprobs, loop.lengths, loop.stopped)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
 def decode(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
            attention_mask: jax.Array, *, config: SamplingConfig,
@@ -244,34 +300,41 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
   """
   model = nnx.merge(graphdef, state)
   model.eval()  # no dropout; this is the traced copy, the caller's model is untouched
-  length = input_ids.shape[1]
-  n = config.max_new_tokens
-  logits, cache, positions = prefill(model, input_ids, attention_mask, length + n, pixel_values,
-                                     copies=config.num_return_sequences)
-  batch = logits.shape[0]
-  rng = jax.random.key(0) if rng is None else rng
-  loop = _State(step=jnp.zeros((), jnp.int32),
-                tokens=jnp.full((batch, n), config.pad_token_id, jnp.int32),
-                logprobs=jnp.zeros((batch, n), jnp.float32),
-                lengths=jnp.zeros((batch,), jnp.int32),
-                done=jnp.zeros((batch,), bool),
-                stopped=jnp.zeros((batch,), bool),
-                positions=positions,
-                match=jnp.zeros((batch,), jnp.int32),
-                cache=cache)
-  loop = _choose(loop, logits, rng, stop, config)
+  prefix = prefill(model, input_ids, attention_mask, input_ids.shape[1] + config.max_new_tokens,
+                   pixel_values, copies=config.num_return_sequences)
+  return _decode_loop(model, prefix, config, rng, stop)
 
-  def running(loop: _State):
-    return (loop.step < n) & ~jnp.all(loop.done)
 
-  def step(loop: _State):
-    last = jax.lax.dynamic_index_in_dim(loop.tokens, loop.step - 1, axis=1, keepdims=False)
-    logits, cache = decode_step(model, last, loop.positions, loop.cache)
-    loop = loop._replace(cache=cache, positions=loop.positions + 1)
-    return _choose(loop, logits, rng, stop, config)
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_size", "copies"))
+def start(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
+          attention_mask: jax.Array, *, cache_size: int, pixel_values: jax.Array | None = None,
+          copies: int = 1) -> Prefix:
+  """`prefill` jitted for an `nnx.split` model: a prefix to branch, extend and decode from."""
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  return prefill(model, input_ids, attention_mask, cache_size, pixel_values, copies)
 
-  loop = jax.lax.while_loop(running, step, loop)
-  return Generation(loop.tokens, loop.logprobs, loop.lengths, loop.stopped)
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def extend_prefix(graphdef: nnx.GraphDef, state: nnx.State, prefix: Prefix, tokens: jax.Array,
+                  mask: jax.Array) -> Prefix:
+  """`extend` jitted for an `nnx.split` model."""
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  return extend(model, prefix, tokens, mask)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def decode_from(graphdef: nnx.GraphDef, state: nnx.State, prefix: Prefix, *,
+                config: SamplingConfig, rng: jax.Array | None = None,
+                stop: StopStrings | None = None) -> Generation:
+  """`decode` after a prefix (its cache must have max_new_tokens free slots); one row per
+  prefix row (`branch` it first for several samples per row)."""
+  if config.num_return_sequences != 1:
+    raise ValueError("decode_from: branch the prefix instead of num_return_sequences")
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  return _decode_loop(model, prefix, config, rng, stop)
 
 
 def generate(model: LLM | LVLM, input_ids, attention_mask=None, *, config: SamplingConfig,

@@ -21,7 +21,7 @@ from lvlm_jax.models import hf  # noqa: E402
 from lvlm_jax.models.llm import LLMConfig  # noqa: E402
 from lvlm_jax.models.lvlm import LVLM, LVLMConfig  # noqa: E402
 from lvlm_jax.models.vision import CLIPVisionConfig  # noqa: E402
-from lvlm_jax.sampling.respond import Responder  # noqa: E402
+from lvlm_jax.sampling.service import GenerationService  # noqa: E402
 from lvlm_jax.sharding import mesh_from_config  # noqa: E402
 
 GROUNDING_PROMPT = "<image>\nWhere is {expression}? Answer with a box."
@@ -145,8 +145,8 @@ def test_interrupted_generation_resumes_to_the_same_file(finished, tmp_path, mon
   mesh = mesh_from_config(config.mesh)
   model, data = stic._load(config, config.model.hf_dir, mesh)  # noqa: SLF001
   tokenizer = setup.load_tokenizer(config.model)
-  responder = Responder(model, tokenizer, data, config.stic.generation, mesh)
-  stic.generate_preferences(responder, stic.Inputs(config, workdir), stic.load_prompts("shapes"),
+  service = GenerationService(model, tokenizer, data, mesh, config.stic.generation.batch_size)
+  stic.generate_preferences(service, stic.Inputs(config, workdir), stic.load_prompts("shapes"),
                             config.stic, path, "<image>")
   assert "preferences: resuming after 4 of 12 pairs" in messages
   assert messages[-1] == "preferences: 12/12"

@@ -1,0 +1,245 @@
+"""The generation service: how every method stage, evaluator and the `generate` CLI generate.
+
+A `Prompt` is a conversation so far (LLaVA `from`/`value` turns ending with the user's turn) with
+0..N images (uint8 [H, W, 3]); a text-only LLM takes prompts without images. The service renders
+it with the chat template exactly as training renders the same turns (`data.text`'s
+`tokenize_conversation`, the one prompt builder), batches prompts to a fixed batch size and
+length bucket (few compilations), splits the rows over the mesh's data axes, decodes, and
+returns `Completion`s: text, token ids, per-token log-probs and whether a stop token ended it.
+
+Prefix sharing: `start` runs prompts (images included) into a KV cache once; `branch` copies
+rows, `extend` feeds more text after them, and `complete` / `beams` decode from there, so a
+search tree (CSR) never re-encodes a prompt or its images. Every process must make the same
+calls with the same prompts (the rows are split over devices, each host feeds its share).
+"""
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from lvlm_jax.data.pipeline import DataConfig
+from lvlm_jax.data.text import ensure_image_placeholders, tokenize_conversation
+from lvlm_jax.dataclass_config import help_field
+from lvlm_jax.errors import UserError
+from lvlm_jax.models.lvlm import LVLM
+from lvlm_jax.sampling import beam as beam_search
+from lvlm_jax.sampling.decode import (Generation, Prefix, SamplingConfig, branch, decode,
+                                      decode_from, extend_prefix, start)
+from lvlm_jax.sharding import batch_sharding, batch_shards, place
+
+_PAD_TO = 16  # prompt lengths round up to this: one compilation per bucket
+_branch = jax.jit(branch, static_argnums=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  """How a stage generates (stop and pad tokens come from the tokenizer)."""
+  max_new_tokens: int = help_field(128, "Most tokens per answer.")
+  do_sample: bool = help_field(False, "Sample (with temperature/top_k/top_p); False is greedy.")
+  temperature: float = help_field(1.0, "Sampling temperature (STIC: 0.2).")
+  top_k: int = help_field(0, "Sample among the k most likely tokens; 0 disables.")
+  top_p: float = help_field(1.0, "Nucleus sampling mass; 1.0 disables it.")
+  batch_size: int = help_field(32, "Prompts decoded together (a multiple "
+                               "of the mesh's batch shards).")
+
+  def sampling(self, tokenizer, min_new_tokens: int = 0) -> SamplingConfig:
+    eos = tokenizer.eos_token_id
+    return SamplingConfig(
+        max_new_tokens=self.max_new_tokens, min_new_tokens=min_new_tokens,
+        do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k,
+        top_p=self.top_p, pad_token_id=pad_id(tokenizer),
+        eos_token_ids=(eos,) if eos is not None else ())
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  """turns: the conversation so far, ending with the user's turn. images: uint8 [H, W, 3] each,
+  one per `<image>` (placed at the start of the first turn when the text has none).
+  answer_start: text the answer is known to begin with (a box's `<box>`, a caption's first
+  word): the prompt then ends exactly where training's context for the answer's first token
+  ends, which a generation prompt may not (a tokenizer that splits the space before it off)."""
+  turns: tuple
+  images: tuple = ()
+  answer_start: str = ""
+
+  @classmethod
+  def question(cls, text: str, images: Sequence[np.ndarray] = (), answer_start: str = ""):
+    return cls(({"from": "human", "value": text},), tuple(images), answer_start)
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  """text: the new tokens decoded (special tokens and the stop token left out). token_ids:
+  int32 [L] the generated tokens, the stop token included; logprobs: float32 [L] their log-probs
+  under the model's unmodified distribution; stopped: a stop token ended it (else the length)."""
+  text: str
+  token_ids: np.ndarray
+  logprobs: np.ndarray
+  stopped: bool
+
+
+def pad_id(tokenizer) -> int:
+  return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+  if not array.is_fully_addressable:
+    array = multihost_utils.process_allgather(array, tiled=True)
+  return np.asarray(array)
+
+
+class GenerationService:
+  """Generation with one model (an LVLM, or an LLM for text-only prompts).
+
+  data: the pipeline config the model was trained with (template, system prompt, image
+  processing, tokens per image). batch_size: rows per decoding call, a multiple of the mesh's
+  batch shards. progress: a progress bar with ETA over batches (process 0).
+  """
+
+  def __init__(self, model, tokenizer, data: DataConfig, mesh: Mesh, batch_size: int = 32,
+               progress: bool = False):
+    if batch_size % batch_shards(mesh):
+      raise UserError(f"generation batch_size={batch_size} must be a multiple of the "
+                      f"{batch_shards(mesh)} ways the mesh splits the batch")
+    self.graphdef, self.state = nnx.split(model)
+    self.is_lvlm = isinstance(model, LVLM)
+    self.tokenizer, self.data, self.mesh = tokenizer, data, mesh
+    self.batch_size, self.progress = batch_size, progress
+    self.pad_id = pad_id(tokenizer)
+
+  # Prompts.
+
+  def prompt_ids(self, prompt: Prompt) -> np.ndarray:
+    """int32 [L]: the prompt as training tokenizes the same turns (image tokens expanded)."""
+    if prompt.images and not self.is_lvlm:
+      raise UserError("this model is text-only: its prompts cannot have images")
+    turns = ensure_image_placeholders(list(prompt.turns), len(prompt.images),
+                                      self.data.image_token)
+    render = dict(system=self.data.system_prompt, image_token=self.data.image_token,
+                  tokens_per_image=self.data.tokens_per_image)
+    if not prompt.answer_start:
+      ids, _ = tokenize_conversation(turns, self.tokenizer, self.data.template,
+                                     add_generation_prompt=True, **render)
+      return ids
+    ids, mask = tokenize_conversation(
+        turns + [{"from": "gpt", "value": prompt.answer_start}], self.tokenizer,
+        self.data.template, **render)
+    return ids[:int(np.argmax(mask > 0))]
+
+  def _batch(self, prompts: Sequence[Prompt]) -> tuple:
+    """(ids, attention int32 [B, T] left-padded, pixels float32 [B, N, S, S, 3] or None) of a
+    full batch (the last rows repeat the first prompt), placed on the mesh."""
+    rows = [self.prompt_ids(p) for p in prompts]
+    rows += [rows[0]] * (self.batch_size - len(rows))
+    length = -(-max(len(r) for r in rows) // _PAD_TO) * _PAD_TO
+    ids = np.full((self.batch_size, length), self.pad_id, np.int32)
+    attention = np.zeros((self.batch_size, length), np.int32)
+    for i, row in enumerate(rows):
+      ids[i, length - len(row):], attention[i, length - len(row):] = row, 1
+    pixels = None
+    images = [p.images for p in prompts] + [prompts[0].images] * (self.batch_size - len(prompts))
+    slots = max(len(i) for i in images)
+    if self.is_lvlm and slots:
+      size = self.data.image.size
+      pixels = np.zeros((self.batch_size, slots, size, size, 3), np.float32)
+      for i, row_images in enumerate(images):
+        for j, image in enumerate(row_images):
+          pixels[i, j] = self.data.image(image)
+    sharding = batch_sharding(self.mesh)
+    ids, attention = place((ids, attention), (sharding, sharding))
+    if pixels is not None:
+      pixels = place(pixels, sharding)
+    return ids, attention, pixels
+
+  def _chunks(self, items: Sequence, desc: str):
+    bar = tqdm.tqdm(total=len(items), desc=desc, dynamic_ncols=True,
+                    disable=not (self.progress and jax.process_index() == 0))
+    for first in range(0, len(items), self.batch_size):
+      yield items[first:first + self.batch_size]
+      bar.update(min(self.batch_size, len(items) - first))
+    bar.close()
+
+  def _completions(self, out: Generation, rows: int, copies: int = 1) -> list[Completion]:
+    tokens, logprobs = _to_host(out.tokens), _to_host(out.logprobs)
+    lengths, stopped = _to_host(out.lengths), _to_host(out.stopped)
+    result = []
+    for i in range(rows * copies):
+      ids = tokens[i, :lengths[i]]
+      text_ids = ids[:-1] if stopped[i] else ids
+      result.append(Completion(
+          self.tokenizer.decode(text_ids, skip_special_tokens=True).strip(), ids.copy(),
+          logprobs[i, :lengths[i]].copy(), bool(stopped[i])))
+    return result
+
+  # Generation.
+
+  def generate(self, prompts: Sequence[Prompt], config: SamplingConfig,
+               rng: jax.Array | None = None, desc: str = "generate") -> list[Completion]:
+    """Completions of every prompt, `config.num_return_sequences` per prompt (prompt-major).
+    Batch b samples with `fold_in(rng, b)`: a batch's answers depend only on its prompts and
+    its index, so a resumed stage regenerates the same text."""
+    out = []
+    for index, chunk in enumerate(self._chunks(list(prompts), desc)):
+      ids, attention, pixels = self._batch(chunk)
+      key = None if rng is None else jax.random.fold_in(rng, index)
+      with jax.set_mesh(self.mesh):
+        generation = decode(self.graphdef, self.state, ids, attention, config=config,
+                            pixel_values=pixels, rng=key)
+      out += self._completions(generation, len(chunk), config.num_return_sequences)
+    return out
+
+  def texts(self, prompts: Sequence[Prompt], config: SamplingConfig,
+            rng: jax.Array | None = None, desc: str = "generate") -> list[str]:
+    return [c.text for c in self.generate(prompts, config, rng, desc)]
+
+  # Prefix sharing (a batch of at most batch_size prompts at a time).
+
+  def start(self, prompts: Sequence[Prompt], room: int) -> tuple[Prefix, int]:
+    """(the prompts' prefix with `room` free cache slots after the longest, rows used): each
+    prompt and its images are encoded once, here."""
+    if len(prompts) > self.batch_size:
+      raise ValueError(f"{len(prompts)} prompts for a batch of {self.batch_size}")
+    ids, attention, pixels = self._batch(prompts)
+    with jax.set_mesh(self.mesh):
+      prefix = start(self.graphdef, self.state, ids, attention, cache_size=ids.shape[1] + room,
+                     pixel_values=pixels)
+    return prefix, len(prompts)
+
+  def branch(self, prefix: Prefix, copies: int) -> Prefix:
+    """Row i * copies + j continues row i."""
+    with jax.set_mesh(self.mesh):
+      return _branch(prefix, copies)
+
+  def extend(self, prefix: Prefix, token_ids: Sequence[np.ndarray]) -> Prefix:
+    """Feeds token_ids[i] (possibly empty) after row i; the prefix's cache needs the room."""
+    width = -(-max(max((len(t) for t in token_ids), default=1), 1) // _PAD_TO) * _PAD_TO
+    rows = prefix.logits.shape[0]
+    ids = np.full((rows, width), self.pad_id, np.int32)
+    mask = np.zeros((rows, width), np.int32)
+    for i, row in enumerate(token_ids):
+      ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    sharding = batch_sharding(self.mesh)
+    ids, mask = place((ids, mask), (sharding, sharding))
+    with jax.set_mesh(self.mesh):
+      return extend_prefix(self.graphdef, self.state, prefix, ids, mask)
+
+  def complete(self, prefix: Prefix, rows: int, config: SamplingConfig,
+               rng: jax.Array | None = None) -> list[Completion]:
+    """One completion per prefix row (the first `rows` are returned)."""
+    with jax.set_mesh(self.mesh):
+      generation = decode_from(self.graphdef, self.state, prefix, config=config, rng=rng)
+    return self._completions(generation, rows)
+
+  def beams(self, prefix: Prefix, config: beam_search.BeamConfig) -> beam_search.Beams:
+    """Beam search after a prefix of B rows (copied num_beams times here); host arrays
+    [B, R, ...] of every row, padding rows included."""
+    with jax.set_mesh(self.mesh):
+      result = beam_search.beams_from(self.graphdef, self.state,
+                                      self.branch(prefix, config.num_beams), config=config)
+    return beam_search.Beams(*(_to_host(x) for x in result))
