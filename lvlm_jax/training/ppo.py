@@ -1,7 +1,7 @@
 """SC-Tune's describer update: PPO-clip with a self-critical baseline and no value network.
 
     advantages(rollout, snapshot, mask, reward, baseline, config) -> A [B, T]
-    ppo_loss(logp, rollout, advantages, mask, config) -> (loss [], metrics)
+    ppo_loss(logp, rollout, adv, mask, config) -> (loss [], metrics)
     ppo_step(state, batch) -> (state, metrics)      one optimizer update on one rollout batch
     ppo_epochs(step_fn, state, batch, config)       up to `ppo_epochs` updates, KL early stop
     token_logps(graphdef, params, frozen, batch)    per-token log-probs for the rollout, no grad
@@ -113,16 +113,16 @@ def advantages(rollout_logps: jax.Array, snapshot_logps: jax.Array, mask: jax.Ar
   return (discounted_returns(rewards, config.gamma) - baseline_returns) * mask
 
 
-def policy_loss_sums(logp: jax.Array, rollout_logps: jax.Array, advantages: jax.Array,
-                     mask: jax.Array, clip_range: float) -> dict[str, jax.Array]:
-  """Sums over the mask tokens of logp, rollout_logps, advantages, mask [B, T], which add up over
+def policy_loss_sums(logp: jax.Array, rollout_logps: jax.Array, adv: jax.Array, mask: jax.Array,
+                     clip_range: float) -> dict[str, jax.Array]:
+  """Sums over the mask tokens of logp, rollout_logps, adv (A_t), mask [B, T], which add up over
   micro-batches: loss (the clipped objective), ratio, clipped (tokens where the clip is active),
   policy_kl (rollout - logp), tokens."""
   mask = mask.astype(jnp.float32)
   # Off the mask the log-prob difference may be anything (padding); exp of it must not overflow.
   ratio = jnp.exp(jnp.where(mask > 0, logp - rollout_logps, 0.0))
-  unclipped = -advantages * ratio
-  clipped = -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
+  unclipped = -adv * ratio
+  clipped = -adv * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
   return {"loss": jnp.sum(jnp.maximum(unclipped, clipped) * mask),
           "ratio": jnp.sum(ratio * mask),
           "clipped": jnp.sum((clipped > unclipped) * mask),
@@ -146,10 +146,11 @@ def policy_metrics(sums: dict[str, jax.Array], ratio_guard: float) -> dict[str, 
           "ratio_guarded": (ratio > ratio_guard).astype(jnp.float32)}
 
 
-def ppo_loss(logp: jax.Array, rollout_logps: jax.Array, advantages: jax.Array, mask: jax.Array,
+def ppo_loss(logp: jax.Array, rollout_logps: jax.Array, adv: jax.Array, mask: jax.Array,
              config: PPOConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The clipped policy loss [] of logp_theta [B, T] (differentiable) and its metrics."""
-  sums = policy_loss_sums(logp, rollout_logps, advantages, mask, config.clip_range)
+  """The clipped policy loss [] of logp_theta [B, T] (differentiable), given rollout_logps, adv
+  (A_t from `advantages`) and mask [B, T], and its `policy_metrics`."""
+  sums = policy_loss_sums(logp, rollout_logps, adv, mask, config.clip_range)
   return sums["loss"] * loss_scale(sums, config.ratio_guard), policy_metrics(sums,
                                                                              config.ratio_guard)
 

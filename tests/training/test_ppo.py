@@ -1,6 +1,6 @@
 """SC-Tune's PPO against an independent float64 computation of METHODS.md 1.3 (advantages, the
 clipped loss and its gradient, the EOS mask, the ratio guard), the epochs' KL early stop, and the
-step on a tiny LVLM (its update is the formula's gradient, also accumulated; A = 0 moves nothing)."""
+step on a tiny LVLM (its update is the formula's gradient, accumulated too; A = 0 moves nothing)."""
 
 import jax
 import jax.numpy as jnp
@@ -60,13 +60,13 @@ REWARD, BASELINE = np.array([0.9, 0.0, 0.5]), np.array([0.1, 0.6, 0.5])
 
 def inputs(seed=0, ratios=RATIOS):
   """(logp, rollout, snapshot) float64 [3, 10]: log-probs on the mask; off it, values that would
-  overflow exp (logp - rollout = 80) or swamp any sum if they were read."""
+  overflow float32 exp (logp - rollout = 100) or swamp any sum if they were read."""
   rng = np.random.default_rng(seed)
   rollout = rng.uniform(-4, -0.1, MASK.shape)
   snapshot = rollout + rng.normal(0, 0.5, MASK.shape)
   logp = rollout + np.log(ratios)
   off = MASK == 0
-  logp[off], rollout[off], snapshot[off] = 80.0, 0.0, -1e4
+  logp[off], rollout[off], snapshot[off] = 100.0, 0.0, -1e4
   return logp, rollout, snapshot
 
 
