@@ -138,7 +138,11 @@ def loss_scale(sums: dict[str, jax.Array], ratio_guard: float) -> jax.Array:
 
 
 def policy_metrics(sums: dict[str, jax.Array], ratio_guard: float) -> dict[str, jax.Array]:
-  """Means over the mask tokens: ratio, clip_fraction, policy_kl; ratio_guarded (1 or 0)."""
+  """Means over the mask tokens: ratio, clip_fraction, policy_kl; ratio_guarded (1 or 0).
+
+  clip_fraction is the share of tokens whose clipped term is the larger one (no gradient), TRL's
+  `pg_clipfrac`; the released SC-Tune code logs the complement, `gt(pg_loss1, pg_loss2)`.
+  """
   tokens = jnp.maximum(sums["tokens"], 1.0)
   ratio = sums["ratio"] / tokens
   return {"ratio": ratio, "clip_fraction": sums["clipped"] / tokens,
