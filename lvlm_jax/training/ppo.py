@@ -141,7 +141,8 @@ def policy_metrics(sums: dict[str, jax.Array], ratio_guard: float) -> dict[str, 
   """Means over the mask tokens: ratio, clip_fraction, policy_kl; ratio_guarded (1 or 0).
 
   clip_fraction is the share of tokens whose clipped term is the larger one (no gradient), TRL's
-  `pg_clipfrac`; the released SC-Tune code logs the complement, `gt(pg_loss1, pg_loss2)`.
+  `pg_clipfrac`. The released SC-Tune code logs `gt(pg_loss1, pg_loss2)` instead: the tokens
+  outside the range whose unclipped term wins.
   """
   tokens = jnp.maximum(sums["tokens"], 1.0)
   ratio = sums["ratio"] / tokens
