@@ -77,10 +77,10 @@ def _config(args):
 
 
 def _model_from_workdir(config, workdir: str, tokenizer, mesh):
-  from lvlm_jax.methods import setup
+  from lvlm_jax.models import building
   from lvlm_jax.sharding import abstract_tree
   from lvlm_jax.training import checkpoint, optim, state as train_state
-  abstract_model = setup.abstract_model(config.model, tokenizer)
+  abstract_model = building.abstract_model(config.model, tokenizer)
   trainable = optim.trainable_filter(config.optim)
   graphdef, params, frozen = train_state.split_model(abstract_model, trainable)
   tx = optim.make_optimizer(config.optim, config.train.num_steps, params)
@@ -92,7 +92,7 @@ def _model_from_workdir(config, workdir: str, tokenizer, mesh):
     raise UserError(f"{workdir}: no checkpoint yet")
   state = checkpointer.restore(step, abstract_tree(abstract, shardings), None)
   if "frozen" not in state:
-    state["frozen"] = setup.load_params(config.model, tokenizer, mesh, trainable, shardings)[1]
+    state["frozen"] = building.load_params(config.model, tokenizer, mesh, trainable, shardings)[1]
   checkpointer.close()
   return train_state.merge(graphdef, state), abstract_model, step
 
@@ -100,21 +100,23 @@ def _model_from_workdir(config, workdir: str, tokenizer, mesh):
 def evaluate(args) -> dict:
   import jax
   from lvlm_jax.eval.shapes import ShapesEvaluator
-  from lvlm_jax.methods import setup
-  from lvlm_jax.models import hf, params_io
+  from lvlm_jax.data import training_sources
+  from lvlm_jax.data.shapes import held_out_world
+  from lvlm_jax.data.tokenizer import load_tokenizer
+  from lvlm_jax.models import building, hf, params_io
   from lvlm_jax.sharding import make_mesh
   config = _config(args)
   mesh = make_mesh()
   prompts = (config.data.pipeline.grounding_prompt,)
   if args.workdir:
-    tokenizer = setup.load_tokenizer(config.model, prompts)
+    tokenizer = load_tokenizer(config.model, prompts)
     model, reference, step = _model_from_workdir(config, args.workdir, tokenizer, mesh)
     model_config = config.model
   else:
     if not os.path.isdir(args.model):
       raise UserError(f"--model {args.model}: no such directory")
     has_tokenizer = os.path.exists(os.path.join(args.model, "tokenizer.json"))
-    tokenizer = setup.load_tokenizer(
+    tokenizer = load_tokenizer(
         dataclasses.replace(config.model, tokenizer=args.model) if has_tokenizer else config.model,
         prompts)
     is_ours = os.path.isdir(os.path.join(args.model, "params"))
@@ -122,9 +124,9 @@ def evaluate(args) -> dict:
              else hf.load_model(args.model, mesh=mesh))
     reference, step = model, None
     model_config = dataclasses.replace(config.model, hf_dir="" if is_ours else args.model)
-  setup.check_vocabulary(reference, tokenizer)
-  data = setup.pipeline_config(config.data, reference, model_config, 1)
-  evaluator = ShapesEvaluator(tokenizer, data, setup.held_out_world(config.data.shapes),
+  building.check_vocabulary(reference, tokenizer)
+  data = training_sources.pipeline_config(config.data, reference, model_config.hf_dir, 1)
+  evaluator = ShapesEvaluator(tokenizer, data, held_out_world(config.data.shapes),
                               config.eval, mesh)
   with jax.set_mesh(mesh):
     metrics = evaluator(model)

@@ -196,3 +196,15 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: dict | None = Non
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))
+
+
+def per_process_batch(global_batch: int, mesh: Mesh, accum_steps: int) -> int:
+  """Rows each process feeds; the global batch must split evenly over processes and devices."""
+  shards, processes = batch_shards(mesh), jax.process_count()
+  if global_batch % processes:
+    raise UserError(f"train.batch_size={global_batch} must be a multiple of the "
+                    f"{processes} processes")
+  if (global_batch // accum_steps) % shards:
+    raise UserError(f"train.batch_size / train.grad_accum_steps = {global_batch // accum_steps} "
+                    f"must be a multiple of the {shards} ways the mesh splits the batch")
+  return global_batch // processes

@@ -80,7 +80,8 @@ def test_llava_7b_recipe_trains_adapters_and_projector_only(tiny_llava_dir):
   adapters of the LLM projections and the projector as trainable (nothing is built or run)."""
   import importlib.util
   from flax import nnx
-  from lvlm_jax.methods import setup, sft
+  from lvlm_jax.methods import sft
+  from lvlm_jax.models import building
   from lvlm_jax.training import optim, state as train_state
   spec = importlib.util.spec_from_file_location("recipe", os.path.join(REPO, "configs", "sft_llava15_7b.py"))
   recipe = importlib.util.module_from_spec(spec)
@@ -89,7 +90,7 @@ def test_llava_7b_recipe_trains_adapters_and_projector_only(tiny_llava_dir):
   raw.model.hf_dir = tiny_llava_dir
   raw.model.tokenizer = "shapes"  # the tiny checkpoint has no tokenizer files
   config = sft.parse(raw)
-  model = setup.abstract_model(config.model, tokenizer=None)
+  model = building.abstract_model(config.model, tokenizer=None)
   _, params, frozen = train_state.split_model(model, optim.trainable_filter(config.optim))
   paths = lambda tree: {optim.path_str(p) for p, v in nnx.to_flat_state(tree)
                        if isinstance(v, nnx.Param)}  # frozen also holds LoRA dropout's RNG

@@ -116,6 +116,21 @@ class ImageProcessing:
   resample: int = Image.BICUBIC
 
   @classmethod
+  def for_model(cls, hf_dir: str, model) -> "ImageProcessing":
+    """Pixels as `model`'s vision tower expects them: the HF directory's preprocessor config
+    when it has one, else CLIP's normalisation at the tower's image size (pad to square, as
+    LLaVA-1.5)."""
+    size = model.config.vision.image_size
+    processor = os.path.join(hf_dir, "preprocessor_config.json") if hf_dir else ""
+    if processor and os.path.exists(processor):
+      processing = cls.from_hf_preprocessor_config(processor)
+      if processing.size != size:
+        raise UserError(f"{processor}: image size {processing.size}, but the vision tower "
+                        f"takes {size}")
+      return processing
+    return cls(size=size)
+
+  @classmethod
   def from_hf_preprocessor_config(cls, config: str | os.PathLike | Mapping,
                                   pad_to_square: bool = True) -> "ImageProcessing":
     """Reads `image_mean`, `image_std`, `crop_size`/`size` and `resample` from an HF

@@ -628,3 +628,8 @@ def _describe_pair(scene_a: Scene, scene_b: Scene, edits) -> ScenePair:
   listed += [f"{i}. {d.text}" for i, d in enumerate(differences, 1)]
   summary = _SUMMARY.format(commonalities=commonalities, differences=" ".join(listed))
   return ScenePair(scene_a, scene_b, differences, commonalities, summary)
+
+
+def held_out_world(world: ShapesConfig) -> ShapesConfig:
+  """The same shapes distribution with other scenes: evaluation never sees a training scene."""
+  return dataclasses.replace(world, seed=world.seed + 10_000)

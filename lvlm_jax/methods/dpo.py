@@ -7,9 +7,11 @@ through the one training-run helper (methods/training_run.py, which gives the wo
 import dataclasses
 import math
 
+from lvlm_jax.data.images import ImageProcessing
 from lvlm_jax.data.pipeline import DataConfig, make_dataset
 from lvlm_jax.data.sources import PreferenceSource
-from lvlm_jax.methods import setup, training_run
+from lvlm_jax.methods import training_run
+from lvlm_jax.models import building
 from lvlm_jax.sharding import MeshConfig, mesh_from_config
 from lvlm_jax.training import checkpoint, dpo, loop, optim, steps
 
@@ -19,7 +21,7 @@ def num_steps(records: int, epochs: float, batch_size: int) -> int:
   return max(1, math.ceil(epochs * records / batch_size))
 
 
-def run(*, model: setup.ModelConfig, tokenizer, preferences: str, image_roots: tuple[str, ...],
+def run(*, model: building.ModelConfig, tokenizer, preferences: str, image_roots: tuple[str, ...],
         pipeline: DataConfig, dpo_config: dpo.DPOConfig, optim_config: optim.OptimConfig,
         train: loop.TrainConfig, checkpoint_config: checkpoint.CheckpointConfig,
         mesh_config: MeshConfig, workdir: str, stop_at: int | None = None) -> dict:
@@ -33,7 +35,7 @@ def run(*, model: setup.ModelConfig, tokenizer, preferences: str, image_roots: t
     data = dataclasses.replace(
         pipeline, kind="preference", batch_size=built.local_batch, with_ref_logps=not in_step,
         tokens_per_image=built.abstract_model.config.tokens_per_image,
-        image=setup.image_processing(model, built.abstract_model))
+        image=ImageProcessing.for_model(model.hf_dir, built.abstract_model))
     return iter(make_dataset(PreferenceSource(preferences, image_roots or None), tokenizer, data))
 
   def step(built):

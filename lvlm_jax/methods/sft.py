@@ -19,25 +19,28 @@ import os
 import jax
 from ml_collections import config_dict
 
+from lvlm_jax.data import training_sources
+from lvlm_jax.data.shapes import held_out_world
+from lvlm_jax.data.tokenizer import load_tokenizer
 from lvlm_jax.dataclass_config import from_config_dict, help_lines, to_config_dict
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval.shapes import ShapesEvalConfig, ShapesEvaluator
-from lvlm_jax.methods import setup, training_run
+from lvlm_jax.methods import training_run
 from lvlm_jax.methods.pipeline import Pipeline, PipelineConfig, Stage
-from lvlm_jax.models import hf
+from lvlm_jax.models import building, hf
 from lvlm_jax.sharding import MeshConfig, mesh_from_config
 from lvlm_jax.training import checkpoint, loop, optim, state as train_state, steps
 
-SECTIONS = {"model": setup.ModelConfig, "data": setup.DataSources, "optim": optim.OptimConfig,
+SECTIONS = {"model": building.ModelConfig, "data": training_sources.DataSources, "optim": optim.OptimConfig,
             "train": loop.TrainConfig, "checkpoint": checkpoint.CheckpointConfig,
             "mesh": MeshConfig, "eval": ShapesEvalConfig, "pipeline": PipelineConfig}
-EXCLUDED = {"data": setup.DERIVED_PIPELINE_FIELDS}
+EXCLUDED = {"data": training_sources.DERIVED_PIPELINE_FIELDS}
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-  model: setup.ModelConfig
-  data: setup.DataSources
+  model: building.ModelConfig
+  data: training_sources.DataSources
   optim: optim.OptimConfig
   train: loop.TrainConfig
   checkpoint: checkpoint.CheckpointConfig
@@ -84,8 +87,9 @@ def _evaluates(config: ShapesEvalConfig) -> bool:
 
 def evaluate_model(config: SFTConfig, model, tokenizer, mesh) -> dict[str, float]:
   """The shapes-world metrics of `model` on the held-out world (what `evaluate` reports)."""
-  data = setup.pipeline_config(config.data, model, config.model, config.eval.batch_size)
-  evaluator = ShapesEvaluator(tokenizer, data, setup.held_out_world(config.data.shapes),
+  data = training_sources.pipeline_config(config.data, model, config.model.hf_dir,
+                                          config.eval.batch_size)
+  evaluator = ShapesEvaluator(tokenizer, data, held_out_world(config.data.shapes),
                               config.eval, mesh)
   with jax.set_mesh(mesh):
     return evaluator(model)
@@ -96,9 +100,9 @@ def train_stage(config: SFTConfig, workdir: str, tokenizer, mesh, stop_at: int |
   """The training stage: its summary, status 'done' (exported) or 'preempted' (checkpoint
   saved), and the step reached."""
   def batches(built):
-    data = setup.pipeline_config(config.data, built.abstract_model, config.model,
+    data = training_sources.pipeline_config(config.data, built.abstract_model, config.model.hf_dir,
                                  built.local_batch)
-    return setup.training_batches(config.data, tokenizer, data)
+    return training_sources.training_batches(config.data, tokenizer, data)
 
   def step(built):
     return steps.jit_train_step(steps.sft_step, built.shardings, mesh, graphdef=built.graphdef,
@@ -125,7 +129,7 @@ def run(config: SFTConfig, workdir: str, *, raw_config: config_dict.ConfigDict |
   after this step as a preemption would (tests).
   """
   mesh = mesh_from_config(config.mesh)
-  tokenizer = setup.load_tokenizer(config.model, (config.data.pipeline.grounding_prompt,))
+  tokenizer = load_tokenizer(config.model, (config.data.pipeline.grounding_prompt,))
   export = os.path.join(workdir, "export", "hf")
 
   def eval_base():

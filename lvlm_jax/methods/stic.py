@@ -33,21 +33,22 @@ from jax.experimental import multihost_utils
 from ml_collections import config_dict
 from PIL import Image
 
+from lvlm_jax import preemption
+from lvlm_jax.artifacts import JsonlWriter, read_json, read_jsonl, write_json, write_jsonl
+from lvlm_jax.data import training_sources
 from lvlm_jax.data.images import color_jitter, load_image, low_resolution, resolve_image_path
 from lvlm_jax.data.pipeline import DataConfig
-from lvlm_jax.data.shapes import TASKS, ShapesConfig, ShapesSource
+from lvlm_jax.data.shapes import TASKS, ShapesConfig, ShapesSource, held_out_world
 from lvlm_jax.data.sources import ConversationSource
+from lvlm_jax.data.tokenizer import load_tokenizer
 from lvlm_jax.dataclass_config import from_config_dict, help_field, help_lines, to_config_dict
-from lvlm_jax import preemption
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval import dar
 from lvlm_jax.eval.shapes import ShapesEvalConfig, ShapesEvaluator
 from lvlm_jax.methods import dpo as dpo_run
-from lvlm_jax.methods import setup, sft
+from lvlm_jax.methods import sft
 from lvlm_jax.methods.pipeline import Pipeline, PipelineConfig, Stage
-from lvlm_jax.artifacts import (JsonlWriter, read_json, read_jsonl, write_json,
-                                        write_jsonl)
-from lvlm_jax.models import hf
+from lvlm_jax.models import building, hf
 from lvlm_jax.sampling.service import GenerationConfig, GenerationService, Prompt
 from lvlm_jax.sharding import MeshConfig, mesh_from_config
 from lvlm_jax.training import checkpoint, loop, optim
@@ -56,7 +57,7 @@ from lvlm_jax.training.dpo import DPOConfig, write_reference_logps
 PROMPT_KINDS = ("detailed", "misleading", "simple", "describe")
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 # The shapes scenes STIC sees are neither the starting model's training scenes (world seed) nor
-# the evaluation's (seed + 10_000, setup.held_out_world).
+# the evaluation's (seed + 10_000, held_out_world).
 _UNLABELED_WORLD, _SFT_WORLD = 1, 2
 
 
@@ -123,7 +124,7 @@ class STICSettings:
 
 @dataclasses.dataclass(frozen=True)
 class STICConfig:
-  model: setup.ModelConfig
+  model: building.ModelConfig
   data: STICData
   stic: STICSettings
   dpo: DPOConfig
@@ -137,13 +138,13 @@ class STICConfig:
   pipeline: PipelineConfig = PipelineConfig()
 
 
-SECTIONS = {"model": setup.ModelConfig, "data": STICData, "stic": STICSettings, "dpo": DPOConfig,
+SECTIONS = {"model": building.ModelConfig, "data": STICData, "stic": STICSettings, "dpo": DPOConfig,
             "dpo_optim": optim.OptimConfig, "dpo_train": loop.TrainConfig,
             "sft_optim": optim.OptimConfig, "sft_train": loop.TrainConfig,
             "checkpoint": checkpoint.CheckpointConfig, "mesh": MeshConfig,
             "eval": ShapesEvalConfig, "pipeline": PipelineConfig}
 # Set by the pipeline: the steps from the data size and the epochs, the pipeline from the model.
-EXCLUDED = {"data": setup.DERIVED_PIPELINE_FIELDS + ("pipeline.with_ref_logps",),
+EXCLUDED = {"data": training_sources.DERIVED_PIPELINE_FIELDS + ("pipeline.with_ref_logps",),
             "dpo_train": ("num_steps",), "sft_train": ("num_steps",)}
 
 
@@ -225,7 +226,7 @@ def write_shapes_images(config: STICConfig, directory: str) -> None:
   for task, count in config.data.sft_tasks:
     source = ShapesSource(_world(config, _SFT_WORLD), task, count)
     if task == "grounding":
-      source = setup.GroundingAsConversation(source, pipeline.grounding_prompt, pipeline.box_format)
+      source = training_sources.GroundingAsConversation(source, pipeline.grounding_prompt, pipeline.box_format)
     for i in range(len(source)):
       record = source[i]
       name = f"sft/{task}_{i:06d}.png"
@@ -372,7 +373,7 @@ def _load(config: STICConfig, hf_dir: str, mesh):
   """The model in `hf_dir` on the mesh, and the pipeline config its inputs need."""
   model = hf.load_model(hf_dir, mesh=mesh, allow_pickle=config.model.allow_pickle,
                         dtype=config.model.dtype, param_dtype=config.model.param_dtype)
-  data = setup.pipeline_config(config.data, model, dataclasses.replace(config.model, hf_dir=hf_dir),
+  data = training_sources.pipeline_config(config.data, model, hf_dir,
                                config.stic.generation.batch_size)
   return model, data
 
@@ -381,7 +382,7 @@ def evaluate(config: STICConfig, hf_dir: str, tokenizer, prompts, mesh) -> dict[
   """The metrics of `python -m lvlm_jax.evaluate --model hf_dir --config <this config>` (a
   held-out shapes world), plus dar_yes_no_accuracy."""
   model, data = _load(config, hf_dir, mesh)
-  evaluator = ShapesEvaluator(tokenizer, data, setup.held_out_world(config.data.shapes),
+  evaluator = ShapesEvaluator(tokenizer, data, held_out_world(config.data.shapes),
                               config.eval, mesh)
   with jax.set_mesh(mesh):
     metrics = evaluator(model)
@@ -419,7 +420,7 @@ def run(config: STICConfig, workdir: str, *, raw_config: config_dict.ConfigDict 
   stop_at = stop_at or {}
   mesh = mesh_from_config(config.mesh)
   prompts = load_prompts(config.stic.prompts)
-  tokenizer = setup.load_tokenizer(config.model, (config.data.pipeline.grounding_prompt,))
+  tokenizer = load_tokenizer(config.model, (config.data.pipeline.grounding_prompt,))
   image_token = config.data.pipeline.image_token
   prefs_dir = os.path.join(workdir, "preferences")
   prefs = os.path.join(prefs_dir, "preferences.jsonl")
@@ -486,7 +487,7 @@ def run(config: STICConfig, workdir: str, *, raw_config: config_dict.ConfigDict 
                               config.sft_train.batch_size)
     sft_config = sft.SFTConfig(
         model=dataclasses.replace(config.model, hf_dir=dpo_export),
-        data=setup.DataSources(shapes_tasks=(), shapes=config.data.shapes, conversations=(infused,),
+        data=training_sources.DataSources(shapes_tasks=(), shapes=config.data.shapes, conversations=(infused,),
                                image_roots=(the_inputs().root,), pipeline=config.data.pipeline),
         optim=config.sft_optim, train=dataclasses.replace(config.sft_train, num_steps=steps),
         checkpoint=dataclasses.replace(config.checkpoint, export_hf=True), mesh=config.mesh,

@@ -21,9 +21,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from lvlm_jax.methods import setup
 from lvlm_jax.artifacts import read_json, write_json
-from lvlm_jax.sharding import abstract_tree
+from lvlm_jax.models import building
+from lvlm_jax.sharding import abstract_tree, per_process_batch
 from lvlm_jax.training import checkpoint, loop, metrics, optim, state as train_state
 
 
@@ -63,12 +63,12 @@ def finished(workdir: str, summary_file: str = "summary.json") -> bool:
   return isinstance(summary, dict) and summary.get("status") == "done"
 
 
-def build(model: setup.ModelConfig, tokenizer, optim_config: optim.OptimConfig,
+def build(model: building.ModelConfig, tokenizer, optim_config: optim.OptimConfig,
           train: loop.TrainConfig, mesh: Mesh, extras: tuple[StateExtra, ...] = ()
           ) -> tuple[Built, dict[str, Any]]:
   """(the run's structure, the abstract train state), allocating nothing."""
-  abstract_model = setup.abstract_model(model, tokenizer)
-  setup.check_vocabulary(abstract_model, tokenizer)
+  abstract_model = building.abstract_model(model, tokenizer)
+  building.check_vocabulary(abstract_model, tokenizer)
   trainable = optim.trainable_filter(optim_config)
   graphdef, abstract_params, abstract_frozen = train_state.split_model(abstract_model, trainable)
   tx = optim.make_optimizer(optim_config, train.num_steps, abstract_params)
@@ -76,7 +76,7 @@ def build(model: setup.ModelConfig, tokenizer, optim_config: optim.OptimConfig,
   for extra in extras:
     abstract[extra.name] = extra.abstract(abstract_params)
   shardings = train_state.state_shardings(abstract, mesh)
-  local_batch = setup.per_process_batch(train.batch_size, mesh, train.grad_accum_steps)
+  local_batch = per_process_batch(train.batch_size, mesh, train.grad_accum_steps)
   built = Built(graphdef, abstract_model, trainable, tx, shardings, mesh, local_batch)
   _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} "
        f"processes | parameters: {train_state.count_params(abstract_params):,} trainable, "
@@ -84,14 +84,14 @@ def build(model: setup.ModelConfig, tokenizer, optim_config: optim.OptimConfig,
   return built, abstract
 
 
-def _initial_state(model: setup.ModelConfig, tokenizer, built: Built, abstract: dict[str, Any],
+def _initial_state(model: building.ModelConfig, tokenizer, built: Built, abstract: dict[str, Any],
                    train: loop.TrainConfig, checkpointer: checkpoint.Checkpointer, batches,
                    extras: tuple[StateExtra, ...]) -> tuple[dict[str, Any], int | None]:
   """(train state, step it was restored from or None): the latest checkpoint if there is one
   (the data iterator moved to its position), else the model's initial weights."""
   latest = checkpointer.latest_step()
   if latest is None:
-    params, frozen = setup.load_params(model, tokenizer, built.mesh, built.trainable,
+    params, frozen = building.load_params(model, tokenizer, built.mesh, built.trainable,
                                        built.shardings)
     state = train_state.init_state(params, frozen, built.tx, train.seed, built.shardings)
     for extra in extras:
@@ -99,22 +99,22 @@ def _initial_state(model: setup.ModelConfig, tokenizer, built: Built, abstract: 
     return state, None
   state = checkpointer.restore(latest, abstract_tree(abstract, built.shardings), batches)
   if "frozen" not in state:  # checkpoint.save_frozen=False: the frozen base comes from hf_dir
-    state["frozen"] = setup.load_params(model, tokenizer, built.mesh, built.trainable,
+    state["frozen"] = building.load_params(model, tokenizer, built.mesh, built.trainable,
                                         built.shardings)[1]
   return state, latest
 
 
-def initial_model(model: setup.ModelConfig, tokenizer, mesh: Mesh) -> nnx.Module:
+def initial_model(model: building.ModelConfig, tokenizer, mesh: Mesh) -> nnx.Module:
   """The model a run starts from (read from hf_dir, or initialised as training initialises it),
   on its shardings."""
-  abstract_model = setup.abstract_model(model, tokenizer)
+  abstract_model = building.abstract_model(model, tokenizer)
   graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
   shardings = train_state.state_shardings({"params": params, "frozen": rest}, mesh)
-  params, rest = setup.load_params(model, tokenizer, mesh, nnx.Param, shardings)
+  params, rest = building.load_params(model, tokenizer, mesh, nnx.Param, shardings)
   return nnx.merge(graphdef, params, rest)
 
 
-def export(final: nnx.Module, model: setup.ModelConfig, tokenizer,
+def export(final: nnx.Module, model: building.ModelConfig, tokenizer,
            config: checkpoint.CheckpointConfig, workdir: str) -> None:
   directory = os.path.join(workdir, "export")
   if config.export_hf:
@@ -123,7 +123,7 @@ def export(final: nnx.Module, model: setup.ModelConfig, tokenizer,
     checkpoint.export_lora(final, os.path.join(directory, "lora"), model.hf_dir)
 
 
-def run(*, workdir: str, model: setup.ModelConfig, tokenizer, optim_config: optim.OptimConfig,
+def run(*, workdir: str, model: building.ModelConfig, tokenizer, optim_config: optim.OptimConfig,
         train: loop.TrainConfig, checkpoint_config: checkpoint.CheckpointConfig, mesh: Mesh,
         batches: Callable[[Built], Iterator], steps: Callable[[Built], Callable | tuple],
         hooks: Callable[[Built], tuple] = lambda built: (),

@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
@@ -31,7 +32,7 @@ from lvlm_jax.models.lvlm import LVLM
 from lvlm_jax.sampling import beam as beam_search
 from lvlm_jax.sampling.decode import (Generation, Prefix, SamplingConfig, branch, decode,
                                       decode_from, extend_prefix, start)
-from lvlm_jax.sharding import batch_sharding, batch_shards, place
+from lvlm_jax.sharding import DEFAULT_RULES, batch_sharding, batch_shards, place, tree_shardings
 
 _PAD_TO = 16  # prompt lengths round up to this: one compilation per bucket
 _branch = jax.jit(branch, static_argnums=1)
@@ -88,6 +89,22 @@ def pad_id(tokenizer) -> int:
   return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
+# Decoding reads every weight once per new token. Weights left FSDP-sharded (as training keeps
+# them) would be all-gathered in every layer at every step; decoding keeps each weight whole on
+# every data/fsdp replica, split over the tensor axis only.
+DECODE_RULES = {**DEFAULT_RULES, "embed": None}
+
+
+def decoding_weights(state: nnx.State, mesh: Mesh, dtype: str | None = None) -> nnx.State:
+  """The model's variables laid out for decoding (DECODE_RULES), floating ones cast to `dtype`
+  (e.g. 'bfloat16' on accelerators: half the bytes each step reads); None keeps their dtype."""
+  if dtype is not None:
+    target = jnp.dtype(dtype)
+    state = jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating)
+                         else x, state)
+  return jax.device_put(state, tree_shardings(state, mesh, DECODE_RULES))
+
+
 def _to_host(array: jax.Array) -> np.ndarray:
   if not array.is_fully_addressable:
     array = multihost_utils.process_allgather(array, tiled=True)
@@ -99,15 +116,17 @@ class GenerationService:
 
   data: the pipeline config the model was trained with (template, system prompt, image
   processing, tokens per image). batch_size: rows per decoding call, a multiple of the mesh's
-  batch shards. progress: a progress bar with ETA over batches (process 0).
+  batch shards. progress: a progress bar with ETA over batches (process 0). weights_dtype: the
+  dtype decoding reads the weights in (None: as the model holds them).
   """
 
   def __init__(self, model, tokenizer, data: DataConfig, mesh: Mesh, batch_size: int = 32,
-               progress: bool = False):
+               progress: bool = False, weights_dtype: str | None = None):
     if batch_size % batch_shards(mesh):
       raise UserError(f"generation batch_size={batch_size} must be a multiple of the "
                       f"{batch_shards(mesh)} ways the mesh splits the batch")
     self.graphdef, self.state = nnx.split(model)
+    self.state = decoding_weights(self.state, mesh, weights_dtype)
     self.is_lvlm = isinstance(model, LVLM)
     self.tokenizer, self.data, self.mesh = tokenizer, data, mesh
     self.batch_size, self.progress = batch_size, progress

@@ -3,7 +3,7 @@
     advantages(rollout, snapshot, mask, reward, baseline, config) -> A [B, T]
     ppo_loss(logp, rollout, adv, mask, config) -> (loss [], metrics)
     ppo_step(state, batch) -> (state, metrics)      one optimizer update on one rollout batch
-    ppo_epochs(step_fn, state, batch, config)       up to `ppo_epochs` updates, KL early stop
+    ppo_update(state, batch)                         up to `ppo_epochs` updates, KL early stop
     token_logps(graphdef, params, frozen, batch)    per-token log-probs for the rollout, no grad
 
 The formulas are METHODS.md 1.3's (the released trainer's `training_step` / `compute_loss`):
@@ -21,18 +21,14 @@ The formulas are METHODS.md 1.3's (the released trainer's `training_step` / `com
 discounted like the reward it stands for, as the released code does; with gamma 1, its only value,
 that is B_t = baseline. No advantage normalisation.
 
-Epochs. A rollout batch is trained on `ppo_epochs` times (2): `ppo_epochs` calls the jitted
-`ppo_step` once per epoch on the same batch, each an optimizer update, and stops after an epoch
-whose `policy_kl` (mean of logp_rollout - logp_theta, measured before that epoch's update) exceeds
+Epochs. A rollout batch is trained on `ppo_epochs` times (2), each an optimizer update on the
+same batch: `ppo_update` runs them in one jitted step and stops after an epoch whose `policy_kl`
+(mean of logp_rollout - logp_theta, measured before that epoch's update) exceeds
 `policy_kl_stop`: that epoch's update is kept, the next ones are skipped, as in the released
 trainer. So the first epoch always runs; the check bites once the policy has drifted from the
 rollout policy by the previous epochs (or, in the first epoch, when the training forward disagrees
-with the rollout's).
-
-The train state's `step` counts optimizer updates, i.e. PPO epochs, not rollout batches: each
-epoch folds its own dropout key from it and the optimizer schedule sees every update. A caller
-that counts rollout batches (SC-Tune's 200 describer steps are rollout batches) must keep its own
-count beside it (`epochs_run` says how far `step` moved).
+with the rollout's). The train state's `step` counts rollout batches (SC-Tune's 200 describer
+steps are rollout batches); `epochs_run` says how many updates each made.
 """
 
 import dataclasses
@@ -207,17 +203,33 @@ def ppo_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.Gr
   return new_state, metrics
 
 
-def ppo_epochs(step_fn: Callable, state: TrainState, batch: dict[str, jax.Array],
-               config: PPOConfig) -> tuple[TrainState, dict]:
-  """Up to `config.ppo_epochs` calls of `step_fn(state, batch) -> (state, metrics)` (the jitted
-  `ppo_step`) on one rollout batch, stopping after the first whose policy_kl exceeds
-  `policy_kl_stop`. Returns the state and the last call's metrics plus `epochs_run`. Reading
-  policy_kl waits for each update (host side); next to a rollout it costs nothing."""
-  for epoch in range(config.ppo_epochs):
-    state, metrics = step_fn(state, batch)
-    if float(metrics["policy_kl"]) > config.policy_kl_stop:
-      break
-  return state, {**metrics, "epochs_run": float(epoch + 1)}
+def ppo_update(state: TrainState, batch: dict[str, jax.Array], *, config: PPOConfig,
+               step_fn: Callable = ppo_step, **static) -> tuple[TrainState, dict]:
+  """Every PPO epoch of one rollout batch, as one jittable step: up to `config.ppo_epochs`
+  calls of `step_fn(state, batch, config=config, **static)` (`ppo_step`), stopping after the
+  first whose policy_kl exceeds `policy_kl_stop` (its update kept), in a `lax.while_loop`.
+  The state's step counts rollout batches: it moves by one whatever the epochs (so the training
+  loop's step, phases and checkpoints count rollouts), and epoch e draws its dropout key from the
+  state's key folded with e. Metrics: the last epoch's, plus `epochs_run`."""
+  step, rng = state["step"], state["rng"]
+
+  def epoch(s, index):
+    s = {**s, "step": step, "rng": jax.random.fold_in(rng, index)}
+    return step_fn(s, batch, config=config, **static)
+
+  def more(carry):
+    _, metrics, index = carry
+    return (index < config.ppo_epochs) & (metrics["policy_kl"] <= config.policy_kl_stop)
+
+  def again(carry):
+    s, _, index = carry
+    s, metrics = epoch(s, index)
+    return s, metrics, index + 1
+
+  state, metrics = epoch(state, 0)
+  state, metrics, epochs = jax.lax.while_loop(more, again, (state, metrics, jnp.int32(1)))
+  return {**state, "step": step + 1, "rng": rng}, {**metrics,
+                                                   "epochs_run": epochs.astype(jnp.float32)}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "logits_chunk"))

@@ -12,7 +12,7 @@ functions of this dict; the graphdef (module structure, configs) is static under
 """
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,13 +80,3 @@ def count_params(tree: Any) -> int:
   """Number of parameter values in a (possibly abstract) tree; RNG keys do not count."""
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree)
              if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
-
-
-def init_sharded(build: Callable[[], nnx.Module], trainable,
-                 shardings: TrainState) -> tuple[nnx.State, nnx.State]:
-  """(params, frozen) of a freshly initialised model, each shard created on its own device: a
-  model too big for one device is never whole anywhere."""
-  def init():
-    _, params, frozen = nnx.split(build(), trainable, ...)
-    return params, frozen
-  return jax.jit(init, out_shardings=(shardings["params"], shardings["frozen"]))()

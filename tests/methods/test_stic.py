@@ -15,7 +15,8 @@ from training_fixtures import CACHE_DIR  # noqa: E402,F401  (turns the compile c
 
 from lvlm_jax.data.shapes import ShapesConfig, ShapesSource  # noqa: E402
 from lvlm_jax.data.shapes_tokenizer import shapes_tokenizer  # noqa: E402
-from lvlm_jax.methods import setup, stic  # noqa: E402
+from lvlm_jax.data.tokenizer import load_tokenizer  # noqa: E402
+from lvlm_jax.methods import stic  # noqa: E402
 from lvlm_jax.artifacts import read_jsonl  # noqa: E402
 from lvlm_jax.models import hf  # noqa: E402
 from lvlm_jax.models.llm import LLMConfig  # noqa: E402
@@ -144,7 +145,7 @@ def test_interrupted_generation_resumes_to_the_same_file(finished, tmp_path, mon
   monkeypatch.setattr(stic, "_log", messages.append)
   mesh = mesh_from_config(config.mesh)
   model, data = stic._load(config, config.model.hf_dir, mesh)  # noqa: SLF001
-  tokenizer = setup.load_tokenizer(config.model)
+  tokenizer = load_tokenizer(config.model)
   service = GenerationService(model, tokenizer, data, mesh, config.stic.generation.batch_size)
   stic.generate_preferences(service, stic.Inputs(config, workdir), stic.load_prompts("shapes"),
                             config.stic, path, "<image>")

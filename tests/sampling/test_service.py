@@ -201,3 +201,18 @@ def test_eight_devices_give_the_one_device_tokens(llava, tokenizer, tmp_path):
                         cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.loads(proc.stdout.strip().splitlines()[-1]) == one
+
+
+def test_bfloat16_decoding_weights(llama, tokenizer):
+  """weights_dtype casts what decoding reads (half the bytes per step), and the weights are laid
+  out whole per replica (no FSDP split), while the model stays as it was."""
+  model, _ = llama
+  service = GenerationService(model, tokenizer, data_config(), make_mesh(), batch_size=2,
+                              weights_dtype="bfloat16")
+  floats = [x for x in jax.tree.leaves(service.state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and all(x.dtype == jnp.bfloat16 for x in floats)
+  assert all(x.sharding.spec == jax.sharding.PartitionSpec() or "fsdp" not in str(x.sharding.spec)
+             for x in floats)
+  assert nnx.state(model, nnx.Param)["lm_head"]["kernel"][...].dtype == jnp.float32
+  completion = service.generate([Prompt.question(SENTENCES[0])], greedy(tokenizer))[0]
+  assert len(completion.token_ids) > 0 and np.all(np.isfinite(completion.logprobs))

@@ -126,7 +126,8 @@ def shapes_llava_dir(tmp_path_factory):
   import torch
   import transformers
   from lvlm_jax.data.pipeline import DataConfig
-  from lvlm_jax.methods.setup import ModelConfig, load_tokenizer
+  from lvlm_jax.data.tokenizer import load_tokenizer
+  from lvlm_jax.models.building import ModelConfig
   torch.manual_seed(0)
   vocab = len(load_tokenizer(ModelConfig(), (DataConfig().grounding_prompt,)))
   config = transformers.LlavaConfig(

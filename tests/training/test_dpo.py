@@ -251,6 +251,23 @@ def test_reference_pass_writes_the_jsonl_with_log_probs(tmp_path, mesh):
   np.testing.assert_allclose(b["ref_chosen_logp"], c, rtol=1e-5)
   np.testing.assert_allclose(b["ref_rejected_logp"], r, rtol=1e-5)
 
+  # Killed after two records and part of a third: the rerun keeps the complete records, says
+  # where it resumes, scores the rest and writes the uninterrupted file, with its counts.
+  done = (tmp_path / "out.jsonl").read_text()
+  partial = tmp_path / "again.jsonl.partial"
+  partial.write_text("".join(done.splitlines(keepends=True)[:2]) + done.splitlines()[2][:20])
+  messages = []
+  again = dpo.write_reference_logps(model, str(path), str(tmp_path / "again.jsonl"), tokenizer,
+                                    data, mesh, batch_size=2, log=messages.append)
+  assert messages[0] == "reference: resuming after 2 of 5 records"
+  assert again == counts and not partial.exists()
+  scored = [json.loads(l) for l in (tmp_path / "again.jsonl").read_text().splitlines()]
+  for a, b in zip(scored, written):
+    assert a.keys() == b.keys() and a["extra"] == b["extra"]
+    for key in ("ref_chosen_logp", "ref_rejected_logp"):
+      if key in b:
+        assert a[key] == pytest.approx(b[key], rel=1e-5)
+
 
 SCRIPT = r"""
 import json, sys

@@ -157,8 +157,11 @@ def test_config_rejects_out_of_range_values():
 
 def fake_step(kls):
   """A step that counts its calls in the state and reports the next policy KL of `kls`."""
-  def step(state, batch):
-    return state + 1, {"policy_kl": jnp.float32(kls[state]), "loss": jnp.float32(state)}
+  def step(state, batch, config):
+    del batch, config
+    calls = state["calls"]
+    return {**state, "calls": calls + 1}, {"policy_kl": jnp.asarray(kls, jnp.float32)[calls],
+                                           "loss": calls.astype(jnp.float32)}
   return step
 
 
@@ -170,8 +173,11 @@ def fake_step(kls):
 ])
 def test_epochs_stop_after_the_policy_kl_exceeds_the_limit(kls, epochs, ran):
   config = ppo.PPOConfig(ppo_epochs=epochs)
-  state, metrics = ppo.ppo_epochs(fake_step(kls), 0, {}, config)
-  assert state == ran and metrics["epochs_run"] == ran
+  state = {"calls": jnp.int32(0), "step": jnp.int32(7), "rng": jax.random.key(0)}
+  state, metrics = jax.jit(lambda s: ppo.ppo_update(s, {}, config=config,
+                                                    step_fn=fake_step(kls)))(state)
+  assert int(state["calls"]) == ran and float(metrics["epochs_run"]) == ran
+  assert int(state["step"]) == 8  # one rollout batch, whatever the epochs
   assert float(metrics["policy_kl"]) == pytest.approx(kls[ran - 1])
 
 
@@ -300,10 +306,17 @@ def test_ratio_guard_in_the_step_moves_nothing(setup):
 
 def test_epochs_of_the_real_step_stop_on_policy_kl(setup):
   """A rollout policy 2 nats above the model on every caption token: policy_kl 2 > 1.5 after the
-  first epoch, so one update runs and the state's step counts it."""
-  mesh, *_, fresh_state, step, logp = setup
+  first epoch, so one update runs; the state's step counts the rollout batch."""
+  mesh, graphdef, shardings, fresh_state, _, logp = setup
+  update = steps.jit_train_step(ppo.ppo_update, shardings, mesh, graphdef=graphdef, tx=TX,
+                                config=ppo.PPOConfig())
   b = global_batch(rollout_batch(logp, -2.0, np.full(8, 0.7), np.full(8, 0.2)), mesh)
   with jax.set_mesh(mesh):
-    state, metrics = ppo.ppo_epochs(step, fresh_state(), b, ppo.PPOConfig())
-  assert metrics["epochs_run"] == 1 and int(state["step"]) == 1
+    state, metrics = update(fresh_state(), b)
+  assert float(metrics["epochs_run"]) == 1 and int(state["step"]) == 1
   assert float(metrics["policy_kl"]) == pytest.approx(2.0, rel=1e-5)
+  # Both epochs when the rollout policy is the model itself (policy_kl 0 < 1.5).
+  b = global_batch(rollout_batch(logp, 0.0, np.full(8, 0.7), np.full(8, 0.2)), mesh)
+  with jax.set_mesh(mesh):
+    state, metrics = update(fresh_state(), b)
+  assert float(metrics["epochs_run"]) == 2 and int(state["step"]) == 1

@@ -1,26 +1,19 @@
-"""A run's pieces from its config: tokenizer, model (from an HF directory or from scratch), data.
+"""A model from its config: built abstractly (shapes only), then filled from an HF directory
+(one tensor at a time onto the mesh) or initialised shard by shard; LoRA and remat on top.
 
-Shared by every method: `sft.py` trains with them, and the other methods build their models and
-data the same way. Models are first built abstractly (`abstract_model`), which gives the train
-state's structure and shardings without allocating anything, then filled (`load_params`): from
-safetensors one tensor at a time onto the mesh, or initialised shard by shard.
+A run first builds `abstract_model` (which gives the train state's structure and shardings
+without allocating anything), then `load_params` fills it.
 """
 
 import dataclasses
 import os
-import re
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from lvlm_jax.data import sources as data_sources
-from lvlm_jax.data.images import BadImage, ImageProcessing
-from lvlm_jax.data.pipeline import DataConfig, make_dataset
-from lvlm_jax.data.shapes import TASKS, ShapesConfig, ShapesSource
-from lvlm_jax.data.shapes_tokenizer import shapes_tokenizer
-from lvlm_jax.data.text import BoxFormat, image_token_id
+from lvlm_jax.data.text import image_token_id
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models import hf
@@ -28,7 +21,6 @@ from lvlm_jax.models.llm import REMAT_POLICIES, LLMConfig
 from lvlm_jax.models.lora import Linear, LoraConfig, apply_lora
 from lvlm_jax.models.lvlm import LVLM, LVLMConfig
 from lvlm_jax.models.vision import CLIPVisionConfig
-from lvlm_jax.training.state import init_sharded
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -84,45 +76,6 @@ class ModelConfig:
       raise UserError(f"model.remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
     if self.hf_dir and not os.path.isdir(self.hf_dir):
       raise UserError(f"model.hf_dir={self.hf_dir!r}: no such directory")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSources:
-  """Where the training examples come from (all sources are mixed) and how they become batches."""
-  shapes_tasks: tuple[tuple[str, int], ...] = help_field(
-      (("caption", 2000), ("grounding", 2000), ("yes_no", 2000)), "(task, number of records) pairs "
-      f"from the built-in shapes world; tasks: {TASKS[:3]}.")
-  shapes: ShapesConfig = help_field(ShapesConfig(), "The shapes world the shapes tasks draw from.")
-  conversations: tuple[str, ...] = help_field((), "LLaVA-format conversation "
-                                              "files (JSON or JSONL).")
-  grounding: tuple[str, ...] = help_field((), "Grounding files (image + box + expression; JSONL), "
-                                          "trained as box-text answers.")
-  image_roots: tuple[str, ...] = help_field((), "Folders searched for relative image paths "
-                                            "(default: each data file's folder).")
-  pipeline: DataConfig = help_field(DataConfig(), "Batching: length buckets, chat "
-                                    "template, workers, ...")
-
-
-# Set by the run, not by the user: from train.batch_size, the model and the processor config.
-DERIVED_PIPELINE_FIELDS = ("pipeline.kind", "pipeline.batch_size", "pipeline.tokens_per_image",
-                           "pipeline.image")
-
-
-def load_tokenizer(config: ModelConfig, prompts: tuple[str, ...] = ()):
-  """The tokenizer the config names ('shapes', a directory, or the HF model's). The shapes
-  tokenizer also learns the words of `prompts` (e.g. the grounding prompt), which it would
-  otherwise read as <unk>."""
-  if config.tokenizer == "shapes":
-    # Format fields ('{expression}') are filled in later; they are not words of the prompt.
-    return shapes_tokenizer(extra_texts=[re.sub(r"\{\w*\}", " ", p) for p in prompts])
-  directory = config.tokenizer or config.hf_dir
-  if not directory:
-    raise UserError("model.tokenizer='' needs model.hf_dir to read the tokenizer from")
-  import transformers
-  try:
-    return transformers.AutoTokenizer.from_pretrained(directory)
-  except (OSError, ValueError) as e:
-    raise UserError(f"cannot load a tokenizer from {directory}: {e}") from None
 
 
 def _scratch_config(config: ModelConfig, tokenizer) -> LVLMConfig:
@@ -181,7 +134,8 @@ def fan_in_init(model: nnx.Module, key: jax.Array) -> None:
       module.kernel[...] = jax.random.normal(sub, kernel.shape, kernel.dtype) * kernel.shape[0] ** -0.5
 
 
-def _build_new(config: ModelConfig, tokenizer):
+def build_new(config: ModelConfig, tokenizer):
+  """A function that builds the new model `config` describes (run it under jit or eval_shape)."""
   lvlm_config = _scratch_config(config, tokenizer)
   return lambda: _finish(_new_lvlm(lvlm_config, config.init_seed), config)
 
@@ -196,7 +150,7 @@ def abstract_model(config: ModelConfig, tokenizer) -> nnx.Module:
     hf_config = hf.read_hf_config(config.hf_dir)
     return nnx.eval_shape(lambda: _finish(hf.build_model(hf_config, **_hf_overrides(config)),
                                           config))
-  return nnx.eval_shape(_build_new(config, tokenizer))
+  return nnx.eval_shape(build_new(config, tokenizer))
 
 
 def load_params(config: ModelConfig, tokenizer, mesh: Mesh, trainable,
@@ -204,7 +158,7 @@ def load_params(config: ModelConfig, tokenizer, mesh: Mesh, trainable,
   """(trainable params, frozen rest) of the real model on their shardings: read from hf_dir, or
   initialised (each shard on its own device)."""
   if not config.hf_dir:
-    return init_sharded(_build_new(config, tokenizer), trainable, shardings)
+    return init_sharded(build_new(config, tokenizer), trainable, shardings)
   model = hf.load_model(config.hf_dir, mesh=mesh, allow_pickle=config.allow_pickle,
                         **_hf_overrides(config))
   _, params, frozen = nnx.split(_finish(model, config), trainable, ...)
@@ -220,89 +174,11 @@ def check_vocabulary(model: nnx.Module, tokenizer) -> None:
                     f"{vocab}; use the tokenizer the model was trained with (model.tokenizer)")
 
 
-def image_processing(config: ModelConfig, model: nnx.Module) -> ImageProcessing:
-  """Pixels as the vision tower expects them: the HF directory's preprocessor config when it
-  has one, else CLIP's normalisation at the tower's image size (pad to square, as LLaVA-1.5)."""
-  size = model.config.vision.image_size
-  processor = os.path.join(config.hf_dir, "preprocessor_config.json") if config.hf_dir else ""
-  if processor and os.path.exists(processor):
-    processing = ImageProcessing.from_hf_preprocessor_config(processor)
-    if processing.size != size:
-      raise UserError(f"{processor}: image size {processing.size}, but the vision tower takes {size}")
-    return processing
-  return ImageProcessing(size=size)
-
-
-class GroundingAsConversation:
-  """A grounding source as conversations: the question from `prompt`, the box text as answer."""
-
-  def __init__(self, source, prompt: str, box_format: BoxFormat):
-    self.source, self.prompt, self.box_format = source, prompt, box_format
-    self.skipped = getattr(source, "skipped", {})
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def __getitem__(self, index: int) -> dict:
-    record = dict(self.source[index])
-    if record.get("expression") is None:
-      # The pipeline turns this into a counted skip, as it does for a missing image.
-      raise BadImage("no_expression", f"{record.get('origin', record.get('id'))}: a grounding "
-                     "record without an expression")
-    record["conversations"] = [
-        {"from": "human", "value": self.prompt.format(expression=record["expression"])},
-        {"from": "gpt", "value": self.box_format.to_text(record["box"])}]
-    return record
-
-
-def training_source(config: DataSources):
-  """Every configured source, mixed into one random-access source of conversation records."""
-  pipeline = config.pipeline
-  parts = []
-  for task, count in config.shapes_tasks:
-    if task not in TASKS[:3]:
-      raise UserError(f"data.shapes_tasks: task {task!r} cannot train SFT; use {TASKS[:3]}")
-    source = ShapesSource(config.shapes, task, count)
-    if task == "grounding":
-      source = GroundingAsConversation(source, pipeline.grounding_prompt, pipeline.box_format)
-    parts.append(source)
-  roots = config.image_roots or None
-  parts += [data_sources.ConversationSource(path, roots) for path in config.conversations]
-  parts += [GroundingAsConversation(data_sources.GroundingSource(path, roots),
-                                    pipeline.grounding_prompt, pipeline.box_format)
-            for path in config.grounding]
-  if not parts:
-    raise UserError("no training data: set data.shapes_tasks, data.conversations or data.grounding")
-  return parts[0] if len(parts) == 1 else data_sources.Mixture(parts)
-
-
-def pipeline_config(config: DataSources, model: nnx.Module, model_config: ModelConfig,
-                    per_process_batch: int) -> DataConfig:
-  """The data layer's config with the fields the run decides filled in."""
-  tokens = model.config.tokens_per_image if isinstance(model, LVLM) else 1
-  return dataclasses.replace(config.pipeline, kind="sft", batch_size=per_process_batch,
-                             tokens_per_image=tokens,
-                             image=image_processing(model_config, model))
-
-
-def training_batches(config: DataSources, tokenizer, data_config: DataConfig):
-  """This process's shard of the training batches: a resumable Grain iterator."""
-  return iter(make_dataset(training_source(config), tokenizer, data_config))
-
-
-def held_out_world(world: ShapesConfig) -> ShapesConfig:
-  """The same shapes distribution with other scenes: evaluation never sees a training scene."""
-  return dataclasses.replace(world, seed=world.seed + 10_000)
-
-
-def per_process_batch(global_batch: int, mesh: Mesh, accum_steps: int) -> int:
-  """Rows each process feeds; the global batch must split evenly over processes and devices."""
-  from lvlm_jax.sharding import batch_shards
-  shards, processes = batch_shards(mesh), jax.process_count()
-  if global_batch % processes:
-    raise UserError(f"train.batch_size={global_batch} must be a multiple of the "
-                    f"{processes} processes")
-  if (global_batch // accum_steps) % shards:
-    raise UserError(f"train.batch_size / train.grad_accum_steps = {global_batch // accum_steps} "
-                    f"must be a multiple of the {shards} ways the mesh splits the batch")
-  return global_batch // processes
+def init_sharded(build: Callable[[], nnx.Module], trainable,
+                 shardings: dict[str, Any]) -> tuple[nnx.State, nnx.State]:
+  """(params, frozen) of a freshly initialised model, each shard created on its own device: a
+  model too big for one device is never whole anywhere."""
+  def init():
+    _, params, frozen = nnx.split(build(), trainable, ...)
+    return params, frozen
+  return jax.jit(init, out_shardings=(shardings["params"], shardings["frozen"]))()

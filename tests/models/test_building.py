@@ -3,18 +3,19 @@
 import numpy as np
 from flax import nnx
 
-from lvlm_jax.methods import setup
+from lvlm_jax.data.tokenizer import load_tokenizer
+from lvlm_jax.models import building
 from lvlm_jax.models.lora import Linear
 
 
 def test_new_model_kernels_are_fan_in_scaled_and_images_reach_the_decoder():
-  config = setup.ModelConfig(vision=setup.VisionSize(hidden_size=64, intermediate_size=128,
+  config = building.ModelConfig(vision=building.VisionSize(hidden_size=64, intermediate_size=128,
                                                      num_layers=2, num_heads=4, image_size=32,
                                                      patch_size=8),
-                             text=setup.TextSize(hidden_size=64, intermediate_size=128,
+                             text=building.TextSize(hidden_size=64, intermediate_size=128,
                                                  num_layers=2, num_heads=4, num_kv_heads=2))
-  tokenizer = setup.load_tokenizer(config)
-  model = setup._build_new(config, tokenizer)()
+  tokenizer = load_tokenizer(config)
+  model = building.build_new(config, tokenizer)()
   for path, module in nnx.iter_graph(model):
     if isinstance(module, Linear):
       kernel = np.asarray(module.kernel[...])
