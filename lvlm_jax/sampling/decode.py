@@ -238,10 +238,14 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
   """Generates up to `config.max_new_tokens` tokens after each prompt.
 
   graphdef, state: `nnx.split` of an LLM or LVLM. input_ids, attention_mask: int [B, T];
-  pixel_values: float32 [B, N, H, W, 3] (LVLM); rng: a key, used when sampling; stop: stop strings
-  for this model's vocabulary. Returns a `Generation` of B * config.num_return_sequences rows with
-  N = max_new_tokens.
+  pixel_values: float32 [B, N, H, W, 3] (LVLM); rng: a key, required when sampling (a `UserError`
+  without one: a fixed default key would make every call return the same "samples"), unused by
+  greedy decoding; stop: stop strings for this model's vocabulary. Returns a `Generation` of
+  B * config.num_return_sequences rows with N = max_new_tokens.
   """
+  if config.do_sample and rng is None:
+    raise UserError("sampling (do_sample=True) needs a key: pass rng=jax.random.key(seed), a new "
+                    "one (or jax.random.fold_in of one) per call for different samples")
   model = nnx.merge(graphdef, state)
   model.eval()  # no dropout; this is the traced copy, the caller's model is untouched
   length = input_ids.shape[1]
@@ -249,7 +253,7 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
   logits, cache, positions = prefill(model, input_ids, attention_mask, length + n, pixel_values,
                                      copies=config.num_return_sequences)
   batch = logits.shape[0]
-  rng = jax.random.key(0) if rng is None else rng
+  rng = jax.random.key(0) if rng is None else rng  # greedy decoding never draws from it
   loop = _State(step=jnp.zeros((), jnp.int32),
                 tokens=jnp.full((batch, n), config.pad_token_id, jnp.int32),
                 logprobs=jnp.zeros((batch, n), jnp.float32),
