@@ -240,15 +240,19 @@ def tokenize_conversation(turns: Sequence[Mapping], tokenizer, template: str = "
 
 
 def fit_to_length(input_ids: np.ndarray, loss_mask: np.ndarray, max_length: int, image_id: int,
-                  require_target: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
-  """Cuts `[L]` arrays to `max_length`, or None when that would cut into (or drop) image tokens,
-  or (with `require_target`) leave no target token: such an example is dropped, not mangled."""
+                  require_target: bool = True) -> tuple[np.ndarray, np.ndarray] | str:
+  """`[L]` arrays cut to `max_length` when only untrained text falls past it, or the reason the
+  example is dropped instead of mangled: "answer_too_long" when the cut would fall in a target
+  (an answer trained without its end, so the model learns not to stop), "too_long" when it would
+  fall in image tokens or (with `require_target`) no target is left."""
   if len(input_ids) > max_length:
     if np.any(input_ids[max_length:] == image_id):
-      return None
+      return "too_long"
+    if np.any(loss_mask[max_length:]):
+      return "answer_too_long"
     input_ids, loss_mask = input_ids[:max_length], loss_mask[:max_length]
   if require_target and not loss_mask.any():
-    return None
+    return "too_long"
   return input_ids, loss_mask
 
 

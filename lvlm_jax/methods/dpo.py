@@ -48,6 +48,7 @@ def run(*, model: setup.ModelConfig, tokenizer, preferences: str, image_roots: t
   data = dataclasses.replace(
       pipeline, kind="preference", batch_size=local_batch, with_ref_logps=not in_step,
       tokens_per_image=abstract_model.config.tokens_per_image,
+      context_length=abstract_model.config.text.max_position_embeddings,
       image=setup.image_processing(model, abstract_model))
   batches = iter(make_dataset(PreferenceSource(preferences, image_roots or None), tokenizer, data))
 

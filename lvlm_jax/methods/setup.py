@@ -280,8 +280,9 @@ def pipeline_config(config: DataSources, model: nnx.Module, model_config: ModelC
                     per_process_batch: int) -> DataConfig:
   """The data layer's config with the fields the run decides filled in."""
   tokens = model.config.tokens_per_image if isinstance(model, LVLM) else 1
+  text = model.config.text if isinstance(model, LVLM) else model.config
   return dataclasses.replace(config.pipeline, kind="sft", batch_size=per_process_batch,
-                             tokens_per_image=tokens,
+                             tokens_per_image=tokens, context_length=text.max_position_embeddings,
                              image=image_processing(model_config, model))
 
 

@@ -137,15 +137,17 @@ def test_placeholders_prepended_like_llava():
     text.ensure_image_placeholders(CONVERSATION, 2)
 
 
-def test_fit_to_length_never_cuts_image_tokens():
-  ids = np.asarray([1, 9, 9, 9, 5, 6, 7], np.int32)
-  mask = np.asarray([0, 0, 0, 0, 0, 1, 1], np.int32)
-  cut = text.fit_to_length(ids, mask, 6, image_id=9)
-  np.testing.assert_array_equal(cut[0], [1, 9, 9, 9, 5, 6])
-  np.testing.assert_array_equal(cut[1], [0, 0, 0, 0, 0, 1])
-  assert text.fit_to_length(ids, mask, 3, image_id=9) is None  # would cut into the image
-  assert text.fit_to_length(ids, mask, 5, image_id=9) is None  # would drop every target
-  assert text.fit_to_length(ids, mask, 7, image_id=9)[0] is ids
+def test_fit_to_length_never_cuts_image_tokens_or_answers():
+  ids = np.asarray([1, 9, 9, 9, 5, 6, 7, 3], np.int32)
+  mask = np.asarray([0, 0, 0, 0, 0, 1, 1, 0], np.int32)
+  cut = text.fit_to_length(ids, mask, 7, image_id=9)  # only untrained text goes
+  np.testing.assert_array_equal(cut[0], [1, 9, 9, 9, 5, 6, 7])
+  np.testing.assert_array_equal(cut[1], [0, 0, 0, 0, 0, 1, 1])
+  assert text.fit_to_length(ids, mask, 3, image_id=9) == "too_long"  # would cut into the image
+  assert text.fit_to_length(ids, mask, 6, image_id=9) == "answer_too_long"  # loses the end token
+  assert text.fit_to_length(ids, mask, 5, image_id=9) == "answer_too_long"
+  assert text.fit_to_length(ids, 0 * mask, 8, image_id=9) == "too_long"  # no target at all
+  assert text.fit_to_length(ids, mask, 8, image_id=9)[0] is ids
 
 
 def test_box_text_round_trip_and_sc_tune_grid():
