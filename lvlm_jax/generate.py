@@ -186,10 +186,10 @@ class Prompter:
       turns = text.ensure_image_placeholders(turns, num_images)
     rendered = text.render(turns, self.tokenizer, self.template,
                            system=record.get("system", self.system), add_generation_prompt=True)
-    if self.is_lvlm:
-      ids, _ = text.tokenize(rendered, self.tokenizer, tokens_per_image=self.tokens_per_image)
-      return ids.tolist()
-    return self.tokenizer(rendered.text, add_special_tokens=False).input_ids
+    # As in training: LLaVA's templates tokenize piece by piece (text.tokenize knows how).
+    ids, _ = text.tokenize(rendered, self.tokenizer,
+                           tokens_per_image=self.tokens_per_image if self.is_lvlm else 1)
+    return ids.tolist()
 
   def image(self, path: str):
     """An image file -> float32 [S, S, 3] vision-tower pixels."""

@@ -20,8 +20,8 @@ import numpy as np
 from absl import flags
 
 from lvlm_jax.data.images import BadImage, ImageProcessing, load_image
-from lvlm_jax.data.text import (TEMPLATES, BoxFormat, ensure_image_placeholders, fit_to_length,
-                                image_token_id, tokenize_conversation)
+from lvlm_jax.data.text import (TEMPLATES, BadConversation, BoxFormat, ensure_image_placeholders,
+                                fit_to_length, image_token_id, tokenize_conversation)
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 
@@ -54,7 +54,8 @@ class DataConfig:
   tokens_per_image: int = help_field(576, "Image-token copies per image: the vision tower's patch "
                                      "count (576 for CLIP ViT-L/14 at 336 px).")
   template: str = help_field("vicuna_v1", f"Chat template, one of {TEMPLATES}; 'tokenizer' uses "
-                             "the tokenizer's own Jinja template.")
+                             "the tokenizer's own Jinja template, 'plain' is LLaVA's pretraining "
+                             "format (image, caption).")
   system_prompt: str | None = help_field(None, "System prompt; None keeps the template's "
                                          "default, '' drops it.")
   image_token: str = help_field("<image>", "The placeholder marking each image in the text; the "
@@ -190,9 +191,12 @@ class Preprocess:
       turns = ensure_image_placeholders(turns, num_images, cfg.image_token)
     except UserError as e:
       raise _Skip("image_count_mismatch", f"{where}: {e}") from None
-    ids, mask = tokenize_conversation(turns, self.tokenizer, cfg.template, system=cfg.system_prompt,
-                                      image_token=cfg.image_token,
-                                      tokens_per_image=cfg.tokens_per_image)
+    try:
+      ids, mask = tokenize_conversation(turns, self.tokenizer, cfg.template,
+                                        system=cfg.system_prompt, image_token=cfg.image_token,
+                                        tokens_per_image=cfg.tokens_per_image)
+    except BadConversation as e:
+      raise _Skip("bad_conversation", f"{where}: {e}") from None
     fitted = fit_to_length(ids, mask, cfg.max_length, self.image_id)
     if isinstance(fitted, str):
       raise _Skip(fitted, f"{where}: {len(ids)} tokens do not fit max length {cfg.max_length} "
@@ -263,7 +267,7 @@ class BatchIterator(grain.DatasetIterator):
   def skip_counts(self) -> dict[str, int]:
     """Skipped records by reason: malformed lines found when the sources were read, plus the
     examples dropped since (image_missing, image_unreadable, too_long, answer_too_long,
-    identical_pair, ...). For the metrics."""
+    identical_pair, bad_conversation, ...). For the metrics."""
     return dict(Counter(self._source_skipped) + self._skipped)
 
   def __next__(self) -> dict[str, np.ndarray]:

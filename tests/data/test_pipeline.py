@@ -187,15 +187,17 @@ def test_bad_examples_are_skipped_and_counted(tokenizer, data_dir):
   lines[9]["image"] = ["../secret.png"]
   lines[11]["image"] = ["big.png"]  # over max_image_pixels
   lines[13]["conversations"][0]["value"] = "What colour? " * 40 + "<image>"  # image past 256
+  lines[15]["conversations"].insert(1, {"from": "system", "value": "Be brief."})  # mid-dialogue
   src = sources.ConversationSource(write_jsonl(data_dir / "d.jsonl", lines), max_bad_fraction=0.1)
   cfg = config(num_epochs=1, max_image_pixels=500, max_skip_fraction=0.1)
   it = iter(make_dataset(src, tokenizer, cfg))
   batches = list(it)
-  assert len(batches) == 2  # 10 good examples: two full batches, the remainder dropped
+  assert len(batches) == 2  # 9 good examples: two full batches, the remainder dropped
   assert all(b["input_ids"].shape[0] == 4 and b["pixel_values"].shape == (4, 2, SIZE, SIZE, 3)
              for b in batches)
   assert it.skip_counts == {"bad_json": 1, "image_unreadable": 1, "image_missing": 1,
-                            "image_outside_root": 1, "image_too_large": 1, "too_long": 1}
+                            "image_outside_root": 1, "image_too_large": 1, "too_long": 1,
+                            "bad_conversation": 1}
   assert it.examples_seen == 15
 
 

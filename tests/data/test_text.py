@@ -98,6 +98,41 @@ def test_system_prompt_override_and_drop():
   assert text.render(turns, tokenizer, "vicuna_v1").text.startswith("Own. USER:")
 
 
+INNER_SYSTEM = CONVERSATION[:2] + [{"from": "system", "value": "Answer in French."}] + CONVERSATION[2:]
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "mistral", "plain"])
+def test_a_system_turn_inside_the_conversation_is_refused_where_it_has_no_place(template):
+  # Before, vicuna_v1 and mistral rendered it as an assistant answer and trained on it.
+  tokenizer = make_tokenizer()
+  with pytest.raises(text.BadConversation, match="turn 2 is a system turn inside"):
+    text.tokenize_conversation(INNER_SYSTEM, tokenizer, template)
+
+
+def test_a_system_turn_inside_the_conversation_is_a_system_message_in_chatml():
+  tokenizer = make_tokenizer(bos=None, eos="<|im_end|>", chat_template=CHATML_JINJA)
+  want_ids, want_mask = reference(tokenizer, INNER_SYSTEM)
+  for name in ("chatml", "tokenizer"):
+    ids, mask = text.tokenize_conversation(INNER_SYSTEM, tokenizer, name)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(mask, want_mask)
+  assert "French" not in tokenizer.decode(ids[mask == 1])
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "chatml", "mistral"])
+def test_a_leading_gpt_turn_is_dropped_as_llava_does(template):
+  tokenizer = make_tokenizer(bos=None if template == "chatml" else "<s>",
+                             eos="<|im_end|>" if template == "chatml" else "</s>")
+  turns = [{"from": "gpt", "value": "Hello, ask me."}] + CONVERSATION
+  got = text.tokenize_conversation(turns, tokenizer, template)
+  want = text.tokenize_conversation(CONVERSATION, tokenizer, template)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  system_first = [{"from": "system", "value": "Be brief."}] + turns
+  assert text.render(system_first, tokenizer, template).text == text.render(
+      [system_first[0]] + CONVERSATION, tokenizer, template).text
+
+
 def test_image_tokens_expand_and_are_never_targets():
   tokenizer = make_tokenizer()
   image_id = text.image_token_id(tokenizer)
