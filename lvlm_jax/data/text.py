@@ -13,6 +13,7 @@ text at once, its special tokens written in it.
 """
 
 import dataclasses
+import json
 import re
 from collections.abc import Mapping, Sequence
 
@@ -241,6 +242,67 @@ _RENDERERS = {"vicuna_v1": _vicuna_v1, "plain": _plain, "llama3": _llama3, "chat
 # Built-in templates that cannot show a system turn inside a conversation (chatml and llama3
 # render it as a system message; the tokenizer's own template decides for itself).
 _NO_INNER_SYSTEM = ("vicuna_v1", "plain", "mistral")
+
+
+# Jinja twins of the built-in templates, for exported tokenizers: `{system}` is the system prompt
+# in force (a leading system message replaces it). They render what `render` renders.
+_SPLIT_SYSTEM = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = {system} %}{% set turns = messages %}{% endif %}")
+_NO_SYSTEM_INSIDE = ("{% if message['role'] == 'system' %}{{ raise_exception('only the first "
+                     "message may be a system message') }}{% endif %}")
+_JINJA = {
+    "vicuna_v1": (
+        "{{ bos_token or '' }}" + _SPLIT_SYSTEM + "{{ system + ' ' }}"
+        "{% for message in turns %}" + _NO_SYSTEM_INSIDE +
+        "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
+        "{% elif message['role'] == 'assistant' %}"
+        "{{ 'ASSISTANT: ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"),
+    "plain": (
+        "{{ bos_token or '' }}{% for message in messages %}" + _NO_SYSTEM_INSIDE +
+        "{% if message['role'] == 'user' %}{{ '<image>' * message['content'].count('<image>') }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + '\n' }}{% endif %}"
+        "{% endfor %}"),
+    "llama3": (
+        "{{ bos_token or '' }}" + _SPLIT_SYSTEM +
+        "{% if system %}{{ '<|start_header_id|>system<|end_header_id|>\n\n' + system | trim"
+        " + '<|eot_id|>' }}{% endif %}"
+        "{% for message in turns %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+    "chatml": (
+        _SPLIT_SYSTEM +
+        "{% if system %}{{ '<|im_start|>system\n' + system + '<|im_end|>\n' }}{% endif %}"
+        "{% for message in turns %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    "mistral": (
+        "{{ bos_token or '' }}" + _SPLIT_SYSTEM +
+        "{% for message in turns %}" + _NO_SYSTEM_INSIDE +
+        "{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+        "{% if system and loop.first %}{{ system + '\n\n' }}{% endif %}"
+        "{{ message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"),
+}
+_DEFAULT_SYSTEM = {"vicuna_v1": VICUNA_SYSTEM, "chatml": CHATML_SYSTEM, "llama3": "", "mistral": "",
+                   "plain": ""}
+
+
+def chat_template(template: str, system: str | None = None) -> str | None:
+  """A Jinja chat template that renders as `render(..., template, system=system)` does, for the
+  tokenizer of an exported model; None for "tokenizer" (the tokenizer's own template stays)."""
+  if template == "tokenizer":
+    return None
+  if template not in _JINJA:
+    raise UserError(f"unknown chat template {template!r}; choose one of {TEMPLATES}")
+  system = _DEFAULT_SYSTEM[template] if system is None else system
+  return _JINJA[template].replace("{system}", json.dumps(system, ensure_ascii=False))
 
 
 def render(turns: Sequence[Mapping], tokenizer, template: str = "vicuna_v1", *,

@@ -78,7 +78,7 @@ def run(*, model: setup.ModelConfig, tokenizer, preferences: str, image_roots: t
     final = train_state.merge(graphdef, state)
     export = os.path.join(workdir, "export")
     checkpoint.export_hf(final, os.path.join(export, "hf"), checkpoint_config.export_dtype,
-                         tokenizer)
+                         tokenizer, data=data)
     if checkpoint_config.export_lora and model.use_lora:
       checkpoint.export_lora(final, os.path.join(export, "lora"), model.hf_dir)
   write_json(os.path.join(workdir, "summary.json"), summary)

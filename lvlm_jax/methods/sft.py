@@ -96,7 +96,7 @@ def _export(config: SFTConfig, model, tokenizer, workdir: str) -> None:
   export = os.path.join(workdir, "export")
   if config.checkpoint.export_hf:
     checkpoint.export_hf(model, os.path.join(export, "hf"), config.checkpoint.export_dtype,
-                         tokenizer)
+                         tokenizer, data=setup.pipeline_config(config.data, model, config.model, 1))
   if config.checkpoint.export_lora and config.model.use_lora:
     checkpoint.export_lora(model, os.path.join(export, "lora"), config.model.hf_dir)
 

@@ -133,6 +133,26 @@ def test_a_leading_gpt_turn_is_dropped_as_llava_does(template):
       [system_first[0]] + CONVERSATION, tokenizer, template).text
 
 
+@pytest.mark.parametrize("template", ["vicuna_v1", "plain", "llama3", "chatml", "mistral"])
+@pytest.mark.parametrize("system", [None, "", "Be brief."])
+def test_exported_chat_template_renders_what_training_renders(template, system):
+  bos, eos = {"llama3": ("<|begin_of_text|>", "<|eot_id|>"), "chatml": (None, "<|im_end|>")}.get(
+      template, ("<s>", "</s>"))
+  tokenizer = make_tokenizer(bos=bos, eos=eos, chat_template=text.chat_template(template, system))
+  if template == "plain":
+    cases = [(CONVERSATION[:2], False), (CONVERSATION[:1], True)]
+  else:
+    cases = [(turns, generation) for generation in (False, True) for turns in (
+        CONVERSATION, CONVERSATION[:3], [{"from": "system", "value": "Own."}] + CONVERSATION[:2])]
+  for turns, generation in cases:
+    want = text.render(turns, tokenizer, template, system=system,
+                       add_generation_prompt=generation).text
+    got = tokenizer.apply_chat_template(text.to_messages(turns), tokenize=False,
+                                        add_generation_prompt=generation)
+    assert got == want, (turns, generation)
+  assert text.chat_template("tokenizer") is None
+
+
 def test_image_tokens_expand_and_are_never_targets():
   tokenizer = make_tokenizer()
   image_id = text.image_token_id(tokenizer)
