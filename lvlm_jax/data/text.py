@@ -49,20 +49,19 @@ def to_messages(turns: Sequence[Mapping]) -> list[dict[str, str]]:
   return messages
 
 
-def conversation_messages(turns: Sequence[Mapping]) -> list[dict[str, str]]:
-  """The messages a template renders: a system turn only first, then user and assistant turns.
-
-  Assistant turns before the first user turn are dropped, as LLaVA's `preprocess` drops a leading
-  gpt turn (an answer to no question). A system turn anywhere but first raises `BadConversation`:
-  LLaVA's formats have no place for one, and rendered as a turn it would be trained as an answer.
-  """
+def conversation_messages(turns: Sequence[Mapping],
+                          inner_system: bool = False) -> list[dict[str, str]]:
+  """The messages a template renders. Assistant turns before the first question are dropped, as
+  LLaVA's `preprocess` drops a leading gpt turn (an answer to no question). Without
+  `inner_system`, a system turn anywhere but first raises `BadConversation`: LLaVA's formats have
+  no place for one, and rendered as a turn it would be trained as an answer."""
   messages = to_messages(turns)
   head = messages[:1] if messages and messages[0]["role"] == "system" else []
   rest = messages[len(head):]
   while rest and rest[0]["role"] == "assistant":
     rest = rest[1:]
   for i, m in enumerate(rest):
-    if m["role"] == "system":
+    if m["role"] == "system" and not inner_system:
       raise BadConversation(f"turn {len(messages) - len(rest) + i} is a system turn inside the "
                             "conversation; only the first turn may be 'system'")
   return head + rest
@@ -320,12 +319,7 @@ def render(turns: Sequence[Mapping], tokenizer, template: str = "vicuna_v1", *,
     raise UserError(f"unknown chat template {template!r}; choose one of {TEMPLATES}")
   if template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
     raise UserError("template='tokenizer' but the tokenizer has no chat template")
-  if template in _NO_INNER_SYSTEM:
-    messages = conversation_messages(turns)
-  else:
-    messages = to_messages(turns)
-    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
-    messages = [m for i, m in enumerate(messages) if i >= first_user or m["role"] == "system"]
+  messages = conversation_messages(turns, inner_system=template not in _NO_INNER_SYSTEM)
   return _RENDERERS[template](messages, system, tokenizer, add_generation_prompt)
 
 
@@ -353,8 +347,9 @@ def image_token_id(tokenizer, image_token: str = "<image>") -> int:
 def tokenize(rendered: Rendered, tokenizer, *, image_token: str = "<image>",
              tokens_per_image: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """Rendered text -> (`input_ids int32 [L]`, `loss_mask int32 [L]`), each image token expanded
-  to `tokens_per_image` copies. A token is a target when it overlaps a target span. The tokenizer
-  must hold `image_token` only when the text contains it (text-only tokenizers need not)."""
+  to `tokens_per_image` copies. A token is a target when it overlaps a target span (a token of
+  no width, when it sits inside one). The tokenizer must hold `image_token` only when the text
+  contains it (text-only tokenizers need not)."""
   if rendered.by_image:
     ids, offsets = _encode_by_image(rendered.text, tokenizer, image_token)
   else:
