@@ -243,3 +243,10 @@ def test_export_prompts_as_training_and_loads_with_auto_processor(tmp_path, monk
   assert inputs["pixel_values"].shape == (1, 3, model.config.vision.image_size,
                                           model.config.vision.image_size)
   assert (inputs["input_ids"] == model.config.image_token_id).sum() == tokens
+
+
+def test_length_buckets_past_the_model_context_refuse_to_train(tmp_path):
+  from lvlm_jax.errors import UserError
+  with pytest.raises(UserError, match=r"go past the model's context of 512 tokens"):
+    run(tmp_path, **{"data.pipeline.length_buckets": (32, 1024)})
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
