@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="image(s) for --prompt, in order; a prompt without <image> placeholders gets "
                  "one '<image>\\n' per image in front (LLaVA's rule)")
   p.add_argument("--system", default=None,
-                 help="system prompt (default: the template's own; '' for none)")
+                 help="system prompt (default: the template's own; '' for none); in batch mode "
+                 "for the records without a 'system' of their own")
   p.add_argument("--input_jsonl", help="batch mode: one JSON object per line with 'prompt' and "
                  "optional 'image'/'images' and 'system'")
   p.add_argument("--output_jsonl", help="batch mode: where to write each input object plus "
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--template", default="auto", choices=TEMPLATES,
                  help="chat template: 'auto' = the tokenizer's own if it has one, else vicuna_v1; "
                  "'none' = the prompt text as is")
-  p.add_argument("--max_new_tokens", type=int, default=128, help="most tokens generated per answer")
+  p.add_argument("--max_new_tokens", type=int, default=128,
+                 help="most tokens generated per answer; a prompt that leaves no room for them "
+                 "in the model's context (max_position_embeddings) is refused")
   p.add_argument("--min_new_tokens", type=int, default=0,
                  help="end-of-sequence tokens are suppressed until this many tokens exist")
   p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
@@ -128,10 +131,16 @@ def read_records(path: str) -> list[dict]:
 class Prompter:
   """Records -> token ids and pixels for one model: template, tokenizer, image processing."""
 
-  def __init__(self, model_dir: str, model, template: str):
+  def __init__(self, model_dir: str, model, template: str, system: str | None = None,
+               max_new_tokens: int = 0):
+    """`system`: the system prompt of records without their own; `max_new_tokens`: the answer
+    budget that every prompt must leave room for in the model's context."""
     from transformers import AutoTokenizer
 
     from lvlm_jax.models.lvlm import LVLM
+    from lvlm_jax.sampling.decode import language_model
+    self.system, self.max_new_tokens = system, max_new_tokens
+    self.context = language_model(model).config.max_position_embeddings
     try:
       self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
@@ -154,6 +163,17 @@ class Prompter:
         self.processing = images_lib.ImageProcessing(size=config.vision.image_size)
 
   def token_ids(self, record: dict) -> list[int]:
+    """The prompt's ids; a `UserError` when they and max_new_tokens overflow the context (past
+    max_position_embeddings a model returns garbage)."""
+    ids = self._ids(record)
+    if len(ids) + self.max_new_tokens > self.context:
+      raise UserError(f"prompt {record['prompt'][:40]!r}: its {len(ids)} tokens plus "
+                      f"--max_new_tokens {self.max_new_tokens} exceed the model's context of "
+                      f"{self.context} (max_position_embeddings); shorten it or lower "
+                      "--max_new_tokens")
+    return ids
+
+  def _ids(self, record: dict) -> list[int]:
     num_images = len(image_paths(record))
     if num_images and not self.is_lvlm:
       raise UserError("images were given but the model is text-only")
@@ -164,12 +184,12 @@ class Prompter:
     turns = [{"from": "human", "value": record["prompt"]}]
     if self.is_lvlm:
       turns = text.ensure_image_placeholders(turns, num_images)
-    rendered = text.render(turns, self.tokenizer, self.template, system=record.get("system"),
-                           add_generation_prompt=True)
-    if self.is_lvlm:
-      ids, _ = text.tokenize(rendered, self.tokenizer, tokens_per_image=self.tokens_per_image)
-      return ids.tolist()
-    return self.tokenizer(rendered.text, add_special_tokens=False).input_ids
+    rendered = text.render(turns, self.tokenizer, self.template,
+                           system=record.get("system", self.system), add_generation_prompt=True)
+    # As in training: LLaVA's templates tokenize piece by piece (text.tokenize knows how).
+    ids, _ = text.tokenize(rendered, self.tokenizer,
+                           tokens_per_image=self.tokens_per_image if self.is_lvlm else 1)
+    return ids.tolist()
 
   def image(self, path: str):
     """An image file -> float32 [S, S, 3] vision-tower pixels."""
@@ -239,7 +259,7 @@ def run(args: argparse.Namespace) -> None:
   from lvlm_jax.sampling import beam, decode, stop_strings
 
   model = _load_model(args.model, args.dtype)
-  prompter = Prompter(args.model, model, args.template)
+  prompter = Prompter(args.model, model, args.template, args.system, args.max_new_tokens)
   tokenizer = prompter.tokenizer
   eos = _stop_token_ids(args.model, model, tokenizer)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)

@@ -85,15 +85,19 @@ def test_help_describes_every_flag():
 
 def test_prompt_with_two_images_prints_the_greedy_answer(llava_dir, images, capsys):
   paths = [str(images / "wide.png"), str(images / "tall.png")]
+  # --system: vicuna_v1's own system prompt would not fit the tiny model's 128-token context.
   code, out, err = run(["--model", llava_dir, "--prompt", "Compare the images.", "--image", *paths,
-                        "--max_new_tokens", "8", "--min_new_tokens", "8"], capsys)
+                        "--max_new_tokens", "8", "--min_new_tokens", "8", "--system", "A chat."],
+                       capsys)
   assert code == 0, err
   # The same answer from the library: vicuna_v1 (the tokenizer has no chat template), one
   # "<image>\n" per image in front, pad-to-square preprocessing.
   import transformers
   tokenizer = transformers.AutoTokenizer.from_pretrained(llava_dir)
   turns = text.ensure_image_placeholders([{"from": "human", "value": "Compare the images."}], 2)
-  rendered = text.render(turns, tokenizer, "vicuna_v1", add_generation_prompt=True)
+  rendered = text.render(turns, tokenizer, "vicuna_v1", system="A chat.",
+                         add_generation_prompt=True)
+  assert rendered.text.startswith("<s>A chat. USER: <image>")
   ids, _ = text.tokenize(rendered, tokenizer, tokens_per_image=16)
   processing = ImageProcessing.from_hf_preprocessor_config(llava_dir)
   pixels = np.stack([processing(load_image(p)) for p in paths])[None]
@@ -117,7 +121,8 @@ def test_jsonl_batch_mode(llava_dir, images, tmp_path, capsys):
   source.write_text("\n".join(json.dumps(r) for r in records) + "\n")
   target = tmp_path / "out.jsonl"
   code, _, err = run(["--model", llava_dir, "--input_jsonl", str(source), "--output_jsonl",
-                      str(target), "--batch_size", "2", "--max_new_tokens", "6"], capsys)
+                      str(target), "--batch_size", "2", "--max_new_tokens", "6",
+                      "--system", "A chat."], capsys)
   assert code == 0, err
   assert "generating" in err  # the progress bar
   lines = [json.loads(line) for line in target.read_text().splitlines()]
@@ -159,8 +164,16 @@ def test_sampling_several_answers_per_prompt(llama_dir, tmp_path, capsys):
   assert len({r for record in records for r in record["responses"]}) > 2
 
 
+def test_system_prompt_of_the_flag_and_of_a_record(llava_dir):
+  model = hf.load_lvlm(llava_dir)
+  prompter = cli.Prompter(llava_dir, model, "vicuna_v1", system="A chat.", max_new_tokens=8)
+  decode = lambda record: prompter.tokenizer.decode(prompter.token_ids(record))
+  assert decode({"prompt": "Hi."}) == "<s>A chat. USER: Hi. ASSISTANT:"
+  assert decode({"prompt": "Hi.", "system": "Be brief."}) == "<s>Be brief. USER: Hi. ASSISTANT:"
+
+
 @pytest.mark.parametrize("case", ["missing_image", "escaping_image", "bad_json", "no_model",
-                                  "images_for_text_model", "beams_with_stop"])
+                                  "images_for_text_model", "beams_with_stop", "past_the_context"])
 def test_user_errors_are_one_line_with_exit_2(case, llava_dir, llama_dir, images, tmp_path, capsys):
   source = tmp_path / "in.jsonl"
   argv = {
@@ -174,6 +187,9 @@ def test_user_errors_are_one_line_with_exit_2(case, llava_dir, llama_dir, images
                                 str(images / "wide.png")],
       "beams_with_stop": ["--model", llama_dir, "--prompt", "hi", "--num_beams", "2",
                           "--stop", "."],
+      # 3 prompt tokens + 126 new ones: one past the tiny model's 128 positions
+      "past_the_context": ["--model", llama_dir, "--prompt", "a b", "--template", "none",
+                           "--max_new_tokens", "126"],
   }[case]
   if case == "escaping_image":
     source.write_text(json.dumps({"prompt": "hi", "image": "../../etc/passwd"}) + "\n")
@@ -184,3 +200,5 @@ def test_user_errors_are_one_line_with_exit_2(case, llava_dir, llama_dir, images
   assert err.startswith("error: ") and err.count("\n") == 1, err
   if case == "bad_json":
     assert "in.jsonl:2" in err
+  if case == "past_the_context":
+    assert "its 3 tokens plus --max_new_tokens 126 exceed the model's context of 128" in err

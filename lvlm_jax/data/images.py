@@ -56,6 +56,25 @@ def resolve_image_path(path: str, roots: Sequence[str]) -> str:
   raise BadImage("image_missing", f"image {path!r} is in none of the image roots {list(roots)}")
 
 
+def to_rgb8(img: Image.Image) -> np.ndarray:
+  """A PIL image of any mode -> `uint8 [H, W, 3]` RGB on the 0..255 scale.
+
+  PIL's own `convert("RGB")` clips wider samples instead of scaling them, so a 16-bit PNG comes
+  out almost all white; here integer modes (`I;16*`, `I`) are read on the 16-bit scale 0..65535
+  (what 16-bit PNG, TIFF and PGM samples load as) and float images (`F`) on 0..1, or on PIL's
+  0..255 when a value exceeds 1. Alpha and palette transparency are dropped, as LLaVA's
+  `convert("RGB")` drops them; CMYK, 1-bit, palette and the rest convert as PIL converts them.
+  """
+  if img.mode == "F" or img.mode == "I" or img.mode.startswith("I;16"):
+    x = np.nan_to_num(np.asarray(img, np.float64))
+    top = (1.0 if x.max(initial=0) <= 1 else 255.0) if img.mode == "F" else 65535.0
+    gray = np.round(np.clip(x, 0, top) * (255 / top)).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+  if img.mode == "P" and "transparency" in img.info:
+    img = img.convert("RGBA")  # the same colours, without PIL's warning about bytes transparency
+  return np.asarray(img.convert("RGB"))
+
+
 def load_image(path: str, max_pixels: int | None = None) -> np.ndarray:
   """Decodes an image file to `uint8 [H, W, 3]` RGB, upright per its EXIF orientation.
 
@@ -72,8 +91,7 @@ def load_image(path: str, max_pixels: int | None = None) -> np.ndarray:
                        f"limit of {limit} (a decompression bomb?); refused")
       with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        upright = ImageOps.exif_transpose(img)
-        return np.asarray(upright.convert("RGB"))
+        return to_rgb8(ImageOps.exif_transpose(img))
   except BadImage:
     raise
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

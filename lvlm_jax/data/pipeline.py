@@ -20,8 +20,8 @@ import numpy as np
 from absl import flags
 
 from lvlm_jax.data.images import BadImage, ImageProcessing, load_image
-from lvlm_jax.data.text import (TEMPLATES, BoxFormat, ensure_image_placeholders, fit_to_length,
-                                image_token_id, tokenize_conversation)
+from lvlm_jax.data.text import (TEMPLATES, BadConversation, BoxFormat, ensure_image_placeholders,
+                                fit_to_length, image_token_id, tokenize_conversation)
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 
@@ -44,13 +44,18 @@ class DataConfig:
   batch_size: int = help_field(8, "Examples per batch on this process (the per-host batch).")
   length_buckets: tuple[int, ...] = help_field(
       (256, 512, 1024, 2048), "Sequence lengths T a batch is padded to: the smallest that fits its "
-      "longest example. Few buckets = few compilations; the largest is the maximum length.")
+      "longest example. Few buckets = few compilations; the largest is the maximum length: text "
+      "past it is cut when untrained, else the example is skipped (too_long, answer_too_long).")
+  context_length: int | None = help_field(None, "The model's context (max_position_embeddings); "
+                                          "length buckets longer than it are refused. None: "
+                                          "unchecked (the training setup fills it in).")
   max_images: int = help_field(1, "Image slots N per example; examples with more images are "
                                "skipped. 2 for CaD-VI image pairs.")
   tokens_per_image: int = help_field(576, "Image-token copies per image: the vision tower's patch "
                                      "count (576 for CLIP ViT-L/14 at 336 px).")
   template: str = help_field("vicuna_v1", f"Chat template, one of {TEMPLATES}; 'tokenizer' uses "
-                             "the tokenizer's own Jinja template.")
+                             "the tokenizer's own Jinja template, 'plain' is LLaVA's pretraining "
+                             "format (image, caption).")
   system_prompt: str | None = help_field(None, "System prompt; None keeps the template's "
                                          "default, '' drops it.")
   image_token: str = help_field("<image>", "The placeholder marking each image in the text; the "
@@ -88,6 +93,10 @@ class DataConfig:
     if not self.length_buckets or list(self.length_buckets) != sorted(set(self.length_buckets)) \
         or self.length_buckets[0] <= 0:
       raise UserError(f"length_buckets {self.length_buckets} must be increasing positive lengths")
+    if self.context_length is not None and self.length_buckets[-1] > self.context_length:
+      raise UserError(f"length_buckets {self.length_buckets} go past the model's context of "
+                      f"{self.context_length} tokens (max_position_embeddings); use buckets up to "
+                      f"{self.context_length}")
     if self.batch_size <= 0 or self.max_images < 0 or self.tokens_per_image <= 0:
       raise UserError("batch_size and tokens_per_image must be positive, max_images >= 0")
 
@@ -148,6 +157,9 @@ class Preprocess:
       for side in ("chosen", "rejected"):
         turns = list(record["prompt"]) + [{"from": "gpt", "value": record[side]}]
         example.update(self._tokens(side + "_", turns, len(images), where))
+      if np.array_equal(example["chosen_input_ids"], example["rejected_input_ids"]):
+        # The loss of such a pair has zero gradient: it would train on nothing, uncounted.
+        raise _Skip("identical_pair", f"{where}: the chosen and rejected answers are the same tokens")
       if cfg.with_ref_logps:
         try:
           for side in ("chosen", "rejected"):
@@ -179,13 +191,16 @@ class Preprocess:
       turns = ensure_image_placeholders(turns, num_images, cfg.image_token)
     except UserError as e:
       raise _Skip("image_count_mismatch", f"{where}: {e}") from None
-    ids, mask = tokenize_conversation(turns, self.tokenizer, cfg.template, system=cfg.system_prompt,
-                                      image_token=cfg.image_token,
-                                      tokens_per_image=cfg.tokens_per_image)
+    try:
+      ids, mask = tokenize_conversation(turns, self.tokenizer, cfg.template,
+                                        system=cfg.system_prompt, image_token=cfg.image_token,
+                                        tokens_per_image=cfg.tokens_per_image)
+    except BadConversation as e:
+      raise _Skip("bad_conversation", f"{where}: {e}") from None
     fitted = fit_to_length(ids, mask, cfg.max_length, self.image_id)
-    if fitted is None:
-      raise _Skip("too_long", f"{where}: {len(ids)} tokens do not fit max length {cfg.max_length} "
-                  "without cutting image tokens or every target")
+    if isinstance(fitted, str):
+      raise _Skip(fitted, f"{where}: {len(ids)} tokens do not fit max length {cfg.max_length} "
+                  "without cutting image tokens or an answer")
     return {prefix + "input_ids": fitted[0], prefix + "loss_mask": fitted[1]}
 
 
@@ -251,7 +266,8 @@ class BatchIterator(grain.DatasetIterator):
   @property
   def skip_counts(self) -> dict[str, int]:
     """Skipped records by reason: malformed lines found when the sources were read, plus the
-    examples dropped since (image_missing, image_unreadable, too_long, ...). For the metrics."""
+    examples dropped since (image_missing, image_unreadable, too_long, answer_too_long,
+    identical_pair, bad_conversation, ...). For the metrics."""
     return dict(Counter(self._source_skipped) + self._skipped)
 
   def __next__(self) -> dict[str, np.ndarray]:

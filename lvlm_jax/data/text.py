@@ -4,9 +4,16 @@ A conversation is a list of turns `{"from": "human" | "gpt" | "system", "value":
 layout; `{"role", "content"}` turns work too) with `<image>` placeholders in the text. Rendering
 gives the prompt string and the character spans the loss is on; tokenizing with offsets maps those
 spans to tokens, so the mask is right for any fast tokenizer, whatever its merges do at the seams.
+
+LLaVA's own templates (vicuna_v1, plain) are tokenized as LLaVA's `tokenizer_image_token` does:
+each piece between images on its own, so a SentencePiece tokenizer starts every piece with its
+space piece as in LLaVA (with `legacy=False` a piece that follows a special token in one long
+text would lose it). The other templates are tokenized as `apply_chat_template` does: the whole
+text at once, its special tokens written in it.
 """
 
 import dataclasses
+import json
 import re
 from collections.abc import Mapping, Sequence
 
@@ -14,7 +21,7 @@ import numpy as np
 
 from lvlm_jax.errors import UserError
 
-TEMPLATES = ("vicuna_v1", "llama3", "chatml", "mistral", "tokenizer")
+TEMPLATES = ("vicuna_v1", "plain", "llama3", "chatml", "mistral", "tokenizer")
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -24,6 +31,10 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
           "system": "system"}
 
 
+class BadConversation(UserError):
+  """A conversation that no template can render as it is (the pipeline skips and counts it)."""
+
+
 def to_messages(turns: Sequence[Mapping]) -> list[dict[str, str]]:
   """LLaVA turns (`from`/`value`) or chat messages (`role`/`content`) -> `{"role", "content"}`."""
   messages = []
@@ -31,10 +42,29 @@ def to_messages(turns: Sequence[Mapping]) -> list[dict[str, str]]:
     role = turn.get("from", turn.get("role"))
     content = turn.get("value", turn.get("content"))
     if role not in _ROLES or not isinstance(content, str):
-      raise UserError(f"turn {i} is not a chat turn (role {role!r}, text {type(content).__name__}); "
-                      f"expected roles {sorted(_ROLES)} and string text")
+      raise BadConversation(f"turn {i} is not a chat turn (role {role!r}, text "
+                            f"{type(content).__name__}); expected roles {sorted(_ROLES)} and "
+                            "string text")
     messages.append({"role": _ROLES[role], "content": content})
   return messages
+
+
+def conversation_messages(turns: Sequence[Mapping],
+                          inner_system: bool = False) -> list[dict[str, str]]:
+  """The messages a template renders. Assistant turns before the first question are dropped, as
+  LLaVA's `preprocess` drops a leading gpt turn (an answer to no question). Without
+  `inner_system`, a system turn anywhere but first raises `BadConversation`: LLaVA's formats have
+  no place for one, and rendered as a turn it would be trained as an answer."""
+  messages = to_messages(turns)
+  head = messages[:1] if messages and messages[0]["role"] == "system" else []
+  rest = messages[len(head):]
+  while rest and rest[0]["role"] == "assistant":
+    rest = rest[1:]
+  for i, m in enumerate(rest):
+    if m["role"] == "system" and not inner_system:
+      raise BadConversation(f"turn {len(messages) - len(rest) + i} is a system turn inside the "
+                            "conversation; only the first turn may be 'system'")
+  return head + rest
 
 
 def ensure_image_placeholders(turns: Sequence[Mapping], num_images: int,
@@ -62,6 +92,9 @@ class Rendered:
 
   text: str
   targets: tuple[tuple[int, int], ...]
+  # Tokenize as LLaVA's tokenizer_image_token: the pieces between image placeholders one by one,
+  # a leading BOS in the text standing for the one the tokenizer adds.
+  by_image: bool = False
 
 
 class _Builder:
@@ -75,8 +108,8 @@ class _Builder:
     self.parts.append(text)
     self.length += len(text)
 
-  def build(self) -> Rendered:
-    return Rendered("".join(self.parts), tuple(self.targets))
+  def build(self, by_image: bool = False) -> Rendered:
+    return Rendered("".join(self.parts), tuple(self.targets), by_image)
 
 
 def _split_system(messages, system, default):
@@ -88,6 +121,8 @@ def _split_system(messages, system, default):
 
 def _vicuna_v1(messages, system, tokenizer, add_generation_prompt):
   # LLaVA's conv_vicuna_v1 (SeparatorStyle.TWO): system + " ", "USER: q ", "ASSISTANT: a</s>".
+  # The target starts at the space after "ASSISTANT:", as preprocess_v1's masks do: a space
+  # piece of its own (before a digit, in SentencePiece) is trained.
   system, messages = _split_system(messages, system, VICUNA_SYSTEM)
   b = _Builder()
   b.add((tokenizer.bos_token or "") + system + " ")
@@ -95,11 +130,29 @@ def _vicuna_v1(messages, system, tokenizer, add_generation_prompt):
     if m["role"] == "user":
       b.add("USER: " + m["content"] + " ")
     else:
-      b.add("ASSISTANT: ")
-      b.add(m["content"] + tokenizer.eos_token, target=True)
+      b.add("ASSISTANT:")
+      b.add(" " + m["content"] + tokenizer.eos_token, target=True)
   if add_generation_prompt:
     b.add("ASSISTANT:")
-  return b.build()
+  return b.build(by_image=True)
+
+
+def _plain(messages, system, tokenizer, add_generation_prompt, image_token="<image>"):
+  # LLaVA's pretraining format (preprocess_plain, conv_llava_plain): the question is replaced by
+  # its image(s), then the answer and "\n"; no system prompt, roles or end token.
+  del system
+  _, messages = _split_system(messages, None, "")
+  roles = [m["role"] for m in messages]
+  if roles != ["user", "assistant"] and not (add_generation_prompt and roles == ["user"]):
+    raise BadConversation(f"the plain template takes one question and its answer, got turns {roles}")
+  images = messages[0]["content"].count(image_token)
+  if not images:
+    raise BadConversation(f"the plain template needs an {image_token} in the question")
+  b = _Builder()
+  b.add((tokenizer.bos_token or "") + image_token * images)
+  if len(messages) == 2:
+    b.add(messages[1]["content"] + "\n", target=True)
+  return b.build(by_image=True)
 
 
 def _llama3(messages, system, tokenizer, add_generation_prompt):
@@ -147,6 +200,20 @@ def _mistral(messages, system, tokenizer, add_generation_prompt):
   return b.build()
 
 
+_PROBE = "lvlm_jax probe text"
+
+
+def _content_parts(message, image_token="<image>"):
+  """A message as content parts, for templates (llava-hf's) that read `{"type": "image"}` and
+  `{"type": "text"}` items instead of a string: one image item per placeholder, then the text
+  without the placeholders (and the newline after each), which such templates render themselves."""
+  content = message["content"]
+  images = content.count(image_token)
+  words = content.replace(image_token + "\n", "").replace(image_token, "")
+  return {"role": message["role"],
+          "content": [{"type": "image"}] * images + [{"type": "text", "text": words}]}
+
+
 def _own_template(messages, system, tokenizer, add_generation_prompt):
   # The tokenizer's Jinja template: an assistant turn's span is what rendering it adds after the
   # generation prompt of the conversation so far, less trailing whitespace between turns.
@@ -154,6 +221,8 @@ def _own_template(messages, system, tokenizer, add_generation_prompt):
     messages = [{"role": "system", "content": system}] + messages
   render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False,
                                                            add_generation_prompt=gen)
+  if _PROBE not in render([{"role": "user", "content": _PROBE}], False):
+    messages = [_content_parts(m) for m in messages]
   text = render(messages, add_generation_prompt)
   targets = []
   for i, m in enumerate(messages):
@@ -167,8 +236,72 @@ def _own_template(messages, system, tokenizer, add_generation_prompt):
   return Rendered(text, tuple(targets))
 
 
-_RENDERERS = {"vicuna_v1": _vicuna_v1, "llama3": _llama3, "chatml": _chatml, "mistral": _mistral,
-              "tokenizer": _own_template}
+_RENDERERS = {"vicuna_v1": _vicuna_v1, "plain": _plain, "llama3": _llama3, "chatml": _chatml,
+              "mistral": _mistral, "tokenizer": _own_template}
+# Built-in templates that cannot show a system turn inside a conversation (chatml and llama3
+# render it as a system message; the tokenizer's own template decides for itself).
+_NO_INNER_SYSTEM = ("vicuna_v1", "plain", "mistral")
+
+
+# Jinja twins of the built-in templates, for exported tokenizers: `{system}` is the system prompt
+# in force (a leading system message replaces it). They render what `render` renders.
+_SPLIT_SYSTEM = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = {system} %}{% set turns = messages %}{% endif %}")
+_NO_SYSTEM_INSIDE = ("{% if message['role'] == 'system' %}{{ raise_exception('only the first "
+                     "message may be a system message') }}{% endif %}")
+_JINJA = {
+    "vicuna_v1": (
+        "{{ bos_token or '' }}" + _SPLIT_SYSTEM + "{{ system + ' ' }}"
+        "{% for message in turns %}" + _NO_SYSTEM_INSIDE +
+        "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
+        "{% elif message['role'] == 'assistant' %}"
+        "{{ 'ASSISTANT: ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"),
+    "plain": (
+        "{{ bos_token or '' }}{% for message in messages %}" + _NO_SYSTEM_INSIDE +
+        "{% if message['role'] == 'user' %}{{ '<image>' * message['content'].count('<image>') }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + '\n' }}{% endif %}"
+        "{% endfor %}"),
+    "llama3": (
+        "{{ bos_token or '' }}" + _SPLIT_SYSTEM +
+        "{% if system %}{{ '<|start_header_id|>system<|end_header_id|>\n\n' + system | trim"
+        " + '<|eot_id|>' }}{% endif %}"
+        "{% for message in turns %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+    "chatml": (
+        _SPLIT_SYSTEM +
+        "{% if system %}{{ '<|im_start|>system\n' + system + '<|im_end|>\n' }}{% endif %}"
+        "{% for message in turns %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    "mistral": (
+        "{{ bos_token or '' }}" + _SPLIT_SYSTEM +
+        "{% for message in turns %}" + _NO_SYSTEM_INSIDE +
+        "{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+        "{% if system and loop.first %}{{ system + '\n\n' }}{% endif %}"
+        "{{ message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"),
+}
+_DEFAULT_SYSTEM = {"vicuna_v1": VICUNA_SYSTEM, "chatml": CHATML_SYSTEM, "llama3": "", "mistral": "",
+                   "plain": ""}
+
+
+def chat_template(template: str, system: str | None = None) -> str | None:
+  """A Jinja chat template that renders as `render(..., template, system=system)` does, for the
+  tokenizer of an exported model; None for "tokenizer" (the tokenizer's own template stays)."""
+  if template == "tokenizer":
+    return None
+  if template not in _JINJA:
+    raise UserError(f"unknown chat template {template!r}; choose one of {TEMPLATES}")
+  system = _DEFAULT_SYSTEM[template] if system is None else system
+  return _JINJA[template].replace("{system}", json.dumps(system, ensure_ascii=False))
 
 
 def render(turns: Sequence[Mapping], tokenizer, template: str = "vicuna_v1", *,
@@ -177,13 +310,17 @@ def render(turns: Sequence[Mapping], tokenizer, template: str = "vicuna_v1", *,
 
   `system`: None keeps the template's default system prompt, "" drops it (built-in templates); a
   leading system turn overrides both. `add_generation_prompt` ends the text where the next assistant answer starts.
-  Assistant turns, with their end-of-turn token, are the loss targets.
+  Assistant turns, with their end-of-turn token, are the loss targets. Assistant turns before the
+  first question are dropped (LLaVA's rule); a system turn after the first is rendered as a system
+  message by chatml, llama3 and the tokenizer's template, and refused (`BadConversation`) by
+  vicuna_v1, plain and mistral, which have no place for it.
   """
   if template not in _RENDERERS:
     raise UserError(f"unknown chat template {template!r}; choose one of {TEMPLATES}")
   if template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
     raise UserError("template='tokenizer' but the tokenizer has no chat template")
-  return _RENDERERS[template](to_messages(turns), system, tokenizer, add_generation_prompt)
+  messages = conversation_messages(turns, inner_system=template not in _NO_INNER_SYSTEM)
+  return _RENDERERS[template](messages, system, tokenizer, add_generation_prompt)
 
 
 def _backend(tokenizer):
@@ -210,14 +347,20 @@ def image_token_id(tokenizer, image_token: str = "<image>") -> int:
 def tokenize(rendered: Rendered, tokenizer, *, image_token: str = "<image>",
              tokens_per_image: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """Rendered text -> (`input_ids int32 [L]`, `loss_mask int32 [L]`), each image token expanded
-  to `tokens_per_image` copies. A token is a target when it overlaps a target span. The tokenizer
-  must hold `image_token` only when the text contains it (text-only tokenizers need not)."""
-  encoding = _backend(tokenizer).encode(rendered.text, add_special_tokens=False)
-  ids = np.asarray(encoding.ids, np.int32)
-  offsets = np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
+  to `tokens_per_image` copies. A token is a target when it overlaps a target span (a token of
+  no width, when it sits inside one). The tokenizer must hold `image_token` only when the text
+  contains it (text-only tokenizers need not)."""
+  if rendered.by_image:
+    ids, offsets = _encode_by_image(rendered.text, tokenizer, image_token)
+  else:
+    encoding = _backend(tokenizer).encode(rendered.text, add_special_tokens=False)
+    ids, offsets = encoding.ids, encoding.offsets
+  ids = np.asarray(ids, np.int32)
+  offsets = np.asarray(offsets, np.int64).reshape(-1, 2)
   mask = np.zeros(len(ids), bool)
+  empty = offsets[:, 0] == offsets[:, 1]  # e.g. a space piece the pre-tokenizer put in front
   for start, end in rendered.targets:
-    mask |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
+    mask |= (offsets[:, 0] < end) & ((offsets[:, 1] > start) | (empty & (offsets[:, 0] >= start)))
   is_image = np.zeros(len(ids), bool)
   if image_token in rendered.text:
     is_image = ids == image_token_id(tokenizer, image_token)
@@ -227,6 +370,29 @@ def tokenize(rendered: Rendered, tokenizer, *, image_token: str = "<image>",
   repeats = np.where(is_image, tokens_per_image, 1)
   mask &= ~is_image
   return np.repeat(ids, repeats), np.repeat(mask, repeats).astype(np.int32)
+
+
+def _encode_by_image(text: str, tokenizer, image_token: str) -> tuple[list[int], list[tuple]]:
+  """LLaVA's `tokenizer_image_token`: (ids, character offsets) of the pieces between image
+  placeholders, each tokenized on its own, joined by the image token; a leading BOS in the text
+  is the one LLaVA's tokenizer call adds in front."""
+  backend = _backend(tokenizer)
+  ids, offsets, start = [], [], 0
+  bos = tokenizer.bos_token
+  if bos and text.startswith(bos):
+    ids.append(tokenizer.bos_token_id)
+    offsets.append((0, len(bos)))
+    start = len(bos)
+  pieces = text[start:].split(image_token)
+  for i, piece in enumerate(pieces):
+    if i:
+      ids.append(image_token_id(tokenizer, image_token))
+      offsets.append((start - len(image_token), start))
+    encoding = backend.encode(piece, add_special_tokens=False)
+    ids += encoding.ids
+    offsets += [(a + start, b + start) for a, b in encoding.offsets]
+    start += len(piece) + len(image_token)
+  return ids, offsets
 
 
 def tokenize_conversation(turns: Sequence[Mapping], tokenizer, template: str = "vicuna_v1", *,
@@ -240,15 +406,19 @@ def tokenize_conversation(turns: Sequence[Mapping], tokenizer, template: str = "
 
 
 def fit_to_length(input_ids: np.ndarray, loss_mask: np.ndarray, max_length: int, image_id: int,
-                  require_target: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
-  """Cuts `[L]` arrays to `max_length`, or None when that would cut into (or drop) image tokens,
-  or (with `require_target`) leave no target token: such an example is dropped, not mangled."""
+                  require_target: bool = True) -> tuple[np.ndarray, np.ndarray] | str:
+  """`[L]` arrays cut to `max_length` when only untrained text falls past it, or the reason the
+  example is dropped instead of mangled: "answer_too_long" when the cut would fall in a target
+  (an answer trained without its end, so the model learns not to stop), "too_long" when it would
+  fall in image tokens or (with `require_target`) no target is left."""
   if len(input_ids) > max_length:
     if np.any(input_ids[max_length:] == image_id):
-      return None
+      return "too_long"
+    if np.any(loss_mask[max_length:]):
+      return "answer_too_long"
     input_ids, loss_mask = input_ids[:max_length], loss_mask[:max_length]
   if require_target and not loss_mask.any():
-    return None
+    return "too_long"
   return input_ids, loss_mask
 
 

@@ -89,8 +89,9 @@ def pipeline_config(config: DataSources, model: nnx.Module, hf_dir: str,
   """The data layer's config with the fields the run decides filled in (`hf_dir`: the model's
   HF directory, whose preprocessor config sets the image processing; '' for a new model)."""
   tokens = model.config.tokens_per_image if isinstance(model, LVLM) else 1
+  text = model.config.text if isinstance(model, LVLM) else model.config
   return dataclasses.replace(config.pipeline, kind="sft", batch_size=per_process_batch,
-                             tokens_per_image=tokens,
+                             tokens_per_image=tokens, context_length=text.max_position_embeddings,
                              image=ImageProcessing.for_model(hf_dir, model))
 
 

@@ -35,8 +35,10 @@ def run(*, model: building.ModelConfig, tokenizer, preferences: str, image_roots
     data = dataclasses.replace(
         pipeline, kind="preference", batch_size=built.local_batch, with_ref_logps=not in_step,
         tokens_per_image=built.abstract_model.config.tokens_per_image,
+        context_length=built.abstract_model.config.text.max_position_embeddings,
         image=ImageProcessing.for_model(model.hf_dir, built.abstract_model))
-    return iter(make_dataset(PreferenceSource(preferences, image_roots or None), tokenizer, data))
+    return (iter(make_dataset(PreferenceSource(preferences, image_roots or None), tokenizer,
+                              data)), data)
 
   def step(built):
     return steps.jit_train_step(dpo.dpo_step, built.shardings, mesh, graphdef=built.graphdef,

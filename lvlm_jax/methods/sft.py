@@ -102,7 +102,7 @@ def train_stage(config: SFTConfig, workdir: str, tokenizer, mesh, stop_at: int |
   def batches(built):
     data = training_sources.pipeline_config(config.data, built.abstract_model, config.model.hf_dir,
                                  built.local_batch)
-    return training_sources.training_batches(config.data, tokenizer, data)
+    return training_sources.training_batches(config.data, tokenizer, data), data
 
   def step(built):
     return steps.jit_train_step(steps.sft_step, built.shardings, mesh, graphdef=built.graphdef,

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lvlm_jax.artifacts import read_json, write_json
+from lvlm_jax.data.pipeline import DataConfig
 from lvlm_jax.models import building
 from lvlm_jax.sharding import abstract_tree, per_process_batch
 from lvlm_jax.training import checkpoint, loop, metrics, optim, state as train_state
@@ -115,23 +116,27 @@ def initial_model(model: building.ModelConfig, tokenizer, mesh: Mesh) -> nnx.Mod
 
 
 def export(final: nnx.Module, model: building.ModelConfig, tokenizer,
-           config: checkpoint.CheckpointConfig, workdir: str) -> None:
+           config: checkpoint.CheckpointConfig, workdir: str, data: DataConfig) -> None:
+  """The HF directory (with the chat template and image processing of `data`, the run's) and
+  the LoRA adapters, as the checkpoint config asks."""
   directory = os.path.join(workdir, "export")
   if config.export_hf:
-    checkpoint.export_hf(final, os.path.join(directory, "hf"), config.export_dtype, tokenizer)
+    checkpoint.export_hf(final, os.path.join(directory, "hf"), config.export_dtype, tokenizer,
+                         data=data)
   if config.export_lora and model.use_lora:
     checkpoint.export_lora(final, os.path.join(directory, "lora"), model.hf_dir)
 
 
 def run(*, workdir: str, model: building.ModelConfig, tokenizer, optim_config: optim.OptimConfig,
         train: loop.TrainConfig, checkpoint_config: checkpoint.CheckpointConfig, mesh: Mesh,
-        batches: Callable[[Built], Iterator], steps: Callable[[Built], Callable | tuple],
+        batches: Callable[[Built], tuple[Iterator, DataConfig]], steps: Callable[[Built], Callable | tuple],
         hooks: Callable[[Built], tuple] = lambda built: (),
         extras: tuple[StateExtra, ...] = (), name: str = "train",
         summary_file: str = "summary.json", stop_at: int | None = None) -> dict:
   """Trains (or resumes) in `workdir`; returns the summary (also summary.json, atomically).
 
-  batches(built): this process's batch iterator (checkpointed position). steps(built): the
+  batches(built): (this process's batch iterator, whose position is checkpointed, and the data
+  config it was made with, whose template and image processing the export keeps). steps(built): the
   jitted step function, or a tuple of `loop.Phase`s. hooks(built): evaluations during training.
   stop_at: stop after this step as a preemption would (tests). A run already finished returns
   its summary at once.
@@ -143,7 +148,7 @@ def run(*, workdir: str, model: building.ModelConfig, tokenizer, optim_config: o
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
   built, abstract = build(model, tokenizer, optim_config, train, mesh, extras)
-  data = batches(built)
+  data, data_config = batches(built)
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), checkpoint_config)
   state, resumed_from = _initial_state(model, tokenizer, built, abstract, train, checkpointer,
                                        data, extras)
@@ -162,7 +167,7 @@ def run(*, workdir: str, model: building.ModelConfig, tokenizer, optim_config: o
   checkpointer.close()
   if status == "done":
     export(train_state.merge(built.graphdef, state), model, tokenizer, checkpoint_config,
-           workdir)
+           workdir, data_config)
   else:
     _log(f"{name}: stopped at step {int(state['step'])}: checkpoint saved; run the same "
          "command to resume")

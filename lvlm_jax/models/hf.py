@@ -12,6 +12,7 @@ composite models (CLIP, LLaVA) prefix their parts, trying each key layout that e
 import json
 import os
 import re
+import stat
 from typing import Callable, Iterator
 
 import jax
@@ -451,8 +452,13 @@ def save_hf(model: nnx.Module, directory: str, *, dtype: str = "float32",
   flush()
   if not writer:
     return
-  with open(os.path.join(directory, "config.json"), "w") as f:
+  config_file = os.path.join(directory, "config.json")
+  with open(config_file, "w") as f:
     json.dump(hf_config, f, indent=2)
+  # safetensors writes owner-only files; give them the mode of every other file (the umask's).
+  mode = stat.S_IMODE(os.stat(config_file).st_mode)
+  for partial, _ in shard_files:
+    os.chmod(os.path.join(directory, partial), mode)
   if len(shard_files) == 1:
     os.replace(os.path.join(directory, shard_files[0][0]),
                os.path.join(directory, "model.safetensors"))

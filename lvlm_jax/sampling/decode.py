@@ -259,9 +259,12 @@ def _choose(state: _State, logits: jax.Array, rng: jax.Array, stop: StopStrings 
 def _decode_loop(model: LLM | LVLM, prefix: Prefix, config: SamplingConfig, rng: jax.Array | None,
                  stop: StopStrings | None) -> Generation:
   """Up to `config.max_new_tokens` tokens after every row of `prefix` (whose cache has room)."""
+  if config.do_sample and rng is None:
+    raise UserError("sampling (do_sample=True) needs a key: pass rng=jax.random.key(seed), a new "
+                    "one (or jax.random.fold_in of one) per call for different samples")
   n = config.max_new_tokens
   batch = prefix.logits.shape[0]
-  rng = jax.random.key(0) if rng is None else rng
+  rng = jax.random.key(0) if rng is None else rng  # greedy decoding never draws from it
   loop = _State(step=jnp.zeros((), jnp.int32),
                 tokens=jnp.full((batch, n), config.pad_token_id, jnp.int32),
                 logprobs=jnp.zeros((batch, n), jnp.float32),
@@ -294,9 +297,10 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
   """Generates up to `config.max_new_tokens` tokens after each prompt.
 
   graphdef, state: `nnx.split` of an LLM or LVLM. input_ids, attention_mask: int [B, T];
-  pixel_values: float32 [B, N, H, W, 3] (LVLM); rng: a key, used when sampling; stop: stop strings
-  for this model's vocabulary. Returns a `Generation` of B * config.num_return_sequences rows with
-  N = max_new_tokens.
+  pixel_values: float32 [B, N, H, W, 3] (LVLM); rng: a key, required when sampling (a `UserError`
+  without one: a fixed default key would make every call return the same "samples"), unused by
+  greedy decoding; stop: stop strings for this model's vocabulary. Returns a `Generation` of
+  B * config.num_return_sequences rows with N = max_new_tokens.
   """
   model = nnx.merge(graphdef, state)
   model.eval()  # no dropout; this is the traced copy, the caller's model is untouched
@@ -329,7 +333,7 @@ def decode_from(graphdef: nnx.GraphDef, state: nnx.State, prefix: Prefix, *,
                 config: SamplingConfig, rng: jax.Array | None = None,
                 stop: StopStrings | None = None) -> Generation:
   """`decode` after a prefix (its cache must have max_new_tokens free slots); one row per
-  prefix row (`branch` it first for several samples per row)."""
+  prefix row (`branch` it first for several samples per row). rng: as `decode`'s."""
   if config.num_return_sequences != 1:
     raise ValueError("decode_from: branch the prefix instead of num_return_sequences")
   model = nnx.merge(graphdef, state)

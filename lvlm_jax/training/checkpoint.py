@@ -21,6 +21,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
+from lvlm_jax.data import text
+from lvlm_jax.data.pipeline import DataConfig
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models import hf
@@ -102,12 +104,53 @@ class Checkpointer:
     self._manager.close()
 
 
-def export_hf(model: nnx.Module, directory: str, dtype: str = "float32", tokenizer=None) -> None:
+def export_hf(model: nnx.Module, directory: str, dtype: str = "float32", tokenizer=None,
+              data: DataConfig | None = None) -> None:
   """The model as an HF directory (adapters merged), with its tokenizer when given. Every process
-  must call it; process 0 writes."""
+  must call it; process 0 writes.
+
+  `data`, the run's data config, makes the export prompt as the run trained: the tokenizer's chat
+  template becomes the training template and system prompt (`text.chat_template`), so a
+  template-reading caller (`generate --template auto`, `apply_chat_template`) renders the training
+  prompt; for a LLaVA model it also writes `preprocessor_config.json` (a CLIPImageProcessor with
+  the run's size and normalisation) and `processor_config.json`, so `AutoProcessor` loads a
+  `LlavaProcessor`. CLIP's processor cannot pad to square: lvlm_jax reads the file back with
+  LLaVA's padding (ImageProcessing.pad_to_square), transformers resizes and crops.
+  """
   hf.save_hf(model, directory, dtype=dtype)
-  if tokenizer is not None and jax.process_index() == 0:
-    tokenizer.save_pretrained(directory)
+  if jax.process_index() != 0:
+    return
+  if tokenizer is not None:
+    jinja = text.chat_template(data.template, data.system_prompt) if data is not None else None
+    own = tokenizer.chat_template
+    try:
+      if jinja is not None:
+        tokenizer.chat_template = jinja
+      tokenizer.save_pretrained(directory)
+    finally:
+      tokenizer.chat_template = own
+  if data is not None and isinstance(model, LVLM):
+    _write_processor(model, data, directory)
+
+
+def _write_processor(model: LVLM, data: DataConfig, directory: str) -> None:
+  image, config = data.image, model.config
+  preprocessor = {
+      "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
+      "do_convert_rgb": True, "do_resize": True, "size": {"shortest_edge": image.size},
+      "resample": int(image.resample), "do_center_crop": True,
+      "crop_size": {"height": image.size, "width": image.size}, "do_rescale": True,
+      "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(image.mean),
+      "image_std": list(image.std)}
+  processor = {
+      "processor_class": "LlavaProcessor", "image_token": data.image_token,
+      "patch_size": config.vision.patch_size,
+      "vision_feature_select_strategy": config.vision_feature_select_strategy,
+      "num_additional_image_tokens": 1}  # CLIP's class token, which "default" drops
+  for name, content in (("preprocessor_config.json", preprocessor),
+                        ("processor_config.json", processor)):
+    with open(os.path.join(directory, name), "w") as f:
+      json.dump(content, f, indent=2)
 
 
 def _to_host(array: jax.Array) -> np.ndarray:

@@ -53,8 +53,9 @@ REFERENCES = ("in_step", "precomputed")
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
   """The preference loss and where its reference log-probs come from."""
-  loss_type: str = help_field("sigmoid", f"One of {LOSS_TYPES}: DPO's sigmoid, "
-                              "IPO or SLiC's hinge.")
+  loss_type: str = help_field("sigmoid", f"One of {LOSS_TYPES}: DPO's sigmoid, IPO or SLiC's "
+                              "hinge. IPO compares per-token mean log-probs (as TRL), the others "
+                              "summed log-probs.")
   beta: float = help_field(0.1, "Inverse temperature of the implicit reward "
                            "(TRL's default 0.1, kept by STIC and CSR).")
   label_smoothing: float = help_field(0.0, "Conservative DPO: assumed share of flipped "
@@ -153,11 +154,12 @@ def reference_logps(model: LLM | LVLM, batch: dict[str, jax.Array], *,
 
 def preference_loss_sums(config: PreferenceLossConfig, policy_chosen: jax.Array,
                          policy_rejected: jax.Array, ref_chosen: jax.Array,
-                         ref_rejected: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+                         ref_rejected: jax.Array, **tokens) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`preference_loss` as sums over the B examples (loss and metrics times B), so micro-batches
   add up and one division by the batch's rows gives the means."""
   rows = policy_chosen.shape[0]
-  mean, metrics = preference_loss(config, policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+  mean, metrics = preference_loss(config, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                  **tokens)
   return mean * rows, {k: v * rows for k, v in metrics.items()}
 
 
@@ -182,7 +184,9 @@ def dpo_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.Gr
     model = model_for_step(graphdef, params, state["frozen"], jax.random.fold_in(step_rng, index))
     chosen, rejected = response_logps(model, micro, noisy_rejected=noisy_rejected,
                                       logits_chunk=logits_chunk)
-    return preference_loss_sums(loss, chosen, rejected, *refs)
+    lengths = {f"{side}_tokens": jnp.sum(micro[f"{side}_loss_mask"][:, 1:], axis=1)
+               for side in ("chosen", "rejected")}  # the tokens response_logps sums over
+    return preference_loss_sums(loss, chosen, rejected, *refs, **lengths)
 
   def summed(micro, index):
     if precomputed:

@@ -16,7 +16,8 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceLossConfig:
-  """loss_type: "sigmoid" (DPO), "ipo" or "hinge".
+  """loss_type: "sigmoid" (DPO), "ipo" or "hinge". IPO, as in TRL, compares per-token mean
+  log-probs (each response's sum over its length); sigmoid and hinge compare the sums.
   beta: inverse temperature of the implicit reward (TRL default 0.1; STIC and CSR keep it).
   label_smoothing: conservative DPO's epsilon, the assumed rate of flipped labels (sigmoid only).
   nll_coef: weight of -log pi(chosen) added to the loss; STIC uses 1/1024 on summed log-probs.
@@ -34,12 +35,25 @@ class PreferenceLossConfig:
 
 
 def preference_loss(config: PreferenceLossConfig, policy_chosen: jax.Array,
-                    policy_rejected: jax.Array, ref_chosen: jax.Array,
-                    ref_rejected: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """All inputs: float32 [B] sequence log-probs. Returns (mean loss [], metrics of scalars).
+                    policy_rejected: jax.Array, ref_chosen: jax.Array, ref_rejected: jax.Array, *,
+                    chosen_tokens: jax.Array | None = None,
+                    rejected_tokens: jax.Array | None = None
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Log-probs: float32 [B] summed over each response. Returns (mean loss [], metrics of scalars).
 
-  logits = (pi_c - pi_r) - (ref_c - ref_r); the implicit rewards are beta * (pi - ref).
+  chosen_tokens, rejected_tokens: [B] response lengths, needed by IPO, which (as TRL's
+  `average_log_prob` for "ipo") divides the policy and reference log-probs by them first.
+  logits = (pi_c - pi_r) - (ref_c - ref_r); the implicit rewards are beta * (pi - ref), both on
+  the log-probs the loss compares. The NLL term stays on the summed log-prob.
   """
+  nll = policy_chosen
+  if config.loss_type == "ipo":
+    if chosen_tokens is None or rejected_tokens is None:
+      raise ValueError("IPO averages log-probs per token: pass chosen_tokens and rejected_tokens")
+    per_chosen = 1 / jnp.maximum(chosen_tokens, 1).astype(jnp.float32)
+    per_rejected = 1 / jnp.maximum(rejected_tokens, 1).astype(jnp.float32)
+    policy_chosen, ref_chosen = policy_chosen * per_chosen, ref_chosen * per_chosen
+    policy_rejected, ref_rejected = policy_rejected * per_rejected, ref_rejected * per_rejected
   logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
   beta = config.beta
   if config.loss_type == "sigmoid":
@@ -51,7 +65,7 @@ def preference_loss(config: PreferenceLossConfig, policy_chosen: jax.Array,
   else:
     losses = jax.nn.relu(1 - beta * logits)
   if config.nll_coef:
-    losses = losses - config.nll_coef * policy_chosen
+    losses = losses - config.nll_coef * nll
   reward_chosen = beta * jax.lax.stop_gradient(policy_chosen - ref_chosen)
   reward_rejected = beta * jax.lax.stop_gradient(policy_rejected - ref_rejected)
   metrics = {

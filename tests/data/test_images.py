@@ -31,6 +31,40 @@ def test_load_converts_to_rgb(tmp_path):
   np.testing.assert_array_equal(images.load_image(str(tmp_path / "rgba.png")), rgb)
 
 
+def test_every_pil_mode_loads_on_the_8_bit_scale(tmp_path):
+  # Each image's true 8-bit RGB is known: a 16-bit sample v is round(v / 257), a 0..1 float f is
+  # round(255 f); alpha and palette transparency are dropped as LLaVA's convert("RGB") drops them.
+  v = np.arange(256 * 256, dtype=np.int64).reshape(256, 256)
+  want16 = np.repeat(np.round(v / 257).astype(np.uint8)[..., None], 3, -1)
+  gray = random_image((6, 5))
+  palette = random_image((16, 3), seed=1)
+  indices = random_image((6, 5), seed=2) % 16
+  cmyk = np.asarray([[[0, 0, 0, 0], [255, 0, 0, 0], [0, 128, 0, 0], [0, 0, 0, 255]]], np.uint8)
+  cases = {
+      "i16.png": (Image.fromarray(v.astype(np.uint16)), want16),
+      "i32.tif": (Image.fromarray(v.astype(np.int32), "I"), want16),
+      "f01.tif": (Image.fromarray((v / 65535).astype(np.float32), "F"), want16),
+      "f255.tif": (Image.fromarray(gray.astype(np.float32), "F"), np.dstack([gray] * 3)),
+      "la.png": (Image.fromarray(np.dstack([gray, random_image((6, 5), 3)]), "LA"),
+                 np.dstack([gray] * 3)),
+      "cmyk.tif": (Image.fromarray(cmyk, "CMYK"),
+                   np.asarray([[[255, 255, 255], [0, 255, 255], [255, 127, 255], [0, 0, 0]]])),
+      "bits.png": (Image.fromarray(gray > 127), np.dstack([np.where(gray > 127, 255, 0)] * 3)),
+  }
+  p_image = Image.fromarray(indices, "P")
+  p_image.putpalette(palette.reshape(-1).tolist())
+  p_image.info["transparency"] = 3
+  cases["p.png"] = (p_image, palette[indices])
+  for name, (image, want) in cases.items():
+    image.save(tmp_path / name)
+    with Image.open(tmp_path / name) as reopened:
+      mode = reopened.mode
+    got = images.load_image(str(tmp_path / name))
+    assert got.dtype == np.uint8 and got.shape == want.shape, name
+    np.testing.assert_array_equal(got, want, err_msg=f"{name} ({mode})")
+  assert images.load_image(str(tmp_path / "i16.png")).mean() == pytest.approx(127.5, abs=0.01)
+
+
 def test_load_applies_exif_orientation(tmp_path):
   exif = Image.Exif()
   exif[0x0112] = 6  # "rotate 90 CW to view"

@@ -119,6 +119,45 @@ def test_preference_batch(tokenizer, data_dir):
   assert batch["ref_chosen_logp"].dtype == np.float32
 
 
+def test_identical_preference_pairs_are_skipped_and_counted(tokenizer, data_dir):
+  # chosen == rejected has zero gradient: such a pair trains nothing, so it is counted, not used.
+  lines = [{"id": str(i), "image": "0.png", "prompt": "What colour?", "chosen": f"Answer {i}.",
+            "rejected": f"Answer {i}." if i % 3 == 0 else "Answer 9."} for i in range(9)]
+  src = sources.PreferenceSource(write_jsonl(data_dir / "p.jsonl", lines))
+  cfg = config(kind="preference", num_epochs=1, shuffle=False, max_images=1, batch_size=2,
+               max_skip_fraction=0.5)
+  it = iter(make_dataset(src, tokenizer, cfg))
+  batches = list(it)
+  assert it.skip_counts == {"identical_pair": 3}
+  assert answers(tokenizer, batches[0], "chosen_") == ["Answer 1.</s>", "Answer 2.</s>"]
+  same = [dict(l, rejected=l["chosen"]) for l in lines]
+  src = sources.PreferenceSource(write_jsonl(data_dir / "same.jsonl", same))
+  with pytest.raises(UserError, match="all 9 examples were skipped; last: .*the same tokens"):
+    list(make_dataset(src, tokenizer, dataclasses.replace(cfg, max_skip_fraction=1.0)))
+
+
+def test_answers_past_the_longest_bucket_are_skipped_and_counted(tokenizer, data_dir):
+  # Cutting an answer loses its end token (the model would learn not to stop): skipped, counted.
+  long = dict(conversation(1), conversations=[{"from": "human", "value": "What colour?"},
+                                              {"from": "gpt", "value": "Answer 1 2 3. " * 12}])
+  lines = [conversation(i) for i in range(4)] + [long]
+  src = sources.ConversationSource(write_jsonl(data_dir / "d.jsonl", lines))
+  it = iter(make_dataset(src, tokenizer, config(num_epochs=1, shuffle=False, length_buckets=(64,),
+                                                max_skip_fraction=0.5)))
+  batch = next(it)
+  assert answers(tokenizer, batch) == [f"Answer {i}.</s>" for i in range(4)]
+  with pytest.raises(StopIteration):
+    next(it)
+  assert it.skip_counts == {"answer_too_long": 1}
+
+
+def test_length_buckets_past_the_model_context_are_refused():
+  with pytest.raises(UserError, match=r"length_buckets \(64, 256\) go past the model's context of "
+                                      r"128 tokens"):
+    config(length_buckets=(64, 256), context_length=128)
+  assert config(length_buckets=(64, 128), context_length=128).max_length == 128
+
+
 def test_grounding_batch(tokenizer, data_dir):
   boxes = [[0.1, 0.2, 0.5, 0.6], [0, 0, 1, 1], [0.25, 0.25, 0.75, 0.75], [0.5, 0.1, 0.9, 0.3]]
   lines = [{"image": "0.png", "box": b, "expression": "the square"} for b in boxes]
@@ -148,15 +187,17 @@ def test_bad_examples_are_skipped_and_counted(tokenizer, data_dir):
   lines[9]["image"] = ["../secret.png"]
   lines[11]["image"] = ["big.png"]  # over max_image_pixels
   lines[13]["conversations"][0]["value"] = "What colour? " * 40 + "<image>"  # image past 256
+  lines[15]["conversations"].insert(1, {"from": "system", "value": "Be brief."})  # mid-dialogue
   src = sources.ConversationSource(write_jsonl(data_dir / "d.jsonl", lines), max_bad_fraction=0.1)
   cfg = config(num_epochs=1, max_image_pixels=500, max_skip_fraction=0.1)
   it = iter(make_dataset(src, tokenizer, cfg))
   batches = list(it)
-  assert len(batches) == 2  # 10 good examples: two full batches, the remainder dropped
+  assert len(batches) == 2  # 9 good examples: two full batches, the remainder dropped
   assert all(b["input_ids"].shape[0] == 4 and b["pixel_values"].shape == (4, 2, SIZE, SIZE, 3)
              for b in batches)
   assert it.skip_counts == {"bad_json": 1, "image_unreadable": 1, "image_missing": 1,
-                            "image_outside_root": 1, "image_too_large": 1, "too_long": 1}
+                            "image_outside_root": 1, "image_too_large": 1, "too_long": 1,
+                            "bad_conversation": 1}
   assert it.examples_seen == 15
 
 

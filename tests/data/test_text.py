@@ -98,6 +98,61 @@ def test_system_prompt_override_and_drop():
   assert text.render(turns, tokenizer, "vicuna_v1").text.startswith("Own. USER:")
 
 
+INNER_SYSTEM = CONVERSATION[:2] + [{"from": "system", "value": "Answer in French."}] + CONVERSATION[2:]
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "mistral", "plain"])
+def test_a_system_turn_inside_the_conversation_is_refused_where_it_has_no_place(template):
+  # Before, vicuna_v1 and mistral rendered it as an assistant answer and trained on it.
+  tokenizer = make_tokenizer()
+  with pytest.raises(text.BadConversation, match="turn 2 is a system turn inside"):
+    text.tokenize_conversation(INNER_SYSTEM, tokenizer, template)
+
+
+def test_a_system_turn_inside_the_conversation_is_a_system_message_in_chatml():
+  tokenizer = make_tokenizer(bos=None, eos="<|im_end|>", chat_template=CHATML_JINJA)
+  want_ids, want_mask = reference(tokenizer, INNER_SYSTEM)
+  for name in ("chatml", "tokenizer"):
+    ids, mask = text.tokenize_conversation(INNER_SYSTEM, tokenizer, name)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(mask, want_mask)
+  assert "French" not in tokenizer.decode(ids[mask == 1])
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "chatml", "mistral"])
+def test_a_leading_gpt_turn_is_dropped_as_llava_does(template):
+  tokenizer = make_tokenizer(bos=None if template == "chatml" else "<s>",
+                             eos="<|im_end|>" if template == "chatml" else "</s>")
+  turns = [{"from": "gpt", "value": "Hello, ask me."}] + CONVERSATION
+  got = text.tokenize_conversation(turns, tokenizer, template)
+  want = text.tokenize_conversation(CONVERSATION, tokenizer, template)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  system_first = [{"from": "system", "value": "Be brief."}] + turns
+  assert text.render(system_first, tokenizer, template).text == text.render(
+      [system_first[0]] + CONVERSATION, tokenizer, template).text
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "plain", "llama3", "chatml", "mistral"])
+@pytest.mark.parametrize("system", [None, "", "Be brief."])
+def test_exported_chat_template_renders_what_training_renders(template, system):
+  bos, eos = {"llama3": ("<|begin_of_text|>", "<|eot_id|>"), "chatml": (None, "<|im_end|>")}.get(
+      template, ("<s>", "</s>"))
+  tokenizer = make_tokenizer(bos=bos, eos=eos, chat_template=text.chat_template(template, system))
+  if template == "plain":
+    cases = [(CONVERSATION[:2], False), (CONVERSATION[:1], True)]
+  else:
+    cases = [(turns, generation) for generation in (False, True) for turns in (
+        CONVERSATION, CONVERSATION[:3], [{"from": "system", "value": "Own."}] + CONVERSATION[:2])]
+  for turns, generation in cases:
+    want = text.render(turns, tokenizer, template, system=system,
+                       add_generation_prompt=generation).text
+    got = tokenizer.apply_chat_template(text.to_messages(turns), tokenize=False,
+                                        add_generation_prompt=generation)
+    assert got == want, (turns, generation)
+  assert text.chat_template("tokenizer") is None
+
+
 def test_image_tokens_expand_and_are_never_targets():
   tokenizer = make_tokenizer()
   image_id = text.image_token_id(tokenizer)
@@ -137,15 +192,17 @@ def test_placeholders_prepended_like_llava():
     text.ensure_image_placeholders(CONVERSATION, 2)
 
 
-def test_fit_to_length_never_cuts_image_tokens():
-  ids = np.asarray([1, 9, 9, 9, 5, 6, 7], np.int32)
-  mask = np.asarray([0, 0, 0, 0, 0, 1, 1], np.int32)
-  cut = text.fit_to_length(ids, mask, 6, image_id=9)
-  np.testing.assert_array_equal(cut[0], [1, 9, 9, 9, 5, 6])
-  np.testing.assert_array_equal(cut[1], [0, 0, 0, 0, 0, 1])
-  assert text.fit_to_length(ids, mask, 3, image_id=9) is None  # would cut into the image
-  assert text.fit_to_length(ids, mask, 5, image_id=9) is None  # would drop every target
-  assert text.fit_to_length(ids, mask, 7, image_id=9)[0] is ids
+def test_fit_to_length_never_cuts_image_tokens_or_answers():
+  ids = np.asarray([1, 9, 9, 9, 5, 6, 7, 3], np.int32)
+  mask = np.asarray([0, 0, 0, 0, 0, 1, 1, 0], np.int32)
+  cut = text.fit_to_length(ids, mask, 7, image_id=9)  # only untrained text goes
+  np.testing.assert_array_equal(cut[0], [1, 9, 9, 9, 5, 6, 7])
+  np.testing.assert_array_equal(cut[1], [0, 0, 0, 0, 0, 1, 1])
+  assert text.fit_to_length(ids, mask, 3, image_id=9) == "too_long"  # would cut into the image
+  assert text.fit_to_length(ids, mask, 6, image_id=9) == "answer_too_long"  # loses the end token
+  assert text.fit_to_length(ids, mask, 5, image_id=9) == "answer_too_long"
+  assert text.fit_to_length(ids, 0 * mask, 8, image_id=9) == "too_long"  # no target at all
+  assert text.fit_to_length(ids, mask, 8, image_id=9)[0] is ids
 
 
 def test_box_text_round_trip_and_sc_tune_grid():

@@ -95,8 +95,9 @@ def test_grounding_and_caption_metrics_on_known_answers(evaluator, monkeypatch):
 
 
 def test_generation_prompt_is_the_training_context_of_the_answer(tokenizer):
-  """The shapes tokenizer splits the space before <box> into a token of its own, so a box answer
-  is trained after '...ASSISTANT: ▁'; the grounding prompt must end the same way."""
+  """The shapes tokenizer splits the space before <box> into a token of its own, which is the
+  answer's first target (as in LLaVA's preprocess_v1); the grounding prompt ends where the
+  training targets start."""
   question = DATA.grounding_prompt.format(expression="the red circle")
   full = shapes_eval._rows(tokenizer, DATA, [[{"from": "human", "value": question},
                                              {"from": "gpt", "value": "<box>(1,2),(3,4)</box>"}]])
@@ -104,4 +105,4 @@ def test_generation_prompt_is_the_training_context_of_the_answer(tokenizer):
   (prompt, _), = shapes_eval._prompt_rows(tokenizer, DATA, [question], DATA.box_format.open)
   start = int(np.argmax(mask > 0))
   np.testing.assert_array_equal(prompt, ids[:start])
-  assert tokenizer.convert_ids_to_tokens(int(ids[start])) == "<box>"
+  assert tokenizer.convert_ids_to_tokens(ids[start:start + 2].tolist()) == ["▁", "<box>"]

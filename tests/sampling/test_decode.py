@@ -232,6 +232,15 @@ def llama_sampled(llama):
   return ids, mask, config, first
 
 
+def test_sampling_without_a_key_is_refused(llama, llama_greedy):
+  # A default key would make every call return the same "samples"; greedy decoding (the
+  # llama_greedy fixture) needs no key.
+  ids, mask, _ = llama_greedy
+  config = SamplingConfig(max_new_tokens=NEW, do_sample=True, eos_token_ids=(2,))
+  with pytest.raises(UserError, match="needs a key"):
+    generate(llama[0], ids, mask, config=config)
+
+
 def test_sampling_with_a_seed_is_reproducible(llama, llama_sampled):
   ids, mask, config, first = llama_sampled
   again = generate(llama[0], ids, mask, config=config, rng=jax.random.key(11))

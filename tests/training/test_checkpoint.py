@@ -285,3 +285,57 @@ def test_sigterm_during_an_evaluation_stage_exits_75_and_resumes(tmp_path):
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   summary = json.load(open(workdir / "summary.json"))
   assert summary["status"] == "done" and set(summary["eval"]) == {"base", "sft"}
+
+
+def test_export_prompts_as_training_and_loads_with_auto_processor(tmp_path, monkeypatch):
+  """A scratch shapes model's export: its chat template renders the training prompt (vicuna_v1 with
+  the run's empty system prompt, not the shapes tokenizer's own system line), AutoProcessor loads
+  a LlavaProcessor with a CLIPImageProcessor, and every file has the mode of the umask."""
+  import stat
+  import transformers
+  from PIL import Image
+  from lvlm_jax import generate
+  from lvlm_jax.data import text
+  from lvlm_jax.models import hf
+  umask = os.umask(0o022)
+  try:
+    assert run(tmp_path, **{"train.num_steps": 1, "checkpoint.export_hf": True})["status"] == "done"
+  finally:
+    os.umask(umask)
+  hf_dir = tmp_path / "export" / "hf"
+  modes = {name: oct(stat.S_IMODE(os.stat(hf_dir / name).st_mode)) for name in os.listdir(hf_dir)}
+  assert "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
+
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+  processor = transformers.AutoProcessor.from_pretrained(str(hf_dir))
+  assert type(processor).__name__ == "LlavaProcessor"
+  assert type(processor.image_processor).__name__.startswith("CLIPImageProcessor")
+  turns = [{"from": "human", "value": "<image>\nis there a red circle?"},
+           {"from": "gpt", "value": "yes"}, {"from": "human", "value": "is it small?"}]
+  for prompt, generation in ((turns, True), (turns[:2], False)):
+    training = text.render(prompt, tokenizer, "vicuna_v1", system="",
+                           add_generation_prompt=generation).text
+    assert tokenizer.apply_chat_template(text.to_messages(prompt), tokenize=False,
+                                         add_generation_prompt=generation) == training
+  assert training.startswith("<s> USER: <image>")  # the run's system prompt: none
+
+  model = hf.load_model(str(hf_dir))
+  tokens = model.config.tokens_per_image
+  record = {"prompt": "is there a red circle?", "images": ["one.png"]}
+  ids = generate.Prompter(str(hf_dir), model, "auto", max_new_tokens=4).token_ids(record)
+  want, _ = text.tokenize_conversation(turns[:1], tokenizer, "vicuna_v1", system="",
+                                       add_generation_prompt=True, tokens_per_image=tokens)
+  assert ids == want.tolist()
+  image = Image.fromarray(np.zeros((20, 30, 3), np.uint8))
+  inputs = processor(images=image, text=training, return_tensors="np")
+  assert inputs["pixel_values"].shape == (1, 3, model.config.vision.image_size,
+                                          model.config.vision.image_size)
+  assert (inputs["input_ids"] == model.config.image_token_id).sum() == tokens
+
+
+def test_length_buckets_past_the_model_context_refuse_to_train(tmp_path):
+  from lvlm_jax.errors import UserError
+  with pytest.raises(UserError, match=r"go past the model's context of 512 tokens"):
+    run(tmp_path, **{"data.pipeline.length_buckets": (32, 1024)})
+  assert not os.path.exists(tmp_path / "metrics.jsonl")

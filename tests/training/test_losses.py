@@ -52,5 +52,7 @@ def test_chunked_gradients_equal(model_and_batch):
     return jax.grad(fn)(params, 0), jax.grad(fn)(params, 8)
 
   whole, chunked = grads(params, b)
+  # float32 sums in another order: rounding scales with the largest gradient of the model.
+  atol = 1e-6 * max(np.abs(np.asarray(a)).max() for a in jax.tree.leaves(whole))
   for a, c in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
-    np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-5, atol=atol)

@@ -8,8 +8,13 @@ import pytest
 from lvlm_jax.training.preference import PreferenceLossConfig, noisy_token_logps, preference_loss
 
 
-def reference_loss(config, pc, pr, rc, rr):
-  """float64 numpy, written from the papers' formulas (DPO eq. 7, cDPO, IPO eq. 17, SLiC hinge)."""
+def reference_loss(config, pc, pr, rc, rr, nc=None, nr=None):
+  """float64 numpy, written from the papers' formulas (DPO eq. 7, cDPO, IPO eq. 17, SLiC hinge).
+  Log-probs are sums over each response; IPO divides them by the response lengths nc, nr first,
+  as TRL's DPOTrainer does for loss_type="ipo" (`average_log_prob`)."""
+  nll = pc
+  if config.loss_type == "ipo":
+    pc, rc, pr, rr = pc / nc, rc / nc, pr / nr, rr / nr
   z = (pc - pr) - (rc - rr)
   b = config.beta
   log_sigmoid = lambda x: -np.logaddexp(0.0, -x)
@@ -20,7 +25,7 @@ def reference_loss(config, pc, pr, rc, rr):
     losses = (z - 1 / (2 * b)) ** 2
   else:
     losses = np.maximum(0.0, 1 - b * z)
-  return np.mean(losses - config.nll_coef * pc)
+  return np.mean(losses - config.nll_coef * nll)
 
 
 CONFIGS = [
@@ -28,6 +33,7 @@ CONFIGS = [
     PreferenceLossConfig("sigmoid", beta=0.5, label_smoothing=0.2),
     PreferenceLossConfig("sigmoid", beta=0.1, nll_coef=1 / 1024),  # STIC
     PreferenceLossConfig("ipo", beta=0.3),
+    PreferenceLossConfig("ipo", beta=0.1, nll_coef=1 / 1024),
     PreferenceLossConfig("hinge", beta=0.1),
 ]
 
@@ -37,9 +43,13 @@ def test_loss_and_gradients_match_the_formula(config):
   rng = np.random.default_rng(0)
   # Summed log-probs of long responses: tens to hundreds of nats, margins on both sides of zero.
   inputs = [rng.uniform(-120, -20, 6) for _ in range(4)]
-  loss, _ = preference_loss(config, *map(jnp.asarray, inputs))
-  np.testing.assert_allclose(float(loss), reference_loss(config, *inputs), rtol=1e-5, atol=1e-6)
-  grads = jax.grad(lambda pc, pr: preference_loss(config, pc, pr, *map(jnp.asarray, inputs[2:]))[0],
+  lengths = [rng.integers(5, 60, 6), rng.integers(5, 60, 6)]  # response tokens, chosen / rejected
+  tokens = dict(chosen_tokens=jnp.asarray(lengths[0]), rejected_tokens=jnp.asarray(lengths[1]))
+  loss, _ = preference_loss(config, *map(jnp.asarray, inputs), **tokens)
+  np.testing.assert_allclose(float(loss), reference_loss(config, *inputs, *lengths), rtol=1e-5,
+                             atol=1e-6)
+  grads = jax.grad(lambda pc, pr: preference_loss(config, pc, pr, *map(jnp.asarray, inputs[2:]),
+                                                  **tokens)[0],
                    argnums=(0, 1))(*map(jnp.asarray, inputs[:2]))
   for which, grad in enumerate(grads):
     numeric = np.zeros(6)
@@ -48,7 +58,8 @@ def test_loss_and_gradients_match_the_formula(config):
       down = [x.copy() for x in inputs]
       up[which][i] += 1e-5
       down[which][i] -= 1e-5
-      numeric[i] = (reference_loss(config, *up) - reference_loss(config, *down)) / 2e-5
+      numeric[i] = (reference_loss(config, *up, *lengths)
+                    - reference_loss(config, *down, *lengths)) / 2e-5
     np.testing.assert_allclose(np.asarray(grad), numeric, rtol=1e-3, atol=1e-6)
 
 

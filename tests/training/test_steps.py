@@ -85,8 +85,12 @@ def test_accumulation_equals_one_big_batch(mesh):
   (loss1, tokens1, delta1), (loss4, tokens4, delta4) = results
   assert tokens1 == tokens4 == b["loss_mask"][:, 1:].sum()
   np.testing.assert_allclose(loss4, loss1, rtol=1e-6)
+  # float32 gradient sums in another order (a tiny entry may be the difference of large terms, so
+  # scale to the largest gradient) and new - old parameters, which round at eps * |param|.
+  largest = lambda tree: max(np.abs(x).max() for x in jax.tree.leaves(tree))
+  atol = 1e-6 * largest(delta1) + 2e-7 * largest(before)
   for d1, d4 in zip(jax.tree.leaves(delta1), jax.tree.leaves(delta4)):
-    np.testing.assert_allclose(d4, d1, rtol=1e-5, atol=1e-7)  # float32 sums in another order
+    np.testing.assert_allclose(d4, d1, rtol=1e-5, atol=atol)
 
 
 def test_lora_trains_only_adapters_and_projector(mesh):
@@ -131,8 +135,10 @@ def test_remat_gives_the_same_gradients():
     graphdef, params = nnx.split(model)
     grad = jax.jit(jax.grad(lambda p: losses.sft_loss_sums(nnx.merge(graphdef, p), b)[0]))
     results[policy] = grad(params)
+  # Recomputed in another order: rounding scales with the largest gradient of the model.
+  atol = 1e-6 * max(np.abs(np.asarray(a)).max() for a in jax.tree.leaves(results["none"]))
   for a, c in zip(jax.tree.leaves(results["none"]), jax.tree.leaves(results["full"])):
-    np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-5, atol=atol)
 
 
 def test_bf16_compute_with_float32_master_weights():
