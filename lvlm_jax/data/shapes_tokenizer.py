@@ -4,7 +4,7 @@ Every word the shapes world writes is one token, so a tiny LVLM learns the world
 few hundred. A word keeps its leading space, SentencePiece style ('▁red' vs 'red'), punctuation is
 one token per character, and a run of digits is read three at a time, each group one token
 ('123', '4', '007'), so a box coordinate of the 0..999 grid is one token: the box text
-'<box>(123,456),(789,999)</box>' is 10 tokens, not 18, and a tiny model places a coordinate with
+'<box>(123,456),(789,999)</box>' is 13 tokens, not 21, and a tiny model places a coordinate with
 one choice instead of three digit by digit. decode(encode(text)) gives the text back exactly up to
 lower case. The vocabulary is sorted, so ids are the same on every run and host.
 """
