@@ -1,7 +1,7 @@
 """A word-level Hugging Face tokenizer for the shapes-world language, built offline.
 
 Every word the shapes world writes is one token, so a tiny LVLM learns the world with a vocabulary of a
-few hundred. A word keeps its leading space, SentencePiece style ('▁red' vs 'red'), punctuation is
+few hundred words (and 1,110 digit groups). A word keeps its leading space, SentencePiece style ('▁red' vs 'red'), punctuation is
 one token per character, and a run of digits is read three at a time, each group one token
 ('123', '4', '007'), so a box coordinate of the 0..999 grid is one token: the box text
 '<box>(123,456),(789,999)</box>' is 13 tokens, not 21, and a tiny model places a coordinate with
