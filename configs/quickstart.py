@@ -36,7 +36,8 @@ def get_config():
   config.data.shapes.max_objects = 2
   config.data.shapes.shapes = ("circle", "square", "triangle")
   config.data.shapes.colors = ("red", "green", "blue", "yellow")
-  config.data.shapes_tasks = (("caption", 6000), ("grounding", 4000), ("yes_no", 6000))
+  config.data.shapes_tasks = (("caption", 6000), ("grounding", 6000), ("yes_no", 6000),
+                              ("region", 3000))
   config.data.pipeline.system_prompt = ""  # the shapes tokenizer has no words for a long one
   # One length: nearly every batch of 64 holds a caption, so it would pad to 80 anyway, and one
   # shape is one compilation.
@@ -65,4 +66,6 @@ def get_config():
   config.eval.captions = 50
   config.eval.batch_size = 50
   config.eval.caption_tokens = 96
+  config.eval.self_consistency = 100
+  config.eval.box_tokens = 16
   return config

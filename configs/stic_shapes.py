@@ -12,7 +12,19 @@ Prompts are shapes-vocabulary analogues of STIC's lists (lvlm_jax/methods/prompt
 the quickstart tokenizer has no words for the paper's prompts.
 """
 
+import importlib.util
+import os
+
 from lvlm_jax.methods import stic
+
+
+def _quickstart_config():
+  """configs/quickstart.py's config (the file beside this one, wherever it is run from)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
+  spec = importlib.util.spec_from_file_location("quickstart_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def get_config():
@@ -27,8 +39,9 @@ def get_config():
   config.model.lora.alpha = 32.0
   config.model.lora.target = r"llm\.layers\.\d+\..*_proj"
 
-  # The quickstart world (up to 3 objects); STIC's images come from scenes no stage trained on.
-  config.data.shapes.max_objects = 3
+  # The starting model's own world, read from its config so that the two never diverge; STIC's
+  # images come from scenes of it that no stage trained on.
+  config.data.shapes = _quickstart_config().data.shapes
   config.data.num_unlabeled = 512
   config.data.sft_tasks = (("caption", 192), ("yes_no", 256), ("grounding", 64))
   config.data.pipeline.system_prompt = ""  # as quickstart trained

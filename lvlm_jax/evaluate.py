@@ -1,4 +1,5 @@
-"""Shapes-world metrics of a model: yes/no accuracy, grounding Acc@IoU>=0.5, caption hallucination.
+"""Shapes-world metrics of a model: yes/no accuracy, grounding Acc@IoU>=0.5, caption hallucination,
+self-consistency Acc@IoU>=0.5 (box -> its own description -> its own box).
 
   python -m lvlm_jax.evaluate --workdir workdir/quickstart            # a run's latest checkpoint
   python -m lvlm_jax.evaluate --model DIR --config configs/quickstart.py
@@ -34,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--grounding", type=int, help="number of grounding expressions (overrides the "
                  "config)")
   p.add_argument("--captions", type=int, help="number of captions (overrides the config)")
+  p.add_argument("--self_consistency", type=int, help="number of boxes to describe and ground "
+                 "back (overrides the config)")
   p.add_argument("--output", help="JSON file for the metrics")
   return p.parse_args(argv)
 
@@ -71,7 +74,7 @@ def _config(args):
                     "--model <stage>/export/hf --config <its config file>")
   module = importlib.import_module(f"lvlm_jax.methods.{method}")
   config = module.parse(raw)
-  overrides = {k: getattr(args, k) for k in ("yes_no", "grounding", "captions")
+  overrides = {k: getattr(args, k) for k in ("yes_no", "grounding", "captions", "self_consistency")
                if getattr(args, k) is not None}
   return dataclasses.replace(config, eval=dataclasses.replace(config.eval, **overrides))
 

@@ -4,7 +4,8 @@ A scene is a few non-overlapping shapes (circle, square, ...) of fixed colours a
 classes on a plain background. Everything a method needs is derived from the scene, so every metric
 on it is exact: a detailed caption, referring expressions with boxes (SC-Tune, grounding), balanced
 POPE-style yes/no questions (hallucination), image pairs with controlled differences and a CaD-style
-summary (CaD-VI), and unlabeled images (STIC). `ShapesSource` serves all of it to Grain.
+summary (CaD-VI), region descriptions (box -> expression, SC-Tune's describer) and unlabeled images
+(STIC). `ShapesSource` serves all of it to Grain.
 
 Everything is a pure function of `(config.seed, index)`: record i is the same on every host, in every
 worker and after every restart, with nothing stored on disk.
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from lvlm_jax.data.text import BoxFormat
 from lvlm_jax.errors import UserError
 
 # Every kind the world knows; a config picks a subset. RGB values are fixed so that a colour name
@@ -33,7 +35,9 @@ COLORS = {
 }
 # Nominal side of the (square) box, as a fraction of the image side.
 SIZES = {"small": 0.15, "medium": 0.22, "large": 0.3}
-TASKS = ("caption", "grounding", "yes_no", "pair", "unlabeled")
+TASKS = ("caption", "grounding", "yes_no", "region", "pair", "unlabeled")
+# The tasks whose records are supervised examples (conversations, or box + expression).
+SFT_TASKS = ("caption", "grounding", "yes_no", "region")
 POPE_MODES = ("random", "popular", "adversarial")
 DIFFERENCE_KINDS = ("added", "removed", "recoloured", "moved")
 
@@ -44,6 +48,10 @@ CAPTION_PROMPTS = (
     "List the objects in the image and their positions.",
 )
 YES_NO_PROMPT = "<image>\n{question} Answer yes or no."
+# SC-Tune's describer prompt '<ref>This</ref><box>...</box> is' as a chat question: the box is
+# the BoxFormat text of the model's grounding answers, the answer a referring expression that the
+# grounding prompt takes back.
+REGION_PROMPT = "<image>\nWhat is <ref>this</ref>{box}? Answer with a short description."
 PAIR_PROMPT = ("Image 1: <image>\nImage 2: <image>\n"
                "Summarize the commonalities and differences of the two images.")
 
@@ -110,6 +118,9 @@ class ShapesConfig:
   min_gap: float = 0.04  # Smallest gap between two boxes (normalised); layouts are occlusion-free.
   background: tuple[int, int, int] = (230, 230, 230)  # RGB of the plain background.
   max_differences: int = 2  # A pair differs by 1..max_differences edits.
+  # Share of region descriptions that are the object's unique referring expression; the rest name
+  # its colour and shape only, which is ambiguous when a neighbour shares both.
+  region_full_share: float = 0.25
 
   def __post_init__(self):
     # Configs may arrive with lists (JSON, ConfigDict); tuples keep the config and its scenes hashable.
@@ -137,6 +148,7 @@ class ShapesConfig:
     check(len(self.background) == 3 and all(0 <= c <= 255 for c in self.background), "background",
           "must be an RGB triple of ints in 0..255")
     check(self.max_differences >= 1, "max_differences", "must be >= 1")
+    check(0 <= self.region_full_share <= 1, "region_full_share", "must be in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +286,22 @@ def referring_expressions(scene: Scene) -> list[tuple[str, tuple[float, float, f
   return out
 
 
+def region_description(scene: Scene, i: int, full: bool) -> str:
+  """What region descriptions say of object i: its unique referring expression when `full`,
+  else its colour and shape only ('the red circle'), which may fit a neighbour too."""
+  if full:
+    return _referring_expression(scene.objects, i)
+  obj = scene.objects[i]
+  return f"the {obj.color} {obj.shape}"
+
+
+def shares_kind(scene: Scene, i: int) -> bool:
+  """Whether another object of the scene has object i's colour and shape."""
+  obj = scene.objects[i]
+  return any(o.color == obj.color and o.shape == obj.shape for j, o in enumerate(scene.objects)
+             if j != i)
+
+
 def yes_no_questions(scene: Scene, rng: np.random.Generator, mode: str = "random",
                      count: int = 4) -> list[tuple[str, str]]:
   """POPE-style existence questions about (colour, shape) kinds: [(question, 'yes' | 'no')].
@@ -345,9 +373,9 @@ def vocabulary() -> list[str]:
   """Every word (lower-case, letters only) any generator of this module can write, sorted."""
   texts = [*SHAPES, *_PLURALS.values(), *COLORS, *SIZES, *_NUMBERS, *_DIRECTIONS, _LEFT_OF, _ABOVE, _BELOW,
            *(part for row in _CELLS for cell in row for part in cell), *CAPTION_PROMPTS,
-           YES_NO_PROMPT, PAIR_PROMPT, _COUNT_ONE, _COUNT_MANY, _OBJECT_SENTENCE, _RELATION_SENTENCE,
-           _QUESTION, _ADDED, _REMOVED, _RECOLOURED, _MOVED, _COMMON_BACKGROUND, _COMMON_COUNT,
-           _COUNTS_DIFFER, _COMMON_OBJECTS, _SUMMARY, "a an the and object objects"]
+           YES_NO_PROMPT, REGION_PROMPT, PAIR_PROMPT, _COUNT_ONE, _COUNT_MANY, _OBJECT_SENTENCE,
+           _RELATION_SENTENCE, _QUESTION, _ADDED, _REMOVED, _RECOLOURED, _MOVED, _COMMON_BACKGROUND,
+           _COMMON_COUNT, _COUNTS_DIFFER, _COMMON_OBJECTS, _SUMMARY, "a an the and object objects"]
   words = set()
   for text in texts:
     text = re.sub(r"\{\w+\}|<[^>]*>", " ", text)
@@ -361,13 +389,16 @@ class ShapesSource:
   Record i is a pure function of (config, task, i). Every record has "id", "images" (a list of
   uint8 [image_size, image_size, 3]) and "scene", the JSON ground truth (Scene.to_json(); for pairs
   {"scene_a": ..., "scene_b": ...}). By task, also: caption and yes_no: LLaVA "conversations"
-  (human, gpt), yes_no: "answer"; grounding: "box" [x1, y1, x2, y2] and "expression"; pair: two
-  images, "conversations" and "differences" (Difference.to_json() each); unlabeled: nothing more.
-  yes_no_mode: the POPE negatives of the "yes_no" task; answers alternate yes, no, yes, ...
+  (human, gpt), yes_no: "answer"; grounding: "box" [x1, y1, x2, y2] and "expression"; region:
+  "conversations" (REGION_PROMPT with the box as `box_format` text, then region_description:
+  the full expression in a config.region_full_share of the records), "box", "expression" (the
+  unique one), "full" (whether the answer is it) and "object" (its index in the scene); pair:
+  two images, "conversations" and "differences" (Difference.to_json() each); unlabeled: nothing
+  more. yes_no_mode: the POPE negatives of the "yes_no" task; answers alternate yes, no, yes, ...
   """
 
   def __init__(self, config: ShapesConfig, task: str, num_examples: int, *,
-               yes_no_mode: str = "random"):
+               yes_no_mode: str = "random", box_format: BoxFormat = BoxFormat()):
     if task not in TASKS:
       raise UserError(f"shapes task {task!r} is unknown; choose one of {TASKS}")
     if num_examples < 1:
@@ -378,6 +409,7 @@ class ShapesSource:
     self.task = task
     self.num_examples = num_examples
     self.yes_no_mode = yes_no_mode
+    self.box_format = box_format
 
   def __len__(self) -> int:
     return self.num_examples
@@ -411,6 +443,14 @@ class ShapesSource:
       expression, box, _ = expressions[rng.integers(len(expressions))]
       record["box"] = list(box)
       record["expression"] = expression
+    elif self.task == "region":
+      expressions = referring_expressions(scene)
+      expression, box, i = expressions[rng.integers(len(expressions))]
+      full = bool(rng.random() < self.config.region_full_share)
+      prompt = REGION_PROMPT.format(box=self.box_format.to_text(box))
+      record["conversations"] = [{"from": "human", "value": prompt},
+                                 {"from": "gpt", "value": region_description(scene, i, full)}]
+      record.update(box=list(box), expression=expression, full=full, object=int(i))
     elif self.task == "yes_no":
       answer = "yes" if index % 2 == 0 else "no"
       question = next(q for q, a in yes_no_questions(scene, rng, self.yes_no_mode, 2) if a == answer)

@@ -1,10 +1,12 @@
 """A word-level Hugging Face tokenizer for the shapes-world language, built offline.
 
 Every word the shapes world writes is one token, so a tiny LVLM learns the world with a vocabulary of a
-few hundred. A word keeps its leading space, SentencePiece style ('▁red' vs 'red'), punctuation is
-one token per character and numbers are single digits, so decode(encode(text)) gives the text back
-exactly up to lower case: box text like '<box>(123,456),(789,999)</box>' survives a round trip.
-The vocabulary is sorted, so ids are the same on every run and host.
+few hundred words (and 1,110 digit groups). A word keeps its leading space, SentencePiece style ('▁red' vs 'red'), punctuation is
+one token per character, and a run of digits is read three at a time, each group one token
+('123', '4', '007'), so a box coordinate of the 0..999 grid is one token: the box text
+'<box>(123,456),(789,999)</box>' is 13 tokens, not 21, and a tiny model places a coordinate with
+one choice instead of three digit by digit. decode(encode(text)) gives the text back exactly up to
+lower case. The vocabulary is sorted, so ids are the same on every run and host.
 """
 
 import re
@@ -18,8 +20,11 @@ from lvlm_jax.data import shapes
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 BOX_START, BOX_END = "<box>", "</box>"
+REF_START, REF_END = "<ref>", "</ref>"
 SYSTEM_PROMPT = "A chat between a user and an assistant."
 _SPACE = "▁"  # stands for the space before a word, as in SentencePiece
+# Every digit string of 1..3 digits (leading zeros too, so any digit run round-trips).
+_NUMBERS = [f"{n:0{width}d}" for width in (1, 2, 3) for n in range(10 ** width)]
 
 # Vicuna v1: '<s>{system} USER: {user} ASSISTANT: {assistant}</s>USER: ...'. A leading system
 # message replaces SYSTEM_PROMPT.
@@ -38,7 +43,7 @@ CHAT_TEMPLATE = (
 
 
 def shapes_tokenizer(extra_texts: Iterable[str] = ()) -> transformers.PreTrainedTokenizerFast:
-  """The tokenizer; ids 0..6 are <pad>, <s>, </s>, <unk>, <image>, <box>, </box>.
+  """The tokenizer; ids 0..8 are <pad>, <s>, </s>, <unk>, <image>, <box>, </box>, <ref>, </ref>.
 
   extra_texts: more text (e.g. a method's prompt list) whose words join the vocabulary.
   encode() adds <s> in front, as LLaMA's tokenizer does; the chat template writes its own <s>.
@@ -46,8 +51,8 @@ def shapes_tokenizer(extra_texts: Iterable[str] = ()) -> transformers.PreTrained
   words = set(shapes.vocabulary())
   for text in (SYSTEM_PROMPT, "user assistant", *extra_texts):
     words.update(re.findall(r"[a-z]+", text.lower()))
-  pieces = {*words, *(_SPACE + w for w in words), *string.punctuation, *string.digits, _SPACE, "\n"}
-  specials = [PAD, BOS, EOS, UNK, IMAGE, BOX_START, BOX_END]
+  pieces = {*words, *(_SPACE + w for w in words), *string.punctuation, *_NUMBERS, _SPACE, "\n"}
+  specials = [PAD, BOS, EOS, UNK, IMAGE, BOX_START, BOX_END, REF_START, REF_END]
   vocab = {token: i for i, token in enumerate(specials + sorted(pieces))}
 
   tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
@@ -57,15 +62,17 @@ def shapes_tokenizer(extra_texts: Iterable[str] = ()) -> transformers.PreTrained
       pre_tokenizers.Split(Regex(r"[^\S ]"), behavior="isolated"),
       pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="never"),
       pre_tokenizers.Punctuation(behavior="isolated"),
-      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.Split(Regex(r"\d{1,3}"), behavior="isolated"),
   ])
   tok.decoder = decoders.Metaspace(replacement=_SPACE, prepend_scheme="never")
   tok.post_processor = processors.TemplateProcessing(
       single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])])
   # Added tokens are matched before normalisation, so they are never lower-cased or split.
   tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (PAD, BOS, EOS, UNK, IMAGE)])
-  # Box markup is ordinary text that decode must keep, so it is not "special".
-  tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in (BOX_START, BOX_END)])
+  # Box and reference markup (Qwen-VL's) is ordinary text that decode must keep, so it is not
+  # "special".
+  tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                  for t in (BOX_START, BOX_END, REF_START, REF_END)])
 
   return transformers.PreTrainedTokenizerFast(
       tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,

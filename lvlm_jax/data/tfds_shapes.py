@@ -44,13 +44,16 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
         "scene": text,  # JSON
     }
     task = self.builder_config.name
-    if task in ("caption", "yes_no", "pair"):
+    if task in ("caption", "yes_no", "region", "pair"):
       features["conversations"] = tfds.features.Sequence({"from": text, "value": text})
     if task == "yes_no":
       features["answer"] = text
-    if task == "grounding":
+    if task in ("grounding", "region"):
       features["box"] = tfds.features.Tensor(shape=(4,), dtype=np.float32)
       features["expression"] = text
+    if task == "region":
+      features["full"] = tfds.features.Tensor(shape=(), dtype=np.bool_)
+      features["object"] = tfds.features.Tensor(shape=(), dtype=np.int32)
     if task == "pair":
       features["differences"] = text  # JSON
     metadata = None
@@ -139,6 +142,8 @@ class ShapesTfdsSource:
     if "box" in raw:
       record["box"] = [float(v) for v in raw["box"]]
       record["expression"] = raw["expression"].decode()
+    if "full" in raw:
+      record["full"], record["object"] = bool(raw["full"]), int(raw["object"])
     if "differences" in raw:
       record["differences"] = json.loads(raw["differences"])
     record["scene"] = json.loads(raw["scene"])

@@ -12,7 +12,7 @@ from flax import nnx
 from lvlm_jax.data import sources as data_sources
 from lvlm_jax.data.images import BadImage, ImageProcessing
 from lvlm_jax.data.pipeline import DataConfig, make_dataset
-from lvlm_jax.data.shapes import TASKS, ShapesConfig, ShapesSource
+from lvlm_jax.data.shapes import SFT_TASKS, ShapesConfig, ShapesSource
 from lvlm_jax.data.text import BoxFormat
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
@@ -24,7 +24,7 @@ class DataSources:
   """Where the training examples come from (all sources are mixed) and how they become batches."""
   shapes_tasks: tuple[tuple[str, int], ...] = help_field(
       (("caption", 2000), ("grounding", 2000), ("yes_no", 2000)), "(task, number of records) pairs "
-      f"from the built-in shapes world; tasks: {TASKS[:3]}.")
+      f"from the built-in shapes world; tasks: {SFT_TASKS}.")
   shapes: ShapesConfig = help_field(ShapesConfig(), "The shapes world the shapes tasks draw from.")
   conversations: tuple[str, ...] = help_field((), "LLaVA-format conversation "
                                               "files (JSON or JSONL).")
@@ -68,9 +68,9 @@ def training_source(config: DataSources):
   pipeline = config.pipeline
   parts = []
   for task, count in config.shapes_tasks:
-    if task not in TASKS[:3]:
-      raise UserError(f"data.shapes_tasks: task {task!r} cannot train SFT; use {TASKS[:3]}")
-    source = ShapesSource(config.shapes, task, count)
+    if task not in SFT_TASKS:
+      raise UserError(f"data.shapes_tasks: task {task!r} cannot train SFT; use {SFT_TASKS}")
+    source = ShapesSource(config.shapes, task, count, box_format=pipeline.box_format)
     if task == "grounding":
       source = GroundingAsConversation(source, pipeline.grounding_prompt, pipeline.box_format)
     parts.append(source)

@@ -6,6 +6,10 @@
 - grounding_acc50 (and mean_iou, parsed): the model answers "Where is <expression>?" greedily;
   the first box in its answer (text.BoxFormat) against the true box, success at IoU >= 0.5.
 - chair_i, chair_s, recall: CHAIR-style hallucination of greedy captions (eval/hallucination.py).
+- self_consistency_acc50: SC-Tune's closed loop. The model describes a true box (REGION_PROMPT,
+  greedy), grounds its own description with the grounding prompt (greedy), and succeeds when that
+  box has IoU >= 0.5 with the first; self_consistency_shared is the share of those boxes whose
+  colour and shape another object of the scene has, where "the red circle" is not enough.
 
 Questions come from a held-out world (another seed of the training world's distribution).
 Inputs are replicated over the mesh: evaluation sets are small and every process sees all of it.
@@ -21,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lvlm_jax.data.pipeline import DataConfig
-from lvlm_jax.data.shapes import CAPTION_PROMPTS, Scene, ShapesConfig, ShapesSource
+from lvlm_jax.data.shapes import CAPTION_PROMPTS, Scene, ShapesConfig, ShapesSource, shares_kind
 from lvlm_jax.data.text import box_iou, tokenize_conversation
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.eval.hallucination import hallucination_metrics
@@ -38,10 +42,13 @@ class ShapesEvalConfig:
   yes_no: int = help_field(200, "Yes/no questions (half yes); 0 skips the metric.")
   grounding: int = help_field(100, "Referring expressions to ground; 0 skips the metric.")
   captions: int = help_field(50, "Images to caption for the hallucination metrics; 0 skips them.")
+  self_consistency: int = help_field(0, "Boxes for self-consistency Acc@0.5 (box -> the model's "
+                                     "description -> the model's box); 0 skips the metric.")
   batch_size: int = help_field(50, "Examples per evaluation batch.")
   yes_no_mode: str = help_field("random", "POPE negatives: random, popular or adversarial.")
   box_tokens: int = help_field(32, "Most tokens generated for a box answer.")
   caption_tokens: int = help_field(160, "Most tokens generated for a caption.")
+  description_tokens: int = help_field(16, "Most tokens generated for a region description.")
 
 
 def _rows(tokenizer, data: DataConfig, turns_list):
@@ -104,6 +111,8 @@ class ShapesEvaluator:
                        ) if config.yes_no else []
     self.grounding = list(ShapesSource(world, "grounding", config.grounding)) if config.grounding else []
     self.captions = list(ShapesSource(world, "caption", config.captions)) if config.captions else []
+    self.regions = list(ShapesSource(world, "region", config.self_consistency,
+                                     box_format=data.box_format)) if config.self_consistency else []
 
   def _pixels(self, records) -> np.ndarray:
     """float32 [B, 1, S, S, 3] of the records' (single) images."""
@@ -148,16 +157,31 @@ class ShapesEvaluator:
                 for i in range(n)]
     return texts
 
-  def grounding_metrics(self, graphdef, state) -> dict[str, float]:
-    questions = [self.data.grounding_prompt.format(expression=r["expression"])
-                 for r in self.grounding]
-    answers = self._generate(graphdef, state, self.grounding, questions, self.config.box_tokens,
+  def _ground(self, graphdef, state, records, expressions) -> tuple[np.ndarray, list]:
+    """(IoU [N] of each greedy box answer with its record's box, parsed boxes or None)."""
+    questions = [self.data.grounding_prompt.format(expression=e) for e in expressions]
+    answers = self._generate(graphdef, state, records, questions, self.config.box_tokens,
                              self.data.box_format.open)
     boxes = [self.data.box_format.parse(a) for a in answers]
     ious = np.asarray([0.0 if b is None else float(box_iou(b, np.asarray(r["box"])))
-                       for b, r in zip(boxes, self.grounding)])
+                       for b, r in zip(boxes, records)])
+    return ious, boxes
+
+  def grounding_metrics(self, graphdef, state) -> dict[str, float]:
+    ious, boxes = self._ground(graphdef, state, self.grounding,
+                               [r["expression"] for r in self.grounding])
     return {"grounding_acc50": float(np.mean(ious >= 0.5)), "grounding_mean_iou": float(ious.mean()),
             "grounding_parsed": float(np.mean([b is not None for b in boxes]))}
+
+  def self_consistency_metrics(self, graphdef, state) -> dict[str, float]:
+    questions = [r["conversations"][0]["value"] for r in self.regions]
+    # Descriptions start with "the" (region_description), as in training.
+    descriptions = self._generate(graphdef, state, self.regions, questions,
+                                  self.config.description_tokens, "the")
+    ious, _ = self._ground(graphdef, state, self.regions, [d.strip() for d in descriptions])
+    shared = [shares_kind(Scene.from_json(r["scene"]), r["object"]) for r in self.regions]
+    return {"self_consistency_acc50": float(np.mean(ious >= 0.5)),
+            "self_consistency_shared": float(np.mean(shared))}
 
   def caption_metrics(self, graphdef, state) -> dict[str, float]:
     question = "<image>\n" + CAPTION_PROMPTS[0]
@@ -178,4 +202,6 @@ class ShapesEvaluator:
       metrics.update(self.grounding_metrics(graphdef, state))
     if self.captions:
       metrics.update(self.caption_metrics(graphdef, state))
+    if self.regions:
+      metrics.update(self.self_consistency_metrics(graphdef, state))
     return metrics

@@ -1,6 +1,7 @@
 """The shapes world: determinism, exact ground truth, and the record schema."""
 
 import collections
+import dataclasses
 import itertools
 import json
 import pickle
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from lvlm_jax.data import shapes
+from lvlm_jax.data.text import BoxFormat
 from lvlm_jax.errors import UserError
 
 CONFIG = shapes.ShapesConfig(seed=7)
@@ -261,7 +263,8 @@ def test_records_follow_the_schema():
     assert len(record["images"]) == n_images
     assert all(im.shape == (64, 64, 3) and im.dtype == np.uint8 for im in record["images"])
     extra = {"caption": {"conversations"}, "grounding": {"box", "expression"},
-             "yes_no": {"conversations", "answer"}, "pair": {"conversations", "differences"}, "unlabeled": set()}
+             "yes_no": {"conversations", "answer"}, "pair": {"conversations", "differences"},
+             "region": {"conversations", "box", "expression", "full", "object"}, "unlabeled": set()}
     assert set(record) == {"id", "images", "scene"} | extra[task]
     if "conversations" in record:
       assert [t["from"] for t in record["conversations"]] == ["human", "gpt"]
@@ -289,6 +292,39 @@ def test_records_follow_the_schema():
     shapes.ShapesSource(CONFIG, "pair", 3)[3]
 
 
+def test_region_records_describe_their_box_often_ambiguously():
+  box_format = BoxFormat(grid=100)
+  source = shapes.ShapesSource(WIDE, "region", 200, box_format=box_format)
+  full = ambiguous = 0
+  for i in range(len(source)):
+    record = source[i]
+    scene = shapes.Scene.from_json(record["scene"])
+    obj = scene.objects[record["object"]]
+    assert record["box"] == list(obj.box)
+    assert record["expression"] == shapes.referring_expressions(scene)[record["object"]][0]
+    question, answer = (t["value"] for t in record["conversations"])
+    assert question == shapes.REGION_PROMPT.format(box=box_format.to_text(obj.box))
+    assert question.startswith("<image>\nWhat is <ref>this</ref><box>(")
+    np.testing.assert_allclose(box_format.parse(question), obj.box, atol=1 / 99)  # int() truncates
+    if record["full"]:
+      full += 1
+      assert answer == record["expression"]
+    else:
+      assert answer == f"the {obj.color} {obj.shape}"
+    # The answer names the object alone exactly when no neighbour shares its colour and shape.
+    sharing = [o for o in scene.objects if (o.color, o.shape) == (obj.color, obj.shape)]
+    assert shapes.shares_kind(scene, record["object"]) == (len(sharing) > 1)
+    names_it = _resolve(scene, answer) == record["object"]
+    assert names_it == (record["full"] or len(sharing) == 1)
+    ambiguous += not names_it
+  assert 0.15 < full / len(source) < 0.35 and ambiguous >= 10
+  # The share is a knob of the world: all full, or none.
+  for share in (0.0, 1.0):
+    world = dataclasses.replace(WIDE, region_full_share=share)
+    records = [shapes.ShapesSource(world, "region", 30)[i] for i in range(30)]
+    assert all(r["full"] == bool(share) for r in records)
+
+
 def test_grain_reads_the_source():
   source = shapes.ShapesSource(CONFIG, "caption", 8)
   dataset = grain.MapDataset.source(source).shuffle(seed=0)
@@ -305,6 +341,8 @@ def test_bad_config_is_a_user_error():
     shapes.ShapesConfig(shapes=("circle",), colors=("red", "blue"), max_objects=2)
   with pytest.raises(UserError, match="task"):
     shapes.ShapesSource(CONFIG, "vqa", 3)
+  with pytest.raises(UserError, match="region_full_share"):
+    shapes.ShapesConfig(region_full_share=1.5)
   with pytest.raises(UserError, match="mode"):
     shapes.yes_no_questions(_scenes(n=1)[0], np.random.default_rng(0), "frequent")
   with pytest.raises(UserError, match="lay out"):

@@ -18,7 +18,7 @@ def tokenizer():
 
 def _texts(n=200):
   """Every kind of text the world writes, over n scenes of each task, with boxes as grounding text."""
-  texts = list(shapes.CAPTION_PROMPTS) + [shapes.PAIR_PROMPT]
+  texts = list(shapes.CAPTION_PROMPTS) + [shapes.PAIR_PROMPT, shapes.REGION_PROMPT.format(box="")]
   rng = np.random.default_rng(0)
   for i in range(n):
     scene = shapes.make_scene(WIDE, i)
@@ -34,13 +34,14 @@ def _texts(n=200):
 
 def test_ids_are_fixed_and_sorted(tokenizer):
   vocab = tokenizer.get_vocab()
-  assert [vocab[t] for t in ("<pad>", "<s>", "</s>", "<unk>", "<image>", "<box>", "</box>")] == list(range(7))
+  assert [vocab[t] for t in ("<pad>", "<s>", "</s>", "<unk>", "<image>", "<box>", "</box>", "<ref>",
+                             "</ref>")] == list(range(9))
   special = (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id)
   assert special == (0, 1, 2, 3)
-  rest = sorted(vocab, key=vocab.get)[7:]
+  rest = sorted(vocab, key=vocab.get)[9:]
   assert rest == sorted(rest)
   assert shapes_tokenizer().get_vocab() == vocab
-  assert {"▁circle", "circle", "▁", "\n", "7", "("} <= set(vocab)
+  assert {"▁circle", "circle", "▁", "\n", "7", "42", "999", "007", "("} <= set(vocab)
   assert "▁unicorn" in shapes_tokenizer(extra_texts=["A unicorn."]).get_vocab()
 
 
@@ -51,14 +52,27 @@ def test_every_generated_text_round_trips_without_unk(tokenizer):
     ids = tokenizer(text).input_ids
     assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids, text
     assert tokenizer.decode(ids[1:]) == text.lower()
-  # Numbers are single digits, so a box is a fixed, short sequence of tokens.
-  assert tokenizer.tokenize("<box>(123,4),(56,999)</box>") == [
-      "<box>", "(", "1", "2", "3", ",", "4", ")", ",", "(", "5", "6", ",", "9", "9", "9", ")", "</box>"]
+  # A coordinate of the 0..999 grid is one token, so a box is 10 tokens.
+  assert tokenizer.tokenize("<ref>this</ref><box>(123,4),(56,999)</box>") == [
+      "<ref>", "this", "</ref>", "<box>", "(", "123", ",", "4", ")", ",", "(", "56", ",", "999",
+      ")", "</box>"]
   assert tokenizer.tokenize("a purple unicorn") == ["a", "▁purple", "<unk>"]
 
 
+def test_every_number_is_one_token_and_digit_runs_round_trip(tokenizer):
+  vocab = tokenizer.get_vocab()
+  ids = [vocab[str(n)] for n in range(1000)]
+  assert len(set(ids)) == 1000
+  for n in range(1000):
+    assert tokenizer.tokenize(f"({n},") == ["(", str(n), ","]
+  # Longer runs (and leading zeros) split three digits at a time, and still round-trip.
+  assert tokenizer.tokenize("1234567 0042") == ["123", "456", "7", "▁", "004", "2"]
+  for text in ("1234567 0042", "<box>(0,0),(999,1000)</box>", "a 12 007 9"):
+    assert tokenizer.decode(tokenizer(text).input_ids[1:]) == text
+
+
 def test_records_of_every_task_have_no_unk(tokenizer):
-  for task in ("caption", "yes_no", "pair", "grounding"):
+  for task in ("caption", "yes_no", "pair", "grounding", "region"):
     source = shapes.ShapesSource(WIDE, task, 40)
     for i in range(len(source)):
       record = source[i]

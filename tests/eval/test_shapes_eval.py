@@ -2,6 +2,7 @@
 exact numbers for known answers (perfect, wrong, unparseable)."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from flax import nnx
 
 from lvlm_jax.data.images import ImageProcessing
 from lvlm_jax.data.pipeline import DataConfig
-from lvlm_jax.data.shapes import ShapesConfig, caption, Scene
+from lvlm_jax.data.shapes import ShapesConfig, caption, referring_expressions, Scene
 from lvlm_jax.data.shapes_tokenizer import shapes_tokenizer
 from lvlm_jax.data.text import image_token_id
 from lvlm_jax.eval import shapes as shapes_eval
@@ -27,8 +28,9 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def evaluator(tokenizer):
-  config = shapes_eval.ShapesEvalConfig(yes_no=8, grounding=4, captions=4, batch_size=4,
-                                        box_tokens=8, caption_tokens=8)
+  config = shapes_eval.ShapesEvalConfig(yes_no=8, grounding=4, captions=4, self_consistency=4,
+                                        batch_size=4, box_tokens=8, caption_tokens=8,
+                                        description_tokens=4)
   return shapes_eval.ShapesEvaluator(tokenizer, DATA, ShapesConfig(seed=5, max_objects=2), config)
 
 
@@ -42,7 +44,8 @@ def test_untrained_model_gives_metrics_in_range(tokenizer, evaluator):
   metrics = evaluator(LVLM(config, rngs=nnx.Rngs(0)))
   assert set(metrics) == {"yes_no_accuracy", "grounding_acc50", "grounding_mean_iou",
                           "grounding_parsed", "caption_chair_i", "caption_chair_s",
-                          "caption_recall", "caption_mentions_per_description"}
+                          "caption_recall", "caption_mentions_per_description",
+                          "self_consistency_acc50", "self_consistency_shared"}
   assert all(0 <= v <= 1 for k, v in metrics.items() if k != "caption_mentions_per_description")
 
 
@@ -106,3 +109,48 @@ def test_generation_prompt_is_the_training_context_of_the_answer(tokenizer):
   start = int(np.argmax(mask > 0))
   np.testing.assert_array_equal(prompt, ids[:start])
   assert tokenizer.convert_ids_to_tokens(ids[start:start + 2].tolist()) == ["▁", "<box>"]
+
+def test_self_consistency_grounds_the_models_own_description(tokenizer, monkeypatch):
+  """A fake model whose locator reads a description against the scene: a unique expression finds
+  its object, 'the red circle' the first red circle; the loop succeeds only when that is the box
+  it described."""
+  # Few kinds and crowded scenes, so that neighbours often share colour and shape.
+  world = ShapesConfig(seed=3, shapes=("circle", "square"), colors=("red", "blue"), min_objects=2,
+                       max_objects=3)
+  evaluator = shapes_eval.ShapesEvaluator(
+      tokenizer, DATA, world, shapes_eval.ShapesEvalConfig(yes_no=0, grounding=0, captions=0,
+                                                           self_consistency=24, batch_size=8))
+  box_format = DATA.box_format
+  question = re.compile(re.escape(DATA.grounding_prompt).replace(re.escape("{expression}"), "(.*)"))
+  described = {}
+
+  def generate(graphdef, state, records, questions, max_new_tokens, start):
+    if start == "the":  # the describer: one answer per region prompt
+      assert questions == [r["conversations"][0]["value"] for r in records]
+      return [" " + described[id(r)] for r in records]
+    assert start == box_format.open
+    answers = []
+    for record, q in zip(records, questions):
+      expression = question.fullmatch(q).group(1)
+      objects = record["scene"]["objects"]
+      named = {e: box for e, box, _ in referring_expressions(Scene.from_json(record["scene"]))}
+      named.update({f"the {o['color']} {o['shape']}": o["box"] for o in reversed(objects)})
+      answers.append(box_format.to_text(named[expression]) if expression in named else "no box")
+    return answers
+
+  monkeypatch.setattr(evaluator, "_generate", generate)
+  records = evaluator.regions
+  # Colour and shape shared with another object of the scene, counted from the scene itself.
+  kinds = [[(o["color"], o["shape"]) for o in r["scene"]["objects"]] for r in records]
+  shared = [k.count(k[r["object"]]) > 1 for k, r in zip(kinds, records)]
+  first_of_kind = [k.index(k[r["object"]]) == r["object"] for k, r in zip(kinds, records)]
+
+  described.update({id(r): r["expression"] for r in records})  # unique expressions: all found
+  assert evaluator.self_consistency_metrics(None, None) == {
+      "self_consistency_acc50": 1.0, "self_consistency_shared": np.mean(shared)}
+  described.update({id(r): r["conversations"][1]["value"] for r in records})  # as trained
+  expected = np.mean([r["full"] or first for r, first in zip(records, first_of_kind)])
+  assert 0 < expected < 1 and 0 < np.mean(shared) < 1
+  assert evaluator.self_consistency_metrics(None, None)["self_consistency_acc50"] == expected
+  described.update({id(r): "the purple cross" for r in records})  # no such object: no box
+  assert evaluator.self_consistency_metrics(None, None)["self_consistency_acc50"] == 0.0
