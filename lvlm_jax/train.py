@@ -21,7 +21,7 @@ from lvlm_jax import preemption
 from lvlm_jax.cli import run_cli
 from lvlm_jax.errors import UserError
 
-METHODS = ("sft", "stic")
+METHODS = ("sft", "stic", "sctune")
 # Stopped early by SIGTERM with a checkpoint saved: "try again" (sysexits' EX_TEMPFAIL), so a
 # launcher can loop until the run exits 0.
 EXIT_STOPPED = 75

@@ -29,8 +29,9 @@ from lvlm_jax.data.shapes import CAPTION_PROMPTS, Scene, ShapesConfig, ShapesSou
 from lvlm_jax.data.text import box_iou, tokenize_conversation
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.eval.hallucination import hallucination_metrics
-from lvlm_jax.sampling.decode import SamplingConfig, decode
-from lvlm_jax.sharding import place, replicated
+from lvlm_jax.sampling.decode import SamplingConfig
+from lvlm_jax.sampling.service import GenerationService, Prompt
+from lvlm_jax.sharding import batch_shards, make_mesh, place, replicated
 from lvlm_jax.training.losses import token_logprobs
 
 _PAD_TO = 16  # sequence lengths round up to this, so a handful of shapes compile
@@ -57,20 +58,6 @@ def _rows(tokenizer, data: DataConfig, turns_list):
                                 image_token=data.image_token,
                                 tokens_per_image=data.tokens_per_image)
           for turns in turns_list]
-
-
-def _prompt_rows(tokenizer, data: DataConfig, questions, answer_start: str):
-  """Generation prompts: each question with an answer that begins with `answer_start`, cut
-  before the answer's first token. This is the context training gave that token, even where
-  the tokenizer splits the space before the answer off (the shapes tokenizer does before <box>),
-  which a plain generation prompt ("ASSISTANT:") would not end with."""
-  turns = [[{"from": "human", "value": q}, {"from": "gpt", "value": answer_start}]
-           for q in questions]
-  rows = []
-  for ids, mask in _rows(tokenizer, data, turns):
-    start = int(np.argmax(mask > 0))
-    rows.append((ids[:start], np.zeros(start, np.int32)))
-  return rows
 
 
 def _pad(rows, pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -141,21 +128,19 @@ class ShapesEvaluator:
 
   def _generate(self, graphdef, state, records, questions, max_new_tokens: int,
                 answer_start: str) -> list[str]:
+    """Greedy answers through the generation service; prompts end where training's context for
+    an answer beginning with `answer_start` ends."""
     eos = self.tokenizer.eos_token_id
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
                               eos_token_ids=(eos,) if eos is not None else ())
-    texts = []
-    for (chunk, n), (qchunk, _) in zip(_batches(records, self.config.batch_size),
-                                       _batches(questions, self.config.batch_size)):
-      rows = _prompt_rows(self.tokenizer, self.data, qchunk, answer_start)
-      ids, _, attention = _pad(rows, self.pad_id, left=True)
-      inputs = self._put({"ids": ids, "attention": attention, "pixels": self._pixels(chunk)})
-      out = decode(graphdef, state, inputs["ids"], inputs["attention"], config=sampling,
-                   pixel_values=inputs["pixels"])
-      tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-      texts += [self.tokenizer.decode(tokens[i, :lengths[i]], skip_special_tokens=True)
-                for i in range(n)]
-    return texts
+    mesh = self.mesh if self.mesh is not None else make_mesh()
+    # Rows split over the mesh's batch axes: the batch rounds up to a multiple of them.
+    size = -(-self.config.batch_size // batch_shards(mesh)) * batch_shards(mesh)
+    service = GenerationService(nnx.merge(graphdef, state), self.tokenizer, self.data, mesh,
+                                size)
+    prompts = [Prompt.question(q, tuple(r["images"]), answer_start)
+               for r, q in zip(records, questions)]
+    return service.texts(prompts, sampling)
 
   def _ground(self, graphdef, state, records, expressions) -> tuple[np.ndarray, list]:
     """(IoU [N] of each greedy box answer with its record's box, parsed boxes or None)."""

@@ -85,6 +85,22 @@ class Completion:
   stopped: bool
 
 
+def prompt_ids(prompt: Prompt, tokenizer, data: DataConfig) -> np.ndarray:
+  """int32 [L]: `prompt` tokenized as training tokenizes the same turns (`data`'s template,
+  system prompt and image tokens), ending with the generation prompt, or, with an
+  `answer_start`, exactly where training's targets for such an answer begin."""
+  turns = ensure_image_placeholders(list(prompt.turns), len(prompt.images), data.image_token)
+  render = dict(system=data.system_prompt, image_token=data.image_token,
+                tokens_per_image=data.tokens_per_image)
+  if not prompt.answer_start:
+    ids, _ = tokenize_conversation(turns, tokenizer, data.template, add_generation_prompt=True,
+                                   **render)
+    return ids
+  ids, mask = tokenize_conversation(turns + [{"from": "gpt", "value": prompt.answer_start}],
+                                    tokenizer, data.template, **render)
+  return ids[:int(np.argmax(mask > 0))]
+
+
 def pad_id(tokenizer) -> int:
   return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -138,18 +154,7 @@ class GenerationService:
     """int32 [L]: the prompt as training tokenizes the same turns (image tokens expanded)."""
     if prompt.images and not self.is_lvlm:
       raise UserError("this model is text-only: its prompts cannot have images")
-    turns = ensure_image_placeholders(list(prompt.turns), len(prompt.images),
-                                      self.data.image_token)
-    render = dict(system=self.data.system_prompt, image_token=self.data.image_token,
-                  tokens_per_image=self.data.tokens_per_image)
-    if not prompt.answer_start:
-      ids, _ = tokenize_conversation(turns, self.tokenizer, self.data.template,
-                                     add_generation_prompt=True, **render)
-      return ids
-    ids, mask = tokenize_conversation(
-        turns + [{"from": "gpt", "value": prompt.answer_start}], self.tokenizer,
-        self.data.template, **render)
-    return ids[:int(np.argmax(mask > 0))]
+    return prompt_ids(prompt, self.tokenizer, self.data)
 
   def _batch(self, prompts: Sequence[Prompt]) -> tuple:
     """(ids, attention int32 [B, T] left-padded, pixels float32 [B, N, S, S, 3] or None) of a

@@ -17,6 +17,7 @@ from lvlm_jax.eval import shapes as shapes_eval
 from lvlm_jax.models.llm import LLMConfig
 from lvlm_jax.models.lvlm import LVLM, LVLMConfig
 from lvlm_jax.models.vision import CLIPVisionConfig
+from lvlm_jax.sampling.service import Prompt, prompt_ids
 
 DATA = DataConfig(system_prompt="", tokens_per_image=4, image=ImageProcessing(size=16))
 
@@ -99,13 +100,14 @@ def test_grounding_and_caption_metrics_on_known_answers(evaluator, monkeypatch):
 
 def test_generation_prompt_is_the_training_context_of_the_answer(tokenizer):
   """The shapes tokenizer splits the space before <box> into a token of its own, which is the
-  answer's first target (as in LLaVA's preprocess_v1); the grounding prompt ends where the
-  training targets start."""
+  answer's first target (as in LLaVA's preprocess_v1); the generation service's grounding prompt
+  ends where the training targets start."""
   question = DATA.grounding_prompt.format(expression="the red circle")
   full = shapes_eval._rows(tokenizer, DATA, [[{"from": "human", "value": question},
                                              {"from": "gpt", "value": "<box>(1,2),(3,4)</box>"}]])
   ids, mask = full[0]
-  (prompt, _), = shapes_eval._prompt_rows(tokenizer, DATA, [question], DATA.box_format.open)
+  image = np.zeros((8, 8, 3), np.uint8)
+  prompt = prompt_ids(Prompt.question(question, (image,), DATA.box_format.open), tokenizer, DATA)
   start = int(np.argmax(mask > 0))
   np.testing.assert_array_equal(prompt, ids[:start])
   assert tokenizer.convert_ids_to_tokens(ids[start:start + 2].tolist()) == ["▁", "<box>"]
