@@ -18,6 +18,7 @@ import sys
 
 from lvlm_jax.cli import run_cli
 from lvlm_jax.errors import UserError
+from lvlm_jax.output_paths import check_output_dir
 
 METHODS = ("sft", "stic")
 # Stopped early by SIGTERM with a checkpoint saved: "try again" (sysexits' EX_TEMPFAIL), so a
@@ -70,12 +71,15 @@ def _one_line(error: Exception, config_file: str | None = None) -> str:
 def _explain(argv: list[str], error: Exception) -> str:
   """Which part of the command line is wrong: the config file itself, an override naming a key
   that does not exist, or an override's value."""
+  from absl import flags
   overrides = [a for a in argv[1:] if a.startswith("--config.")]
   base = [a for a in argv if a not in overrides]
   values = _flag_values(base)
   try:
     values(base)
     values.config.keys()
+  except flags.UnrecognizedFlagError as e:  # a command-line mistake, not the config file's
+    return f"{_one_line(e)} (see --help)"
   except Exception as e:  # the file itself does not load
     path = _config_file(argv)
     return f"{path}: {_one_line(e, path)}"
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
   from lvlm_jax.sharding import initialize
   module = _module(method)
   parsed = module.parse(config)
+  check_output_dir(workdir, "--workdir")  # a read-only or misnamed workdir fails now, not at a save
   initialize(parsed.mesh)
   summary = module.run(parsed, workdir, raw_config=config)
   return 0 if summary["status"] == "done" else EXIT_STOPPED
