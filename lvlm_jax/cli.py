@@ -24,6 +24,8 @@ def debugging() -> bool:
 def _logs_without_tracebacks() -> None:
   """Log records with an exception carry its type and message instead of its traceback."""
   make_record = logging.getLogRecordFactory()
+  if getattr(make_record, "one_line", False):
+    return
 
   def factory(*args, **kwargs):
     record = make_record(*args, **kwargs)
@@ -34,6 +36,7 @@ def _logs_without_tracebacks() -> None:
       record.exc_info, record.exc_text = None, None
     return record
 
+  factory.one_line = True
   logging.setLogRecordFactory(factory)
 
 
