@@ -3,7 +3,8 @@
 A UserError (bad config, file, flag) prints `error: <message>` and exits 2. Any other exception
 is a bug or an environment problem: it prints `error: <Type>: <message>` with a hint and exits 1.
 Libraries' log records keep their message but lose their traceback (Orbax logs one per failed
-background thread). `LVLM_JAX_DEBUG=1` in the environment shows every traceback instead.
+background thread), and exceptions that die in threads are one `warning:` line each.
+`LVLM_JAX_DEBUG=1` in the environment shows every traceback instead.
 """
 
 import logging
@@ -21,8 +22,9 @@ def debugging() -> bool:
   return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
-def _logs_without_tracebacks() -> None:
-  """Log records with an exception carry its type and message instead of its traceback."""
+def _one_line_reports() -> None:
+  """Log records with an exception carry its type and message instead of its traceback, and
+  exceptions no one catches (in threads, native callbacks) are one warning line each."""
   make_record = logging.getLogRecordFactory()
   if getattr(make_record, "one_line", False):
     return
@@ -38,6 +40,25 @@ def _logs_without_tracebacks() -> None:
 
   factory.one_line = True
   logging.setLogRecordFactory(factory)
+  # What dies in a library's thread or native callback after the failure (tensorstore calling
+  # into a closed asyncio loop) reaches these hooks: one line each.
+  sys.excepthook = lambda kind, error, _: _warn(f"{kind.__name__}: {error}")
+  threading.excepthook = lambda hook: _warn(f"{hook.exc_type.__name__} in a thread: "
+                                            f"{hook.exc_value}")
+  sys.unraisablehook = lambda u: _warn(f"{type(u.exc_value).__name__} ignored: {u.exc_value}")
+
+
+_warned: set[str] = set()
+_warn_lock = threading.Lock()
+
+
+def _warn(message: str) -> None:
+  """`warning: message` on stderr, once per distinct message (dying threads repeat theirs)."""
+  line = f"warning: {' '.join(message.split())[:300]}\n"
+  with _warn_lock:
+    if line not in _warned:
+      _warned.add(line)
+      sys.stderr.write(line)
 
 
 def _exit(code: int) -> None:
@@ -55,7 +76,7 @@ def _exit(code: int) -> None:
 def run_cli(main: Callable[[], int | None]) -> None:
   """Runs `main` and exits with its code (0 for None); failures as the module docstring says."""
   if not debugging():
-    _logs_without_tracebacks()
+    _one_line_reports()
   try:
     code = main()
   except UserError as e:

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import tempfile
+import traceback
 
 from lvlm_jax import cli
 
@@ -44,6 +45,9 @@ def main(cases_path: str, results_path: str) -> None:
           code = 0
         except SystemExit as e:
           code = e.code if isinstance(e.code, int) else 1
+        except Exception:  # what run_cli let through: shown as the traceback it would print
+          traceback.print_exc()
+          code = 1
         finally:
           sys.stderr.flush()
           os.dup2(saved, 2)
