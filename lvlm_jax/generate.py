@@ -265,9 +265,7 @@ def _load_model(directory: str, dtype: str, allow_pickle: bool = False):
 
 def run(args: argparse.Namespace) -> None:
   import jax
-  from tqdm import tqdm
 
-  from lvlm_jax.methods.artifacts import JsonlWriter
   from lvlm_jax.sampling import beam, decode, stop_strings
 
   records = None
@@ -312,7 +310,15 @@ def run(args: argparse.Namespace) -> None:
                          jax.random.fold_in(jax.random.key(args.seed), 0))
     print("\n".join(answers[0]))
     return
+  _answer_jsonl(records, args, model, prompter, config, stops)
 
+
+def _answer_jsonl(records: list[dict], args, model, prompter: Prompter, config, stops) -> None:
+  """Batch mode: answers every record into --output_jsonl, as the module docstring says."""
+  import jax
+  from tqdm import tqdm
+
+  from lvlm_jax.methods.artifacts import JsonlWriter
   root = args.image_root or os.path.dirname(os.path.abspath(args.input_jsonl))
   files, problems = [], {}  # per record: its image files; record index -> why it is unusable
   for n, record in enumerate(records):
