@@ -7,8 +7,9 @@ The config file defines `get_config()` returning a ConfigDict (start from
 e.g. --config.optim.lr=1e-5 --config.train.num_steps=200. A misspelled key or a value of the
 wrong type is an error. Running the same command again resumes from the latest checkpoint in
 the workdir (default: workdir/<config file name>). On several hosts, run the same command on
-every host (see launch/). Exit codes: 0 done, 2 bad config or input, 75 stopped by SIGTERM
-after saving a checkpoint (run it again to resume).
+every host (see launch/). Exit codes: 0 done, 2 bad config or input (or a checkpoint that could
+not be written), 75 stopped by SIGTERM after saving a checkpoint (run it again to resume), 1 an
+unexpected error (one line; LVLM_JAX_DEBUG=1 shows its traceback).
 """
 
 import difflib
