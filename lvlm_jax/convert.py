@@ -44,23 +44,34 @@ def parse_args(argv=None) -> argparse.Namespace:
 def convert(args: argparse.Namespace) -> None:
   # Imported here so that --help answers without loading JAX.
   from lvlm_jax.models import hf, params_io
+  from lvlm_jax.output_paths import check_output_dir
   if not os.path.isdir(args.input):
     raise UserError(f"{args.input}: no such directory")
   if os.path.abspath(args.input) == os.path.abspath(args.output):
     raise UserError("input and output must be different directories")
+  if not args.max_shard_gb > 0:
+    raise UserError(f"--max_shard_gb {args.max_shard_gb}: must be a positive number of GiB")
+  check_output_dir(args.output, "output")  # before the (long) load, not after
   if os.path.isdir(os.path.join(args.input, "params")):
     model = params_io.load_model(args.input)
   else:
     model = hf.load_model(args.input, allow_pickle=args.allow_pickle,
                           allow_unused=args.allow_unused)
   if args.to == "hf":
-    hf.save_hf(model, args.output, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    try:
+      hf.save_hf(model, args.output, dtype=args.dtype,
+                 max_shard_bytes=int(args.max_shard_gb * 2**30))
+    except OSError as e:  # the disk filled up, the folder went away
+      raise UserError(f"cannot write {args.output}: {e.strerror or e}") from None
   else:
     params_io.save_model(model, args.output)
   for name in COMPANION_FILES:
     source = os.path.join(args.input, name)
     if os.path.exists(source):
-      shutil.copy(source, os.path.join(args.output, name))
+      try:
+        shutil.copy(source, os.path.join(args.output, name))
+      except OSError as e:
+        raise UserError(f"cannot copy {source} to {args.output}: {e.strerror or e}") from None
   print(f"wrote {args.output} ({args.to})")
 
 

@@ -9,6 +9,7 @@ builds the dataclass back, checking what a ConfigDict cannot (unknown keys in fi
 
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
@@ -79,6 +80,9 @@ def _check(value, annotation, where: str):
     return tuple(_check(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
   if annotation is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
+  if annotation is float and isinstance(value, float) and not math.isfinite(value):
+    # NaN passes every `x < 0` range check and poisons a whole run; no setting means infinity.
+    raise UserError(f"{where}={value!r}: expected a finite number")
   if isinstance(annotation, type) and not isinstance(value, annotation):
     raise UserError(f"{where}={value!r}: expected {annotation.__name__}, got {type(value).__name__}")
   return value

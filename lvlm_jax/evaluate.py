@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import sys
+import traceback
 
 from lvlm_jax.cli import run_cli
 from lvlm_jax.errors import UserError
@@ -38,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--self_consistency", type=int, help="number of boxes to describe and ground "
                  "back (overrides the config)")
   p.add_argument("--output", help="JSON file for the metrics")
+  p.add_argument("--allow_pickle", action="store_true",
+                 help="with --model: accept pickled .bin/.pt weights; pickles can run code when "
+                 "loaded, so use this only for files you trust")
   return p.parse_args(argv)
 
 
@@ -49,8 +53,13 @@ def _load_config_file(path: str):
   try:
     spec.loader.exec_module(module)
     return module.get_config()
-  except (ImportError, AttributeError, TypeError, KeyError) as e:
-    raise UserError(f"--config {path}: {type(e).__name__}: {e}") from None
+  except SyntaxError as e:
+    raise UserError(f"--config {path}:{e.lineno}: SyntaxError: {e.msg}") from None
+  except Exception as e:  # a config file is a program: it can raise anything
+    line = next((frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__))
+                 if os.path.abspath(frame.filename) == os.path.abspath(path)), None)
+    where = f"{path}:{line}" if line else path
+    raise UserError(f"--config {where}: {type(e).__name__}: {e}") from None
 
 
 def _config(args):
@@ -59,8 +68,14 @@ def _config(args):
     path = os.path.join(args.workdir, "config.json")
     if not os.path.exists(path):
       raise UserError(f"{args.workdir}: no config.json; is it a training workdir?")
-    with open(path) as f:
-      raw = json.load(f)
+    try:
+      with open(path) as f:
+        raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise UserError(f"{path}: not valid JSON ({e}); the run's config is damaged: restore it "
+                      "or evaluate its export with --model") from None
+    if not isinstance(raw, dict):
+      raise UserError(f"{path}: expected a JSON object of config sections")
   elif args.config:
     raw = _load_config_file(args.config)
   else:
@@ -108,7 +123,11 @@ def evaluate(args) -> dict:
   from lvlm_jax.data.tokenizer import load_tokenizer
   from lvlm_jax.models import building, hf, params_io
   from lvlm_jax.sharding import make_mesh
+  from lvlm_jax.output_paths import check_output_file
   config = _config(args)
+  output = args.output or (os.path.join(args.workdir, "eval.json") if args.workdir else None)
+  if output:  # before the evaluation, not after it
+    check_output_file(output, "--output")
   mesh = make_mesh()
   prompts = (config.data.pipeline.grounding_prompt,)
   if args.workdir:
@@ -124,7 +143,7 @@ def evaluate(args) -> dict:
         prompts)
     is_ours = os.path.isdir(os.path.join(args.model, "params"))
     model = (params_io.load_model(args.model, mesh=mesh) if is_ours
-             else hf.load_model(args.model, mesh=mesh))
+             else hf.load_model(args.model, mesh=mesh, allow_pickle=args.allow_pickle))
     reference, step = model, None
     model_config = dataclasses.replace(config.model, hf_dir="" if is_ours else args.model)
   building.check_vocabulary(reference, tokenizer)
@@ -135,7 +154,6 @@ def evaluate(args) -> dict:
     metrics = evaluator(model)
   result = {"model": args.workdir or args.model, "step": step, **metrics}
   print(json.dumps(result, indent=2))
-  output = args.output or (os.path.join(args.workdir, "eval.json") if args.workdir else None)
   if output:
     with open(output, "w") as f:
       json.dump(result, f, indent=2)

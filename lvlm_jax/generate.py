@@ -8,11 +8,16 @@ preprocessor_config.json) or an lvlm_jax checkpoint with the tokenizer files bes
 Each input line is a JSON object with "prompt" and optionally "image" or "images" (paths relative
 to --image_root, default the JSONL's directory) and "system"; each output line is that object
 plus "response" (and "responses", plus "scores" for beam search, when several are returned).
+Answers are written batch by batch to OUTPUT.partial, renamed to OUTPUT at the end; the same
+command after an interruption resumes after the last complete batch. A record that cannot be
+used (an unreadable image, say) is skipped and counted: its output line carries "error" (naming
+the input file and line) instead of "response"; more than --max_skip_fraction of them stops.
 Prompts are rendered with a chat template and batched, left-padded to a multiple of
 --pad_to_multiple tokens so that few shapes (compilations) occur.
 """
 
 import argparse
+import codecs
 import json
 import os
 import sys
@@ -23,8 +28,11 @@ from lvlm_jax.cli import run_cli
 from lvlm_jax.data import images as images_lib
 from lvlm_jax.data import text
 from lvlm_jax.errors import UserError
+from lvlm_jax.output_paths import check_output_file
 
 TEMPLATES = ("auto", "none", "vicuna_v1", "llama3", "chatml", "mistral", "tokenizer")
+# Where read_records keeps a record's input line; removed before the record is written out.
+LINE_KEY = "__line__"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="prompt lengths are padded up to a multiple of this (fewer compilations)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="compute dtype of the model")
+  p.add_argument("--max_skip_fraction", type=float, default=0.05,
+                 help="batch mode: largest share of records that may be skipped (unreadable "
+                 "image, ...) before the run stops")
+  p.add_argument("--allow_pickle", action="store_true",
+                 help="accept pickled .bin/.pt weights; pickles can run code when loaded, "
+                 "so use this only for files you trust")
   return p
 
 
@@ -96,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   for name in ("batch_size", "pad_to_multiple", "num_return_sequences"):
     if getattr(args, name) < 1:
       p.error(f"--{name} must be at least 1")
+  if not 0 <= args.max_skip_fraction <= 1:
+    p.error("--max_skip_fraction must be in [0, 1]")
   return args
 
 
@@ -105,14 +121,20 @@ def image_paths(record: dict) -> list[str]:
 
 
 def read_records(path: str) -> list[dict]:
-  """The JSONL's objects; a malformed line is a UserError naming it."""
+  """The JSONL's objects, each with its line number under `LINE_KEY`; a malformed line is a
+  UserError naming it, and so is a file without records."""
   try:
-    with open(path) as f:
-      lines = f.readlines()
+    with open(path, "rb") as f:
+      lines = f.read().removeprefix(codecs.BOM_UTF8).split(b"\n")
   except OSError as e:
     raise UserError(f"cannot read {path}: {e.strerror}") from None
   records = []
-  for number, line in enumerate(lines, 1):
+  for number, raw in enumerate(lines, 1):
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise UserError(f"{path}:{number}: not valid UTF-8 (byte {e.start} of the line: "
+                      f"{e.reason}); save the file as UTF-8") from None
     if not line.strip():
       continue
     try:
@@ -124,7 +146,9 @@ def read_records(path: str) -> list[dict]:
     images = image_paths(record)
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
       raise UserError(f"{path}:{number}: 'image' must be a path and 'images' a list of paths")
-    records.append(record)
+    records.append({**record, LINE_KEY: number})
+  if not records:
+    raise UserError(f"{path}: holds no records (one JSON object per line)")
   return records
 
 
@@ -180,7 +204,11 @@ class Prompter:
     if self.template == "none":
       if num_images:
         raise UserError("--template none cannot place images; pick a chat template")
-      return self.tokenizer(record["prompt"]).input_ids
+      ids = self.tokenizer(record["prompt"]).input_ids
+      if not ids:
+        raise UserError("the prompt is empty and --template none adds nothing to it: there is "
+                        "nothing to continue")
+      return ids
     turns = [{"from": "human", "value": record["prompt"]}]
     if self.is_lvlm:
       turns = text.ensure_image_placeholders(turns, num_images)
@@ -196,26 +224,29 @@ class Prompter:
     return self.processing(images_lib.load_image(path))
 
 
-def _batch_arrays(prompter: Prompter, chunk: list[tuple[dict, list[str]]], batch_size: int,
-                  multiple: int):
-  """(record, image files) pairs -> left-padded ids/mask [batch_size, T] and pixels
-  [batch_size, N, H, W, 3] (or None); rows past the chunk repeat its first, so that every batch
-  has the same shape."""
-  chunk = chunk + [chunk[0]] * (batch_size - len(chunk))
-  rows = [prompter.token_ids(record) for record, _ in chunk]
-  width = -(-max(len(r) for r in rows) // multiple) * multiple
+def _prepared(prompter: Prompter, record: dict, files: list[str]):
+  """One record's prompt ids and `float32 [S, S, 3]` pixels per image; a UserError (BadImage
+  included) when the record cannot be used."""
+  return prompter.token_ids(record), [prompter.image(file) for file in files]
+
+
+def _batch_arrays(prompter: Prompter, rows: list, batch_size: int, multiple: int):
+  """`_prepared` rows -> left-padded ids/mask [batch_size, T] and pixels [batch_size, N, H, W, 3]
+  (or None); rows past the chunk repeat its first, so that every batch has the same shape."""
+  rows = rows + [rows[0]] * (batch_size - len(rows))
+  width = -(-max(len(ids) for ids, _ in rows) // multiple) * multiple
   ids = np.full((batch_size, width), prompter.tokenizer.pad_token_id or 0, np.int32)
   mask = np.zeros((batch_size, width), np.int32)
-  for i, row in enumerate(rows):
+  for i, (row, _) in enumerate(rows):
     ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
-  count = max(len(files) for _, files in chunk)
+  count = max(len(pixels) for _, pixels in rows)
   if not prompter.is_lvlm or not count:
     return ids, mask, None
   size = prompter.processing.size
   pixels = np.zeros((batch_size, count, size, size, 3), np.float32)
-  for i, (_, files) in enumerate(chunk):
-    for j, file in enumerate(files):  # unused slots stay zero: no image token refers to them
-      pixels[i, j] = prompter.image(file)
+  for i, (_, images) in enumerate(rows):
+    for j, image in enumerate(images):  # unused slots stay zero: no image token refers to them
+      pixels[i, j] = image
   return ids, mask, pixels
 
 
@@ -236,7 +267,7 @@ def _stop_token_ids(model_dir: str, model, tokenizer) -> tuple[int, ...]:
   return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
 
 
-def _load_model(directory: str, dtype: str):
+def _load_model(directory: str, dtype: str, allow_pickle: bool = False):
   from lvlm_jax.models import hf, params_io
   from lvlm_jax.models.llm import LLM
   from lvlm_jax.models.lvlm import LVLM
@@ -246,7 +277,7 @@ def _load_model(directory: str, dtype: str):
   if os.path.isdir(os.path.join(directory, "params")):
     model = params_io.load_model(directory, **overrides)
   else:
-    model = hf.load_model(directory, **overrides)
+    model = hf.load_model(directory, allow_pickle=allow_pickle, **overrides)
   if not isinstance(model, (LLM, LVLM)):
     raise UserError(f"--model {directory}: a {type(model).__name__} cannot generate text")
   return model
@@ -254,11 +285,16 @@ def _load_model(directory: str, dtype: str):
 
 def run(args: argparse.Namespace) -> None:
   import jax
-  from tqdm import tqdm
 
   from lvlm_jax.sampling import beam, decode, stop_strings
 
-  model = _load_model(args.model, args.dtype)
+  records = None
+  if args.output_jsonl:  # before any work: a bad output path found at the end loses all of it
+    if os.path.abspath(args.output_jsonl) == os.path.abspath(args.input_jsonl):
+      raise UserError("--output_jsonl must not be --input_jsonl")
+    check_output_file(args.output_jsonl, "--output_jsonl")
+    records = read_records(args.input_jsonl)
+  model = _load_model(args.model, args.dtype, args.allow_pickle)
   prompter = Prompter(args.model, model, args.template, args.system, args.max_new_tokens)
   tokenizer = prompter.tokenizer
   eos = _stop_token_ids(args.model, model, tokenizer)
@@ -288,53 +324,127 @@ def run(args: argparse.Namespace) -> None:
       stops = stop_strings.stop_strings_for_tokenizer(tokenizer, args.stop, vocab)
 
   if args.prompt is not None:
-    records = [{"prompt": args.prompt, "images": args.image}]
-    files = [args.image]
-  else:
-    records = read_records(args.input_jsonl)
-    root = args.image_root or os.path.dirname(os.path.abspath(args.input_jsonl))
-    files = [[images_lib.resolve_image_path(p, [root]) for p in image_paths(r)] for r in records]
-
-  work = list(zip(records, files))
-  texts, scores = [], []  # per item of `work`: its answers, and their beam scores
-  key = jax.random.key(args.seed)
-  batch_size = min(args.batch_size, len(work))
-  with tqdm(total=len(work), desc="generating", unit="prompt", file=sys.stderr,
-            disable=args.prompt is not None) as bar:
-    for start in range(0, len(work), batch_size):
-      chunk = work[start:start + batch_size]
-      ids, mask, pixels = _batch_arrays(prompter, chunk, batch_size, args.pad_to_multiple)
-      if beams:
-        out = beam.beam_search(model, ids, mask, config=config, pixel_values=pixels)
-        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        scores += np.asarray(out.scores)[:len(chunk)].tolist()
-      else:
-        out = decode.generate(model, ids, mask, config=config, pixel_values=pixels,
-                              rng=jax.random.fold_in(key, start), stop=stops)
-        # Several samples of a prompt share its prefill; they come as rows i * k + j.
-        k = config.num_return_sequences
-        tokens = np.asarray(out.tokens).reshape(-1, k, out.tokens.shape[-1])
-        lengths = np.asarray(out.lengths).reshape(-1, k)
-      texts += [[tokenizer.decode(tokens[i, j, :lengths[i, j]], skip_special_tokens=True)
-                 for j in range(tokens.shape[1])] for i in range(len(chunk))]
-      bar.update(len(chunk))
-
-  for n, record in enumerate(records):
-    answers = texts[n]
-    record["response"] = answers[0]
-    if len(answers) > 1:
-      record["responses"] = answers
-    if beams:
-      record["scores"] = scores[n]
-  if args.prompt is not None:
-    print("\n".join(records[0].get("responses", [records[0]["response"]])))
+    record = {"prompt": args.prompt, "images": args.image}
+    rows = [_prepared(prompter, record, args.image)]
+    answers, _ = _answer(model, prompter, rows, 1, args.pad_to_multiple, config, stops,
+                         jax.random.fold_in(jax.random.key(args.seed), 0))
+    print("\n".join(answers[0]))
     return
-  partial = args.output_jsonl + ".partial"
-  with open(partial, "w") as f:
-    for record in records:
-      f.write(json.dumps(record, ensure_ascii=False) + "\n")
-  os.replace(partial, args.output_jsonl)
-  print(f"wrote {len(records)} records to {args.output_jsonl}", file=sys.stderr)
+  _answer_jsonl(records, args, model, prompter, config, stops)
+
+
+def _answer_jsonl(records: list[dict], args, model, prompter: Prompter, config, stops) -> None:
+  """Batch mode: answers every record into --output_jsonl, as the module docstring says."""
+  import jax
+  from tqdm import tqdm
+
+  from lvlm_jax.artifacts import JsonlWriter
+  root = args.image_root or os.path.dirname(os.path.abspath(args.input_jsonl))
+  files, problems = [], {}  # per record: its image files; record index -> why it is unusable
+  for n, record in enumerate(records):
+    try:
+      files.append([images_lib.resolve_image_path(p, [root]) for p in image_paths(record)])
+    except UserError as e:
+      files.append([])
+      problems[n] = str(e)
+  skips = _Skips(args.input_jsonl, len(records), args.max_skip_fraction)
+  for n in sorted(problems):  # before any work: inputs this broken stop at once
+    skips.add(records[n], problems[n], args.output_jsonl + ".partial")
+  skips.reset()
+  batch_size = min(args.batch_size, len(records))
+  writer = JsonlWriter(args.output_jsonl, batch_size)
+  start = writer.resume()
+  if start:
+    print(f"resuming {args.output_jsonl}: {start} of {len(records)} records already answered",
+          file=sys.stderr)
+    with open(writer.partial) as f:
+      for line in f:
+        if "error" in json.loads(line):
+          skips.count += 1
+  key = jax.random.key(args.seed)
+  with tqdm(total=len(records), initial=start, desc="generating", unit="prompt",
+            file=sys.stderr) as bar:
+    for first in range(start, len(records), batch_size):
+      chunk = range(first, min(first + batch_size, len(records)))
+      rows, errors = {}, {}
+      for n in chunk:
+        try:
+          if n in problems:
+            raise UserError(problems[n])
+          rows[n] = _prepared(prompter, records[n], files[n])
+        except UserError as e:
+          errors[n] = skips.add(records[n], str(e), writer.partial)
+      answers, scores = [], []
+      if rows:
+        answers, scores = _answer(model, prompter, list(rows.values()), batch_size,
+                                  args.pad_to_multiple, config, stops,
+                                  jax.random.fold_in(key, first))
+      results = dict(zip(rows, zip(answers, scores or [None] * len(answers))))
+      out = []
+      for n in chunk:
+        record = {k: v for k, v in records[n].items() if k != LINE_KEY}
+        if n in errors:
+          record["error"] = errors[n]
+        else:
+          texts, beam_scores = results[n]
+          record["response"] = texts[0]
+          if len(texts) > 1:
+            record["responses"] = texts
+          if beam_scores is not None:
+            record["scores"] = beam_scores
+        out.append(record)
+      writer.append(out)
+      bar.update(len(chunk))
+  writer.close()
+  print(f"wrote {len(records)} records to {args.output_jsonl}"
+        + (f"; {skips.count} skipped (first: {skips.first})" if skips.count else ""),
+        file=sys.stderr)
+
+
+class _Skips:
+  """Counts the batch's unusable records and stops once more than the tolerated share are."""
+
+  def __init__(self, path: str, total: int, max_fraction: float):
+    self.path, self.total, self.max_fraction = path, total, max_fraction
+    self.count, self.first = 0, None
+
+  def add(self, record: dict, reason: str, partial: str) -> str:
+    """Counts `record` as skipped; returns the error its output line carries."""
+    where = f"{self.path}:{record[LINE_KEY]}: {reason}"
+    self.count += 1
+    self.first = self.first or where
+    if self.count > self.max_fraction * self.total:
+      raise UserError(f"{self.count} of {self.total} records cannot be used, more than "
+                      f"--max_skip_fraction={self.max_fraction}; {where}. Answers so far are in "
+                      f"{partial}: the same command resumes after them")
+    return where
+
+  def reset(self) -> None:
+    self.count, self.first = 0, None
+
+
+def _answer(model, prompter: Prompter, rows: list, batch_size: int, multiple: int, config,
+            stops, rng):
+  """Generates for up to `batch_size` `_prepared` rows: (per row its answers, per row its beam
+  scores or [] without beam search)."""
+  from lvlm_jax.sampling import beam, decode
+  tokenizer = prompter.tokenizer
+  ids, mask, pixels = _batch_arrays(prompter, rows, batch_size, multiple)
+  scores = []
+  if isinstance(config, beam.BeamConfig):
+    out = beam.beam_search(model, ids, mask, config=config, pixel_values=pixels)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    scores = np.asarray(out.scores)[:len(rows)].tolist()
+  else:
+    out = decode.generate(model, ids, mask, config=config, pixel_values=pixels, rng=rng,
+                          stop=stops)
+    # Several samples of a prompt share its prefill; they come as rows i * k + j.
+    k = config.num_return_sequences
+    tokens = np.asarray(out.tokens).reshape(-1, k, out.tokens.shape[-1])
+    lengths = np.asarray(out.lengths).reshape(-1, k)
+  answers = [[tokenizer.decode(tokens[i, j, :lengths[i, j]], skip_special_tokens=True)
+              for j in range(tokens.shape[1])] for i in range(len(rows))]
+  return answers, scores
 
 
 def main(argv=None) -> None:

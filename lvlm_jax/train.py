@@ -8,8 +8,9 @@ e.g. --config.optim.lr=1e-5 --config.train.num_steps=200. A misspelled key or a 
 wrong type is an error. Running the same command again resumes from the latest checkpoint in
 the workdir (default: workdir/<config file name>). On several hosts, run the same command on
 every host (see launch/). Exit codes: 0 done (or the stages pipeline.only_stage /
-pipeline.stop_after asked for are), 2 bad config or input, 75 stopped by SIGTERM at any moment,
-with everything finished saved (run it again to resume).
+pipeline.stop_after asked for are), 2 bad config or input (or a checkpoint that could not be
+written), 75 stopped by SIGTERM at any moment, with everything finished saved (run it again to
+resume), 1 an unexpected error (one line; LVLM_JAX_DEBUG=1 shows its traceback).
 """
 
 import difflib
@@ -20,6 +21,7 @@ import sys
 from lvlm_jax import preemption
 from lvlm_jax.cli import run_cli
 from lvlm_jax.errors import UserError
+from lvlm_jax.output_paths import check_output_dir
 
 METHODS = ("sft", "stic", "sctune")
 # Stopped early by SIGTERM with a checkpoint saved: "try again" (sysexits' EX_TEMPFAIL), so a
@@ -72,12 +74,15 @@ def _one_line(error: Exception, config_file: str | None = None) -> str:
 def _explain(argv: list[str], error: Exception) -> str:
   """Which part of the command line is wrong: the config file itself, an override naming a key
   that does not exist, or an override's value."""
+  from absl import flags
   overrides = [a for a in argv[1:] if a.startswith("--config.")]
   base = [a for a in argv if a not in overrides]
   values = _flag_values(base)
   try:
     values(base)
     values.config.keys()
+  except flags.UnrecognizedFlagError as e:  # a command-line mistake, not the config file's
+    return f"{_one_line(e)} (see --help)"
   except Exception as e:  # the file itself does not load
     path = _config_file(argv)
     return f"{path}: {_one_line(e, path)}"
@@ -145,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
   from lvlm_jax.sharding import initialize
   module = _module(method)
   parsed = module.parse(config)
+  check_output_dir(workdir, "--workdir")  # a read-only or misnamed workdir fails now, not at a save
   initialize(parsed.mesh)
   try:
     summary = module.run(parsed, workdir, raw_config=config)

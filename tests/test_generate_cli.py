@@ -202,3 +202,56 @@ def test_user_errors_are_one_line_with_exit_2(case, llava_dir, llama_dir, images
     assert "in.jsonl:2" in err
   if case == "past_the_context":
     assert "its 3 tokens plus --max_new_tokens 126 exceed the model's context of 128" in err
+
+
+def test_batch_mode_writes_as_it_goes_skips_bad_images_and_resumes(llava_dir, images, tmp_path,
+                                                                  capsys):
+  """Five records in batches of 2, the 4th with an undecodable image: it is skipped and counted
+  (its line says why, naming file and line); with no tolerance the run stops after keeping the
+  first batch's answers in the .partial file; a rerun resumes after the last complete batch
+  (the kept answers are not regenerated) and ends with the file a straight run writes."""
+  (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+  records = [{"id": i, "prompt": "What is shown?", "image": "wide.png"} for i in range(5)]
+  records[3]["image"] = "corrupt.png"
+  source = images / "skip.jsonl"
+  source.write_text("".join(json.dumps(r) + "\n" for r in records))
+  argv = ["--model", llava_dir, "--input_jsonl", str(source), "--batch_size", "2",
+          "--max_new_tokens", "4"]
+  straight = tmp_path / "straight.jsonl"
+  code, _, err = run(argv + ["--output_jsonl", str(straight), "--max_skip_fraction", "0.2"], capsys)
+  assert code == 0, err
+  lines = [json.loads(line) for line in straight.read_text().splitlines()]
+  assert [r["id"] for r in lines] == [0, 1, 2, 3, 4]
+  assert "response" not in lines[3] and "skip.jsonl:4: image" in lines[3]["error"]
+  assert all(isinstance(lines[i]["response"], str) for i in (0, 1, 2, 4))
+  assert "1 skipped (first: " in err
+
+  target = tmp_path / "out.jsonl"
+  code, _, err = run(argv + ["--output_jsonl", str(target), "--max_skip_fraction", "0"], capsys)
+  assert code == 2 and "skip.jsonl:4: image" in err and "out.jsonl.partial" in err
+  partial = tmp_path / "out.jsonl.partial"
+  kept = [json.loads(line) for line in partial.read_text().splitlines()]
+  assert kept == lines[:2] and not target.exists()
+  # The first batch as a marked answer, then a torn line as a kill mid-write leaves.
+  kept[0]["response"] = "KEPT"
+  partial.write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"id": 2, "pro')
+  code, _, err = run(argv + ["--output_jsonl", str(target), "--max_skip_fraction", "0.2"], capsys)
+  assert code == 0, err
+  assert "resuming" in err and "2 of 5 records already answered" in err
+  resumed = [json.loads(line) for line in target.read_text().splitlines()]
+  assert resumed[0]["response"] == "KEPT" and resumed[1:] == lines[1:]
+  assert not partial.exists()
+
+
+def test_unusable_output_is_refused_before_loading(tmp_path, capsys):
+  """The output path is checked first: --model does not even exist here, and the error is
+  about the output."""
+  source = tmp_path / "in.jsonl"
+  source.write_text(json.dumps({"prompt": "hi"}) + "\n")
+  (tmp_path / "file").write_text("")
+  for output, words in ((tmp_path / "file" / "out.jsonl", "exists and is not a directory"),
+                        (tmp_path / "file" / "sub" / "out.jsonl", "cannot write there"),
+                        (tmp_path, "is a directory")):
+    code, _, err = run(["--model", str(tmp_path / "nothing"), "--input_jsonl", str(source),
+                        "--output_jsonl", str(output)], capsys)
+    assert code == 2 and err.startswith("error: --output_jsonl") and words in err, err

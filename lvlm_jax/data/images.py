@@ -40,12 +40,16 @@ def resolve_image_path(path: str, roots: Sequence[str]) -> str:
   """The real path of `path` under the first root that has it.
 
   Raises `BadImage`: reason "image_outside_root" when the path (or a symlink on it) leads out of
-  every root that would hold it ("../x.jpg", "/etc/x.jpg"), "image_missing" when no root has it.
+  every root that would hold it ("../x.jpg", "/etc/x.jpg"), "image_missing" when no root has it,
+  "bad_image_path" when it is no path at all (a NUL byte in it).
   """
   escaped = False
   for root in roots:
     real_root = os.path.realpath(root)
-    candidate = os.path.realpath(os.path.join(real_root, path))
+    try:
+      candidate = os.path.realpath(os.path.join(real_root, path))
+    except (ValueError, TypeError, OSError) as e:  # a NUL byte, a path too long to resolve
+      raise BadImage("bad_image_path", f"image path {path!r} is not a usable path ({e})") from None
     if not _inside(candidate, real_root):
       escaped = True
     elif os.path.isfile(candidate):

@@ -120,6 +120,10 @@ class _Skip(Exception):
     self.reason = reason
 
 
+class _WrongKind(UserError):
+  """Records of another kind than the config's: the source is wrong, not one record."""
+
+
 class Preprocess:
   """Record index -> example (`uint8 [n, S, S, 3]` images, `int32 [L]` tokens) or `Skipped`."""
 
@@ -132,13 +136,17 @@ class Preprocess:
       return self._example(self.source[index])
     except (BadImage, _Skip) as e:
       return Skipped(e.reason, str(e))
+    except _WrongKind:  # about the whole source, not this record
+      raise
+    except Exception as e:  # anything else one record causes is a counted skip, never a crash
+      return Skipped("bad_record", f"record {index}: {type(e).__name__}: {e}")
 
   def _example(self, record: Mapping) -> dict:
     cfg = self.config
     where = record.get("origin") or f"record {record.get('id')!r}"
     missing = [key for key in _NEEDS[cfg.kind] if key not in record]
     if missing:  # the wrong kind of source for this config, not one bad record
-      raise UserError(f"{where}: kind={cfg.kind!r} needs {missing} in every record")
+      raise _WrongKind(f"{where}: kind={cfg.kind!r} needs {missing} in every record")
     images = list(record.get("images", ()))
     if len(images) > cfg.max_images:
       raise _Skip("too_many_images", f"{where}: {len(images)} images, max_images={cfg.max_images}")

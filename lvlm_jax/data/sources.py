@@ -14,6 +14,7 @@ Grain's worker processes in one copy. Image paths resolve lazily in `__getitem__
 `images.BadImage` for a missing image or one outside the image roots; the pipeline counts those.
 """
 
+import codecs
 import json
 import math
 import os
@@ -36,12 +37,17 @@ def _read(path: str):
       data = f.read()
   except OSError as e:
     raise UserError(f"cannot read data file {path}: {e}") from None
+  data = _as_utf8(data, path)
   # Sniff rather than trust the extension: LLaVA-style ".json" files are sometimes JSONL.
   if data.lstrip()[:1] == b"[":
     try:
       records = json.loads(data)
     except json.JSONDecodeError as e:
       raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+      line = data[:e.start].count(b"\n") + 1
+      raise UserError(f"{path}:{line}: not valid UTF-8 (byte {e.start}: {e.reason}); save the "
+                      "file as UTF-8") from None
     for i, obj in enumerate(records):
       yield f"{path}[{i}]", obj, None
     return
@@ -52,6 +58,27 @@ def _read(path: str):
       yield f"{path}:{lineno}", json.loads(line), None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       yield f"{path}:{lineno}", None, f"not valid JSON ({e})"
+
+
+def _as_utf8(data: bytes, path: str) -> bytes:
+  """The file's bytes as UTF-8 without a byte-order mark. Editors on Windows save JSON with a
+  UTF-8 BOM or as UTF-16; both are read (UTF-16 by its BOM, or by the NUL bytes of ASCII text)."""
+  if data.startswith(codecs.BOM_UTF8):
+    return data[len(codecs.BOM_UTF8):]
+  encoding = None
+  if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+    encoding = "utf-16"
+  elif len(data) >= 2 and data[1] == 0 and data[0] != 0:
+    encoding = "utf-16-le"
+  elif len(data) >= 2 and data[0] == 0 and data[1] != 0:
+    encoding = "utf-16-be"
+  if encoding is None:
+    return data
+  try:
+    return data.decode(encoding).encode("utf-8")
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path}: looks like {encoding.upper()} but does not decode as it (byte "
+                    f"{e.start}: {e.reason}); save the file as UTF-8") from None
 
 
 def _images_field(obj: Mapping, keys=("image", "images")) -> list[str]:
@@ -104,6 +131,8 @@ class JsonRecordSource:
         skipped[reason] += 1
         first_bad = first_bad or f"{origin}: {error}"
     bad = total - len(chunks)
+    if not total:
+      raise UserError(f"{self.path}: holds no records (an empty file or an empty JSON list)")
     if not chunks or bad > max_bad_fraction * total:
       raise UserError(f"{self.path}: {bad} of {total} records are malformed (tolerated: "
                       f"max_bad_fraction={max_bad_fraction}); first: {first_bad}")

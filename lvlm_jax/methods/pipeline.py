@@ -1,7 +1,7 @@
 """A method as a list of resumable stages over one workdir; the one way every method runs.
 
 A stage has a name and a function. A work stage's function leaves its artifacts in the workdir
-(each under its final name only when complete, `methods/artifacts.py`) and returns 'done' or
+(each under its final name only when complete, `lvlm_jax/artifacts.py`) and returns 'done' or
 'preempted'; rerun, it skips or resumes what is already there (generation after its last
 complete batch, training from its last checkpoint). An evaluation stage's function returns
 metrics, which land in `workdir/eval/<label>.json` and in the summary.

@@ -9,6 +9,7 @@ Name mapping is one rule table per model family (our dotted parameter path -> HF
 composite models (CLIP, LLaVA) prefix their parts, trying each key layout that exists in the wild.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -161,11 +162,9 @@ class CheckpointReader:
     index = os.path.join(directory, "model.safetensors.index.json")
     single = os.path.join(directory, "model.safetensors")
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-      self._files = {name: os.path.join(directory, fname) for name, fname in weight_map.items()}
+      self._files = _shards_of_index(index)
     elif os.path.exists(single):
-      with safe_open(single, "np") as f:
+      with _open_safetensors(single) as f:
         self._files = {name: single for name in f.keys()}
     else:
       pickled = [f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES)]
@@ -183,7 +182,11 @@ class CheckpointReader:
     import torch  # only on this opt-in path
     tensors = {}
     for fname in sorted(files):
-      state = torch.load(os.path.join(directory, fname), map_location="cpu", weights_only=True)
+      try:
+        state = torch.load(os.path.join(directory, fname), map_location="cpu", weights_only=True)
+      except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise UserError(f"{os.path.join(directory, fname)}: cannot be loaded ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]})") from None
       tensors.update({k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
                       for k, v in state.items()})
     return tensors
@@ -202,8 +205,44 @@ class CheckpointReader:
     # resident (and counts in this process's RSS) until the map closes, so one handle kept for
     # the whole load would end with the checkpoint resident beside the model. Reopening costs
     # about 0.5 ms a tensor (the benchmarks' 68M model: 1.57 -> 1.67 s, peak 580 -> 310 MiB).
-    with safe_open(path, "np") as f:
-      return f.get_tensor(name)
+    with _open_safetensors(path) as f:
+      try:
+        return f.get_tensor(name)
+      except Exception as e:  # safetensors' SafetensorError: a file cut short after its header
+        raise UserError(f"{path}: tensor {name} cannot be read ({' '.join(str(e).split())}); "
+                        "the file is damaged or incomplete: download or convert it again") from None
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: str):
+  """safe_open(path), with a damaged, empty or missing file as a UserError naming it."""
+  try:
+    handle = safe_open(path, "np")
+  except FileNotFoundError:
+    raise UserError(f"{path}: no such file") from None
+  except Exception as e:  # SafetensorError (header too small, invalid JSON header, ...), OSError
+    raise UserError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())}); it "
+                    "is damaged or incomplete: download or convert it again") from None
+  with handle as f:
+    yield f
+
+
+def _shards_of_index(index: str) -> dict[str, str]:
+  """tensor name -> shard file of a `model.safetensors.index.json`, every shard checked present."""
+  directory = os.path.dirname(index)
+  try:
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    files = {name: os.path.join(directory, fname) for name, fname in weight_map.items()}
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{index}: not valid JSON ({e})") from None
+  except (KeyError, TypeError, AttributeError):
+    raise UserError(f"{index}: expected an object with a 'weight_map' of tensor -> file") from None
+  for path in sorted(set(files.values())):
+    if not os.path.isfile(path):
+      raise UserError(f"{index} names the shard {os.path.basename(path)}, which is missing from "
+                      f"{directory}")
+  return files
 
 
 def read_hf_config(directory: str) -> dict:
@@ -336,6 +375,9 @@ def model_config(hf_config: dict, where: str = "config", **config_overrides):
     return model_class, config_class.from_hf(hf_config, **config_overrides)
   except UserError as e:
     raise UserError(f"{where}: {e}") from None
+  except KeyError as e:  # e.g. a llava config without `text_config`
+    raise UserError(f"{where}: the {hf_config.get('model_type')} config has no {e.args[0]!r} "
+                    "entry, which it needs") from None
 
 
 def build_model(hf_config: dict, *, rngs: nnx.Rngs | None = None, **config_overrides) -> nnx.Module:

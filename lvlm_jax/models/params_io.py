@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from lvlm_jax.errors import UserError
 from lvlm_jax.models import hf
 from lvlm_jax.models.lora import LoRA, LoraConfig, apply_lora
+from lvlm_jax.output_paths import check_output_dir
 from lvlm_jax.sharding import variable_sharding
 
 LORA_KEY = "lvlm_jax_lora"
@@ -39,17 +40,23 @@ def _lora_config(model: nnx.Module) -> LoraConfig | None:
 def save_model(model: nnx.Module, directory: str) -> None:
   """Writes config.json and the parameters. Every process must call it (Orbax saves collectively)."""
   directory = os.path.abspath(directory)
+  # Before Orbax: its background save, failing to create the folder, leaves threads waiting 300 s.
+  check_output_dir(directory, "output")
   config = hf.hf_config(model)
   lora = _lora_config(model)
   if lora is not None:
     config[LORA_KEY] = dataclasses.asdict(lora)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(directory, "params"), params, force=True)
-  checkpointer.wait_until_finished()
-  if jax.process_index() == 0:
-    with open(os.path.join(directory, "config.json"), "w") as f:
-      json.dump(config, f, indent=2)
+  try:
+    checkpointer.save(os.path.join(directory, "params"), params, force=True)
+    checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+      with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+  except Exception as e:  # OSError, or Orbax/tensorstore's ValueError for the same causes
+    raise UserError(f"cannot write the model to {directory}: {type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:300]}") from None
 
 
 def load_model(directory: str, *, mesh: Mesh | None = None, **config_overrides) -> nnx.Module:
@@ -86,11 +93,15 @@ def load_model(directory: str, *, mesh: Mesh | None = None, **config_overrides) 
     paths = [line.rstrip(":") for line in str(e).splitlines()[1:]
              if line.endswith(":") and line[0] != " "]
     if not paths:
-      raise
+      raise UserError(f"{directory}/params: cannot be restored for the model its config.json "
+                      f"describes ({' '.join(str(e).split())[:300]})") from None
     listed = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
     raise UserError(f"{directory}: params/ does not hold the parameters config.json describes "
                     f"(they differ at {listed}); restore the config that was saved with "
                     "them") from None
+  except Exception as e:  # Orbax/tensorstore: missing, truncated or foreign files
+    raise UserError(f"{directory}/params: cannot be restored for the model its config.json "
+                    f"describes ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
   nnx.replace_by_pure_dict(params, restored)
   return nnx.merge(graphdef, params, jax.tree.map(_fresh_rng, rest, is_leaf=_is_variable))
 

@@ -6,6 +6,11 @@ iterator position, so a resumed run sees exactly the batches it would have seen)
 step into a temporary directory and renames it when complete, so a process killed in the middle
 of a save (even with kill -9) leaves the previous checkpoints intact and the partial one is
 ignored and cleaned up on the next start.
+
+A save that fails (full disk, read-only or vanished folder) raises `CheckpointWriteError`, a
+UserError the CLIs print on one line: the run stops, and the checkpoints already on disk stay
+usable. The folder is probed before each save because Orbax, when its background thread fails to
+create a step's folder, leaves its other threads waiting out a 300 s barrier.
 """
 
 import dataclasses
@@ -28,6 +33,7 @@ from lvlm_jax.errors import UserError
 from lvlm_jax.models import hf
 from lvlm_jax.models.lora import LoRA, linear_layers
 from lvlm_jax.models.lvlm import LVLM
+from lvlm_jax.output_paths import check_output_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +55,16 @@ class CheckpointConfig:
                                  "float32, bfloat16 or float16.")
 
 
+class CheckpointWriteError(UserError):
+  """A checkpoint could not be written; the earlier ones are intact."""
+
+
 class Checkpointer:
   """Save and restore train state + data iterator under `directory`; see the module docstring."""
 
   def __init__(self, directory: str, config: CheckpointConfig):
     self.config = config
+    self._saving = None  # the step of the latest save started
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(
@@ -63,6 +74,22 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def due(self, step: int) -> bool:
+    """Whether `save(step)` (without force) will write a checkpoint: every `every_steps`."""
+    every = self.config.every_steps
+    return bool(every) and step % every == 0
+
+  def _write_failed(self, step: int, error: Exception) -> CheckpointWriteError:
+    kept = self._manager.latest_step()
+    reason = " ".join(str(error).split())[:300]
+    if not isinstance(error, UserError):
+      reason = f"{type(error).__name__}: {reason}"
+    return CheckpointWriteError(
+        f"cannot write a checkpoint to {self._manager.directory} (step {step}): {reason}; the "
+        "run stopped. The last checkpoint on disk is "
+        f"{'step ' + str(kept) if kept is not None else 'none'}: free space or fix the folder, "
+        "then run the same command again to resume")
+
   def _saved(self, state: dict[str, Any]) -> dict[str, Any]:
     return state if self.config.save_frozen else {k: v for k, v in state.items() if k != "frozen"}
 
@@ -70,14 +97,21 @@ class Checkpointer:
            force: bool = False) -> bool:
     """Saves if `step` is due (every_steps) or `force`; returns whether it did. Every process
     must call it at the same steps."""
-    every = self.config.every_steps
-    if not (force or (every and step % every == 0)):
+    if not (force or self.due(step)):
       return False
+    try:
+      check_output_dir(str(self._manager.directory), "checkpoint folder")
+    except UserError as e:
+      raise self._write_failed(step, e) from None
     items = {"state": ocp.args.StandardSave(self._saved(state))}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-    # The decision is ours: Orbax's own policy also saves the first step it sees.
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._saving = step
+    try:
+      # The decision is ours (`due`): Orbax's own policy also saves the first step it sees.
+      return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # Orbax and tensorstore raise OSError, ValueError, RuntimeError, ...
+      raise self._write_failed(step, e) from None
 
   def restore(self, step: int, abstract_state: dict[str, Any],
               data_iter: grain.DatasetIterator | None) -> dict[str, Any]:
@@ -98,10 +132,16 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until background saves are on disk."""
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # a background save failed: see save
+      raise self._write_failed(self._saving, e) from None
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self._manager.close()
+    except Exception as e:
+      raise self._write_failed(self._saving, e) from None
 
 
 def export_hf(model: nnx.Module, directory: str, dtype: str = "float32", tokenizer=None,

@@ -114,6 +114,23 @@ def _skip_metrics(batches) -> dict[str, float]:
   return out
 
 
+def _stop_if_not_finite(metrics: dict[str, Any], step: int,
+                        checkpointer: Checkpointer | None) -> None:
+  """Raises a UserError naming `step` if its loss or gradient norm is NaN or infinite: its update
+  has already spoilt the state, which must not be saved over the last good checkpoint (a save
+  of an earlier step still in flight is finished first)."""
+  for name in ("loss", "grad_norm"):
+    if name in metrics and not np.isfinite(float(metrics[name])):
+      kept = None
+      if checkpointer is not None:
+        checkpointer.wait()
+        kept = checkpointer.latest_step()
+      raise UserError(
+          f"step {step}: {name} is {float(metrics[name])}; the run stopped without saving "
+          f"(last good checkpoint: {'step ' + str(kept) if kept is not None else 'none'}). "
+          "Lower optim.lr, set optim.clip_norm, or check the data")
+
+
 def train(state: dict[str, Any], *, batches: Iterator, mesh: Mesh, config: TrainConfig,
           checkpointer: Checkpointer | None, writer: MetricsWriter, step: Callable | None = None,
           phases: tuple[Phase, ...] = (), peak: tuple[float | None, str] = (None, "unknown"),
@@ -135,7 +152,7 @@ def train(state: dict[str, Any], *, batches: Iterator, mesh: Mesh, config: Train
       config.progress_bar and writer.enabled), dynamic_ncols=True, desc="train")
   # Throughput is measured over the steps since the last log, less compilation and evaluation.
   window_start, window_steps, compile_seconds = time.perf_counter(), 0, 0.0
-  in_flight = None  # the previous step's loss: the host runs at most one step ahead
+  in_flight = None  # the previous step's metrics: the host runs at most one step ahead
   status = "done"
   with preemption.during(), jax.set_mesh(mesh):
     for step_index in range(start, config.num_steps):
@@ -156,7 +173,8 @@ def train(state: dict[str, Any], *, batches: Iterator, mesh: Mesh, config: Train
         # One step queued behind the running one keeps the device busy; more would only make
         # the progress bar run ahead of the device (and hold batches in memory).
         jax.block_until_ready(in_flight)
-      in_flight = metrics["loss"]
+        _stop_if_not_finite(in_flight, step_index, checkpointer)
+      in_flight = metrics
       done, window_steps = step_index + 1, window_steps + 1
       bar.update(1)
       logging = done % config.log_every == 0 or done == config.num_steps
@@ -185,7 +203,10 @@ def train(state: dict[str, Any], *, batches: Iterator, mesh: Mesh, config: Train
       if (jax.process_count() == 1 or logging) and preemption.anywhere():
         stopping = True
       if checkpointer is not None:
-        checkpointer.save(done, state, batches, force=stopping or done == config.num_steps)
+        force = stopping or done == config.num_steps
+        if force or checkpointer.due(done):
+          _stop_if_not_finite(metrics, done, checkpointer)
+        checkpointer.save(done, state, batches, force=force)
       if stopping:
         status = "preempted"
         break

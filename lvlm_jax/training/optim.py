@@ -9,6 +9,7 @@ same schedule shape. Paths look like `llm.layers.3.attn.q_proj.kernel`,
 """
 
 import dataclasses
+import math
 import re
 from typing import NamedTuple
 
@@ -52,8 +53,13 @@ class OptimConfig:
       raise UserError(f"optim.schedule={self.schedule!r} is not one of {SCHEDULES}")
     if not 0 <= self.warmup_ratio < 1:
       raise UserError(f"optim.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
-    if self.lr < 0 or self.clip_norm < 0 or self.weight_decay < 0:
-      raise UserError("optim.lr, optim.clip_norm and optim.weight_decay must be >= 0")
+    for name in ("lr", "clip_norm", "weight_decay", "final_lr_ratio", "b1", "b2", "eps"):
+      value = getattr(self, name)
+      if not (0 <= value < math.inf):  # written so that NaN fails it too
+        raise UserError(f"optim.{name}={value} must be a finite number >= 0")
+    for pattern, lr in self.lr_groups:
+      if not (0 <= lr < math.inf):
+        raise UserError(f"optim.lr_groups: lr {lr} of {pattern!r} must be a finite number >= 0")
     for pattern in [self.trainable] + [p for p, _ in self.lr_groups]:
       try:
         re.compile(pattern)

@@ -56,6 +56,34 @@ def test_llava_json_list_and_jsonl_read_the_same(tmp_path, roots):
   assert sources.ConversationSource(tmp_path / "d.jsonl", roots)[0]["origin"].endswith("d.jsonl:1")
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be"])
+def test_json_list_with_a_bom_or_as_utf16_is_read(tmp_path, roots, encoding):
+  records = [conversation(0, question="Qu'y a-t-il ? éè"), conversation(1)]
+  for name, text in (("d.json", json.dumps(records, ensure_ascii=False)),
+                     ("d.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in records))):
+    (tmp_path / name).write_bytes(text.encode(encoding))
+    src = sources.ConversationSource(tmp_path / name, roots)
+    assert len(src) == 2 and src.skipped == {}
+    assert src[0]["conversations"][0]["value"] == "<image>\nQu'y a-t-il ? éè"
+
+
+def test_invalid_utf8_in_a_json_list_names_the_line(tmp_path, roots):
+  text = json.dumps([conversation(0), conversation(1)], indent=1).encode()
+  broken = text.replace(b"Answer 1.", b"Answer \xff1.")
+  (tmp_path / "d.json").write_bytes(broken)
+  line = broken[:broken.index(b"\xff")].count(b"\n") + 1
+  with pytest.raises(UserError, match=rf"d\.json:{line}: not valid UTF-8 \(byte \d+"):
+    sources.ConversationSource(tmp_path / "d.json", roots)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "[]"])
+def test_empty_data_file_says_so(tmp_path, roots, content):
+  (tmp_path / "d.json").write_text(content)
+  with pytest.raises(UserError, match=r"d\.json: holds no records") as info:
+    sources.ConversationSource(tmp_path / "d.json", roots)
+  assert "None" not in str(info.value)
+
+
 def test_broken_lines_skipped_and_counted(tmp_path, roots):
   lines = [conversation(i) for i in range(18)]
   lines.insert(5, '{"id": "broken", "conversations": [')  # line 6
