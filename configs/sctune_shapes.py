@@ -12,19 +12,16 @@ is rewarded for closing. Self-consistency, REC (grounding) and yes/no accuracy a
 and after (workdir/sctune_shapes/summary.json).
 """
 
-import importlib.util
 import os
 
+from lvlm_jax.dataclass_config import load_config_file
 from lvlm_jax.methods import sctune
 
 
 def _quickstart_config():
   """configs/quickstart.py's config (the file beside this one, wherever it is run from)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
-  spec = importlib.util.spec_from_file_location("quickstart_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                       "quickstart.py"))
 
 
 def get_config():

@@ -8,9 +8,12 @@ builds the dataclass back, checking what a ConfigDict cannot (unknown keys in fi
 """
 
 import dataclasses
+import importlib.util
 import inspect
 import math
+import os
 import re
+import traceback
 import types
 import typing
 from typing import Any
@@ -154,3 +157,49 @@ def help_lines(cls: type, prefix: str, exclude: tuple[str, ...] = ()) -> list[st
       continue
     lines.append(f"  {prefix}.{field.name} (default {value!r}): {helps[field.name]}".rstrip(": "))
   return lines
+
+
+def method_defaults(method: str, sections: dict[str, type],
+                    excluded: dict[str, tuple[str, ...]]) -> config_dict.ConfigDict:
+  """A method's config at its defaults: `method` and one section per dataclass of `sections`
+  (less the `excluded` fields, which the run sets); config files start from this."""
+  config = config_dict.ConfigDict()
+  config.method = method
+  for name, cls in sections.items():
+    config[name] = to_config_dict(cls(), exclude=excluded.get(name, ()))
+  return config
+
+
+def method_help(method: str, sections: dict[str, type],
+                excluded: dict[str, tuple[str, ...]]) -> list[str]:
+  """`--help` lines of a method's config keys."""
+  lines = [f"  config.method: the method to run ({method!r})."]
+  for name, cls in sections.items():
+    lines += help_lines(cls, f"config.{name}", excluded.get(name, ()))
+  return lines
+
+
+def parse_method(cls: type, config) -> Any:
+  """A method's typed config (`cls`) from its ConfigDict or dict; a UserError names any unknown
+  key or bad value."""
+  values = config.to_dict() if isinstance(config, config_dict.ConfigDict) else dict(config)
+  values.pop("method", None)
+  return from_config_dict(cls, values, "config")
+
+
+def load_config_file(path: str, flag: str = "--config") -> config_dict.ConfigDict:
+  """`get_config()` of a Python config file; its errors as UserErrors naming the file and line."""
+  if not os.path.exists(path):
+    raise UserError(f"{flag} {path}: no such file")
+  spec = importlib.util.spec_from_file_location("lvlm_jax_user_config", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    return module.get_config()
+  except SyntaxError as e:
+    raise UserError(f"{flag} {path}:{e.lineno}: SyntaxError: {e.msg}") from None
+  except Exception as e:  # a config file is a program: it can raise anything
+    line = next((frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__))
+                 if os.path.abspath(frame.filename) == os.path.abspath(path)), None)
+    where = f"{path}:{line}" if line else path
+    raise UserError(f"{flag} {where}: {type(e).__name__}: {e}") from None

@@ -13,13 +13,13 @@ The metrics are printed and written as JSON (--output; default <workdir>/eval.js
 
 import argparse
 import dataclasses
-import importlib.util
+import importlib
 import json
 import os
 import sys
-import traceback
 
 from lvlm_jax.cli import run_cli
+from lvlm_jax.dataclass_config import load_config_file
 from lvlm_jax.errors import UserError
 
 
@@ -45,23 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def _load_config_file(path: str):
-  if not os.path.exists(path):
-    raise UserError(f"--config {path}: no such file")
-  spec = importlib.util.spec_from_file_location("lvlm_jax_user_config", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-    return module.get_config()
-  except SyntaxError as e:
-    raise UserError(f"--config {path}:{e.lineno}: SyntaxError: {e.msg}") from None
-  except Exception as e:  # a config file is a program: it can raise anything
-    line = next((frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__))
-                 if os.path.abspath(frame.filename) == os.path.abspath(path)), None)
-    where = f"{path}:{line}" if line else path
-    raise UserError(f"--config {where}: {type(e).__name__}: {e}") from None
-
-
 def _config(args):
   from lvlm_jax.methods import sft
   if args.workdir:
@@ -77,7 +60,7 @@ def _config(args):
     if not isinstance(raw, dict):
       raise UserError(f"{path}: expected a JSON object of config sections")
   elif args.config:
-    raw = _load_config_file(args.config)
+    raw = load_config_file(args.config)
   else:
     raw = sft.default_config()
   from lvlm_jax.train import METHODS

@@ -39,7 +39,7 @@ from lvlm_jax.data.shapes import REGION_PROMPT, ShapesConfig, ShapesSource
 from lvlm_jax.data.text import box_iou, tokenize_conversation
 from lvlm_jax.data.tokenizer import load_tokenizer
 from lvlm_jax.data.training_sources import pipeline_config
-from lvlm_jax.dataclass_config import from_config_dict, help_field, help_lines, to_config_dict
+from lvlm_jax.dataclass_config import help_field, method_defaults, method_help, parse_method
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval.shapes import ShapesEvalConfig
 from lvlm_jax.methods import sft, training_run
@@ -128,25 +128,16 @@ EXCLUDED = {"data": ("pipeline.kind", "pipeline.batch_size", "pipeline.tokens_pe
 
 def default_config() -> config_dict.ConfigDict:
   """Every SC-Tune setting at its default; config files start from this."""
-  config = config_dict.ConfigDict()
-  config.method = "sctune"
-  for name, cls in SECTIONS.items():
-    config[name] = to_config_dict(cls(), exclude=EXCLUDED.get(name, ()))
-  return config
+  return method_defaults("sctune", SECTIONS, EXCLUDED)
 
 
 def config_help() -> list[str]:
-  lines = ["  config.method: the method to run ('sctune')."]
-  for name, cls in SECTIONS.items():
-    lines += help_lines(cls, f"config.{name}", EXCLUDED.get(name, ()))
-  return lines
+  return method_help("sctune", SECTIONS, EXCLUDED)
 
 
 def parse(config: config_dict.ConfigDict | dict) -> SCTuneConfig:
   """The typed config; a UserError names any unknown key or bad value."""
-  values = config.to_dict() if isinstance(config, config_dict.ConfigDict) else dict(config)
-  values.pop("method", None)
-  parsed = from_config_dict(SCTuneConfig, values, "config")
+  parsed = parse_method(SCTuneConfig, config)
   if not parsed.model.hf_dir:
     raise UserError("SC-Tune improves a trained model: set model.hf_dir (e.g. the quickstart "
                     "export, workdir/quickstart/export/hf)")

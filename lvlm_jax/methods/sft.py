@@ -22,7 +22,7 @@ from ml_collections import config_dict
 from lvlm_jax.data import training_sources
 from lvlm_jax.data.shapes import held_out_world
 from lvlm_jax.data.tokenizer import load_tokenizer
-from lvlm_jax.dataclass_config import from_config_dict, help_lines, to_config_dict
+from lvlm_jax.dataclass_config import method_defaults, method_help, parse_method
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval.shapes import ShapesEvalConfig, ShapesEvaluator
 from lvlm_jax.methods import training_run
@@ -51,25 +51,16 @@ class SFTConfig:
 
 def default_config() -> config_dict.ConfigDict:
   """Every SFT setting at its default; config files start from this and change what they need."""
-  config = config_dict.ConfigDict()
-  config.method = "sft"
-  for name, cls in SECTIONS.items():
-    config[name] = to_config_dict(cls(), exclude=EXCLUDED.get(name, ()))
-  return config
+  return method_defaults("sft", SECTIONS, EXCLUDED)
 
 
 def config_help() -> list[str]:
-  lines = ["  config.method: the method to run ('sft')."]
-  for name, cls in SECTIONS.items():
-    lines += help_lines(cls, f"config.{name}", EXCLUDED.get(name, ()))
-  return lines
+  return method_help("sft", SECTIONS, EXCLUDED)
 
 
 def parse(config: config_dict.ConfigDict | dict) -> SFTConfig:
   """The typed config; a UserError names any unknown key or bad value."""
-  values = config.to_dict() if isinstance(config, config_dict.ConfigDict) else dict(config)
-  values.pop("method", None)
-  parsed = from_config_dict(SFTConfig, values, "config")
+  parsed = parse_method(SFTConfig, config)
   if not parsed.checkpoint.save_frozen and not parsed.model.hf_dir:
     raise UserError("checkpoint.save_frozen=False needs model.hf_dir to re-read frozen weights "
                     "from; a new model's weights exist only in its checkpoints")

@@ -41,7 +41,7 @@ from lvlm_jax.data.pipeline import DataConfig
 from lvlm_jax.data.shapes import TASKS, ShapesConfig, ShapesSource, held_out_world
 from lvlm_jax.data.sources import ConversationSource
 from lvlm_jax.data.tokenizer import load_tokenizer
-from lvlm_jax.dataclass_config import from_config_dict, help_field, help_lines, to_config_dict
+from lvlm_jax.dataclass_config import help_field, method_defaults, method_help, parse_method
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval import dar
 from lvlm_jax.eval.shapes import ShapesEvalConfig, ShapesEvaluator
@@ -150,25 +150,16 @@ EXCLUDED = {"data": training_sources.DERIVED_PIPELINE_FIELDS + ("pipeline.with_r
 
 def default_config() -> config_dict.ConfigDict:
   """Every STIC setting at its default; config files start from this."""
-  config = config_dict.ConfigDict()
-  config.method = "stic"
-  for name, cls in SECTIONS.items():
-    config[name] = to_config_dict(cls(), exclude=EXCLUDED.get(name, ()))
-  return config
+  return method_defaults("stic", SECTIONS, EXCLUDED)
 
 
 def config_help() -> list[str]:
-  lines = ["  config.method: the method to run ('stic')."]
-  for name, cls in SECTIONS.items():
-    lines += help_lines(cls, f"config.{name}", EXCLUDED.get(name, ()))
-  return lines
+  return method_help("stic", SECTIONS, EXCLUDED)
 
 
 def parse(config: config_dict.ConfigDict | dict) -> STICConfig:
   """The typed config; a UserError names any unknown key or bad value."""
-  values = config.to_dict() if isinstance(config, config_dict.ConfigDict) else dict(config)
-  values.pop("method", None)
-  parsed = from_config_dict(STICConfig, values, "config")
+  parsed = parse_method(STICConfig, config)
   if not parsed.model.hf_dir:
     raise UserError("STIC improves a trained model: set model.hf_dir (e.g. the quickstart "
                     "export, workdir/quickstart/export/hf)")

@@ -203,7 +203,7 @@ def test_bad_examples_are_skipped_and_counted(tokenizer, data_dir):
 
 def test_any_per_record_failure_is_a_counted_skip(tokenizer, data_dir):
   """A NUL byte in an image path (os.path raises ValueError) and a record whose conversation is
-  not text (tokenisation raises TypeError) are skipped and counted, not fatal."""
+  not text are skipped and counted, not fatal."""
   lines = [conversation(i, [f"{i % 4}.png"]) for i in range(12)]
   lines[2]["image"] = ["0\x00.png"]
   src = sources.ConversationSource(write_jsonl(data_dir / "d.jsonl", lines))
@@ -213,7 +213,8 @@ def test_any_per_record_failure_is_a_counted_skip(tokenizer, data_dir):
   for source in (src, records):
     it = iter(make_dataset(source, tokenizer, config(num_epochs=1, max_skip_fraction=0.1)))
     assert len(list(it)) == 2
-    assert it.skip_counts == ({"bad_image_path": 1} if source is src else {"bad_record": 1})
+    assert it.skip_counts == ({"bad_image_path": 1} if source is src else
+                              {"bad_conversation": 1})
 
 
 def test_wrong_kind_of_source_is_a_user_error(tokenizer):

@@ -9,36 +9,11 @@ import sys
 import numpy as np
 import pytest
 import safetensors.numpy
-from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "training"))
 from training_fixtures import CACHE_DIR  # noqa: E402,F401  (turns the compile cache on)
 
-from lvlm_jax.data.pipeline import DataConfig  # noqa: E402
-from lvlm_jax.data.shapes_tokenizer import shapes_tokenizer  # noqa: E402
 from lvlm_jax.methods import sctune  # noqa: E402
-from lvlm_jax.models import hf  # noqa: E402
-from lvlm_jax.models.llm import LLMConfig  # noqa: E402
-from lvlm_jax.models.lvlm import LVLM, LVLMConfig  # noqa: E402
-from lvlm_jax.models.vision import CLIPVisionConfig  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> str:
-  """A tiny random LLaVA with the shapes tokenizer, exported like the quickstart."""
-  directory = str(tmp_path_factory.mktemp("base"))
-  tokenizer = shapes_tokenizer(extra_texts=(DataConfig().grounding_prompt,))
-  config = LVLMConfig(
-      vision=CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2,
-                              image_size=16, patch_size=8),
-      text=LLMConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id),
-      image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
-  hf.save_hf(LVLM(config, rngs=nnx.Rngs(0)), directory)
-  tokenizer.save_pretrained(directory)
-  return directory
 
 
 def tiny_config(base_model: str):
