@@ -216,7 +216,7 @@ def test_batch_mode_writes_as_it_goes_skips_bad_images_and_resumes(llava_dir, im
   source = images / "skip.jsonl"
   source.write_text("".join(json.dumps(r) + "\n" for r in records))
   argv = ["--model", llava_dir, "--input_jsonl", str(source), "--batch_size", "2",
-          "--max_new_tokens", "4"]
+          "--max_new_tokens", "4", "--system", "A chat."]
   straight = tmp_path / "straight.jsonl"
   code, _, err = run(argv + ["--output_jsonl", str(straight), "--max_skip_fraction", "0.2"], capsys)
   assert code == 0, err

@@ -49,10 +49,13 @@ class Stage:
   """name: unique in the pipeline. run(): 'done' | 'preempted' for a work stage (or a training
   run's summary dict with that "status", whose other entries such as "step" are kept in the
   stage's record); the metrics dict for an evaluation stage (eval_label set), or None when there
-  is nothing to evaluate."""
+  is nothing to evaluate. key: what the stage's result depends on (e.g. its config sections as
+  JSON): a done stage whose key has changed runs again (a training stage then resumes from its
+  checkpoints, e.g. to train longer), and so does every stage after it."""
   name: str
   run: Callable[[], Any]
   eval_label: str = ""
+  key: str = ""
 
 
 def _log(method: str, message: str) -> None:
@@ -129,7 +132,8 @@ class Pipeline:
     return os.path.join(self.workdir, "eval", f"{label}.json")
 
   def _done(self, state: dict, stage: Stage) -> bool:
-    if state["stages"].get(stage.name, {}).get("status") != DONE:
+    entry = state["stages"].get(stage.name, {})
+    if entry.get("status") != DONE or entry.get("key", "") != stage.key:
       return False
     # An evaluation is done only with its metrics on disk (None: there was nothing to measure).
     return not stage.eval_label or state["stages"][stage.name].get("evaluated") is False or (
@@ -175,7 +179,7 @@ class Pipeline:
   def _record(self, state: dict, stage: Stage, status: str, seconds: float, **extra) -> None:
     entry = state["stages"].setdefault(stage.name, {"wall_time_s": 0.0, "attempts": 0})
     entry.update(status=status, wall_time_s=entry["wall_time_s"] + seconds,
-                 attempts=entry["attempts"] + 1, **extra)
+                 attempts=entry["attempts"] + 1, key=stage.key, **extra)
     write_json(self._state_path, state)
 
   def run(self) -> dict:
@@ -206,14 +210,17 @@ class Pipeline:
 
   def _run_stages(self, state: dict, selected: list[Stage]) -> dict:
     config_path = os.path.join(self.workdir, "config.json")
-    # A config.json already there stays until this launch's config has been accepted (its first
-    # stage ran): a refused config must not make the run unreadable for `evaluate --workdir`.
+    # A config.json already there stays until this launch's config has been accepted (a work
+    # stage ran with it, or the launch ended): a config refused by a stage (one that does not
+    # match the checkpoints) must not make the run unreadable for `evaluate --workdir`.
     if self.raw_config is not None and not os.path.exists(config_path):
       self._write_config(config_path)
     status = DONE if len(selected) == len(self.stages) else PARTIAL
+    changed = False  # a stage ran again: the ones after it must too
     for stage in selected:
-      if self._done(state, stage):
+      if not changed and self._done(state, stage):
         continue
+      changed = True
       if preemption.anywhere():
         status = PREEMPTED
         break
@@ -226,8 +233,8 @@ class Pipeline:
       except preemption.Preempted:
         result = PREEMPTED
       seconds = time.time() - started
-      if self.raw_config is not None:
-        self._write_config(config_path)
+      if self.raw_config is not None and not stage.eval_label:
+        self._write_config(config_path)  # a work stage took this config: it is the run's now
       if stage.eval_label:
         if result == PREEMPTED:
           self._record(state, stage, PREEMPTED, seconds)
@@ -249,6 +256,8 @@ class Pipeline:
         break
       _log(self.method, f"stage {stage.name}: done in {seconds:.1f} s")
     summary = self._summary(state, status)
+    if self.raw_config is not None and status != PREEMPTED:
+      self._write_config(config_path)
     write_json(os.path.join(self.workdir, "summary.json"), summary)
     if status == PREEMPTED:
       _log(self.method, "stopped: everything finished is saved; run the same command to resume")

@@ -14,6 +14,7 @@ Workdir layout:
 """
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -72,6 +73,12 @@ def _log(message: str) -> None:
     print(f"[sft] {message}", flush=True)
 
 
+def config_key(config, *sections: str) -> str:
+  """The named sections of a typed config as one JSON text: what a stage depends on."""
+  return json.dumps({name: dataclasses.asdict(getattr(config, name)) for name in sections},
+                    sort_keys=True, default=str)
+
+
 def _evaluates(config: ShapesEvalConfig) -> bool:
   return bool(config.yes_no or config.grounding or config.captions)
 
@@ -109,7 +116,9 @@ def train_stage(config: SFTConfig, workdir: str, tokenizer, mesh, stop_at: int |
   return training_run.run(
       workdir=workdir, model=config.model, tokenizer=tokenizer, optim_config=config.optim,
       train=config.train, checkpoint_config=config.checkpoint, mesh=mesh, batches=batches,
-      steps=step, hooks=hooks, name="sft", summary_file=summary_file, stop_at=stop_at)
+      steps=step, hooks=hooks, name="sft", summary_file=summary_file,
+      fingerprint=config_key(config, "model", "data", "optim", "train", "checkpoint"),
+      stop_at=stop_at)
 
 
 def run(config: SFTConfig, workdir: str, *, raw_config: config_dict.ConfigDict | None = None,
@@ -136,9 +145,11 @@ def run(config: SFTConfig, workdir: str, *, raw_config: config_dict.ConfigDict |
                           param_dtype=config.model.param_dtype)
     return evaluate_model(config, model, tokenizer, mesh)
 
-  stages = [Stage("eval_base", eval_base, eval_label="base"),
-            Stage("sft", lambda: train_stage(config, workdir, tokenizer, mesh, stop_at)),
-            Stage("eval_sft", eval_sft, eval_label="sft")]
+  stages = [Stage("eval_base", eval_base, eval_label="base",
+                  key=config_key(config, "model", "data", "eval")),
+            Stage("sft", lambda: train_stage(config, workdir, tokenizer, mesh, stop_at),
+                  key=config_key(config, "model", "data", "optim", "train", "checkpoint")),
+            Stage("eval_sft", eval_sft, eval_label="sft", key=config_key(config, "eval"))]
   summary = Pipeline("sft", workdir, stages, config.pipeline, raw_config).run()
   if summary["status"] == "done" and config.checkpoint.export_hf:
     _log(f"the trained model (an HF directory, with its tokenizer): {export}")

@@ -55,13 +55,17 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def finished(workdir: str, summary_file: str = "summary.json") -> bool:
-  """Whether a run in `workdir` completed and exported (a torn summary reads as not finished)."""
+def finished(workdir: str, num_steps: int, summary_file: str = "summary.json",
+             fingerprint: str = "") -> bool:
+  """Whether a run in `workdir` completed its `num_steps` with the same `fingerprint` (its
+  config) and exported. A torn summary reads as not finished; a run asked for more steps, or with
+  another config, goes back to its checkpoints (which resume it, or refuse the config)."""
   try:
     summary = read_json(os.path.join(workdir, summary_file))
   except (OSError, ValueError):
     return False
-  return isinstance(summary, dict) and summary.get("status") == "done"
+  return (isinstance(summary, dict) and summary.get("status") == "done"
+          and summary.get("step") == num_steps and summary.get("fingerprint", "") == fingerprint)
 
 
 def build(model: building.ModelConfig, tokenizer, optim_config: optim.OptimConfig,
@@ -132,17 +136,19 @@ def run(*, workdir: str, model: building.ModelConfig, tokenizer, optim_config: o
         batches: Callable[[Built], tuple[Iterator, DataConfig]], steps: Callable[[Built], Callable | tuple],
         hooks: Callable[[Built], tuple] = lambda built: (),
         extras: tuple[StateExtra, ...] = (), name: str = "train",
-        summary_file: str = "summary.json", stop_at: int | None = None) -> dict:
+        summary_file: str = "summary.json", fingerprint: str = "",
+        stop_at: int | None = None) -> dict:
   """Trains (or resumes) in `workdir`; returns the summary (also summary.json, atomically).
 
   batches(built): (this process's batch iterator, whose position is checkpointed, and the data
   config it was made with, whose template and image processing the export keeps). steps(built): the
   jitted step function, or a tuple of `loop.Phase`s. hooks(built): evaluations during training.
-  stop_at: stop after this step as a preemption would (tests). A run already finished returns
-  its summary at once.
+  fingerprint: the run's config as text, kept in the summary. stop_at: stop after this step as a
+  preemption would (tests). A run already finished (same steps and fingerprint) returns its
+  summary at once.
   """
   summary_path = os.path.join(workdir, summary_file)
-  if finished(workdir, summary_file):
+  if finished(workdir, train.num_steps, summary_file, fingerprint):
     _log(f"{name}: finished already in {workdir}")
     return read_json(summary_path)
   if jax.process_index() == 0:
@@ -171,7 +177,8 @@ def run(*, workdir: str, model: building.ModelConfig, tokenizer, optim_config: o
   else:
     _log(f"{name}: stopped at step {int(state['step'])}: checkpoint saved; run the same "
          "command to resume")
-  summary = {"status": status, "step": int(state["step"]), "wall_time_s": writer.wall_time_s()}
+  summary = {"status": status, "step": int(state["step"]), "wall_time_s": writer.wall_time_s(),
+             "fingerprint": fingerprint}
   writer.close()
   write_json(summary_path, summary)
   return summary

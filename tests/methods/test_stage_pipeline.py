@@ -20,7 +20,8 @@ class Killed(BaseException):
   """Ends a stage as kill -9 would: nothing after it runs, no state is recorded."""
 
 
-def toy(workdir: str, kill: str = "", config: PipelineConfig = PipelineConfig(), calls=None):
+def toy(workdir: str, kill: str = "", config: PipelineConfig = PipelineConfig(), calls=None,
+        train_key: str = ""):
   """generate (3 batches of 2 records) -> train (6 'steps', a checkpoint file per step) ->
   evaluate. `kill` names the point where the stage dies: 'generate:1' after batch 1,
   'train:3' after step 3, 'train:sigterm:3' a SIGTERM there, 'eval'."""
@@ -62,7 +63,7 @@ def toy(workdir: str, kill: str = "", config: PipelineConfig = PipelineConfig(),
     value = json.load(open(os.path.join(checkpoints, "6")))
     return {"score": float(value % 97)}
 
-  stages = [Stage("generate", generate), Stage("train", train),
+  stages = [Stage("generate", generate), Stage("train", train, key=train_key),
             Stage("eval_train", evaluate, eval_label="train")]
   raw = config_dict.ConfigDict({"method": "toy", "kill": kill})
   return Pipeline("toy", workdir, stages, config, raw)
@@ -202,3 +203,15 @@ def test_config_json_is_kept_until_the_new_config_is_accepted(tmp_path):
   with pytest.raises(UserError):
     Pipeline("toy", workdir, stages, PipelineConfig(), raw).run()
   assert open(os.path.join(workdir, "config.json")).read() == before
+
+
+def test_a_stage_whose_key_changed_runs_again_with_the_ones_after_it(straight, tmp_path):
+  """A finished pipeline relaunched with another config for its training stage (say, more
+  steps): that stage and the evaluation after it run again, the generation before it does not."""
+  workdir = str(tmp_path)
+  toy(workdir).run()
+  calls = []
+  again = toy(workdir, calls=calls, train_key='{"num_steps": 12}').run()
+  assert again["status"] == "done" and calls == ["train", "eval"]
+  calls.clear()
+  assert toy(workdir, calls=calls, train_key='{"num_steps": 12}').run() == again and calls == []

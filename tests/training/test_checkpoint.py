@@ -339,3 +339,15 @@ def test_length_buckets_past_the_model_context_refuse_to_train(tmp_path):
   with pytest.raises(UserError, match=r"go past the model's context of 512 tokens"):
     run(tmp_path, **{"data.pipeline.length_buckets": (32, 1024)})
   assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_a_config_refused_by_the_checkpoints_leaves_the_run_readable(tmp_path):
+  """A relaunch with another model than the workdir's checkpoints hold is refused, and the run's
+  config.json is still the one its checkpoints were made with (`evaluate --workdir` reads it)."""
+  from lvlm_jax.errors import UserError
+  run(tmp_path, **{"train.num_steps": 2, "checkpoint.every_steps": 1})
+  before = (tmp_path / "config.json").read_text()
+  with pytest.raises(UserError, match="does not match this config's train state"):
+    run(tmp_path, **{"train.num_steps": 2, "checkpoint.every_steps": 1,
+                     "model.text.hidden_size": 64, "model.text.intermediate_size": 128})
+  assert (tmp_path / "config.json").read_text() == before
