@@ -16,9 +16,9 @@ from training_fixtures import CACHE_DIR  # noqa: E402,F401  (turns the compile c
 from lvlm_jax.methods import sctune  # noqa: E402
 
 
-def tiny_config(base_model: str):
+def tiny_config(tiny_shapes_export: str):
   config = sctune.default_config()
-  config.model.hf_dir = base_model
+  config.model.hf_dir = tiny_shapes_export
   config.model.tokenizer = ""
   config.data.shapes.max_objects = 2
   config.data.shapes.image_size = 32
@@ -57,9 +57,9 @@ def train_log(workdir) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def straight(base_model, tmp_path_factory):
+def straight(tiny_shapes_export, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("straight"))
-  summary = sctune.run(tiny_config(base_model), workdir)
+  summary = sctune.run(tiny_config(tiny_shapes_export), workdir)
   assert summary["status"] == "done"
   return workdir, summary
 
@@ -81,9 +81,9 @@ def test_the_cycle_runs_and_reports_its_metrics(straight):
   assert os.path.isdir(os.path.join(workdir, "sctune", "export", "hf"))
 
 
-def test_stopped_mid_describer_phase_resumes_bitwise(base_model, straight, tmp_path):
+def test_stopped_mid_describer_phase_resumes_bitwise(tiny_shapes_export, straight, tmp_path):
   workdir = str(tmp_path)
-  config = tiny_config(base_model)
+  config = tiny_config(tiny_shapes_export)
   assert sctune.run(config, workdir, stop_at=1)["status"] == "preempted"
   assert sctune.run(config, workdir)["status"] == "done"
   assert_same_but_timing(train_log(workdir), train_log(straight[0]))

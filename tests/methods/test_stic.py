@@ -19,9 +19,9 @@ from lvlm_jax.artifacts import read_jsonl  # noqa: E402
 from lvlm_jax.sampling.service import GenerationService  # noqa: E402
 from lvlm_jax.sharding import mesh_from_config  # noqa: E402
 
-def tiny_config(base_model: str):
+def tiny_config(tiny_shapes_export: str):
   config = stic.default_config()
-  config.model.hf_dir = base_model
+  config.model.hf_dir = tiny_shapes_export
   config.model.tokenizer = ""
   config.model.use_lora = True
   config.model.lora.rank = 4
@@ -57,9 +57,9 @@ def tiny_config(base_model: str):
 
 
 @pytest.fixture(scope="module")
-def finished(base_model, tmp_path_factory):
+def finished(tiny_shapes_export, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("stic"))
-  config = tiny_config(base_model)
+  config = tiny_config(tiny_shapes_export)
   # Stopped in the middle of stage-1 training, as a preemption does; the rerun resumes there.
   first = stic.run(config, workdir, stop_at={"dpo": 2})
   assert first["status"] == "preempted"
