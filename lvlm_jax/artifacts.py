@@ -20,8 +20,8 @@ def write_json(path: str, obj: Any) -> None:
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, ensure_ascii=False)
   os.replace(tmp, path)
 
 
@@ -31,18 +31,18 @@ def write_jsonl(path: str, records: list[dict]) -> None:
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write("".join(json.dumps(r) + "\n" for r in records))
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
   os.replace(tmp, path)
 
 
 def read_json(path: str) -> Any:
-  with open(path) as f:
+  with open(path, encoding="utf-8") as f:
     return json.load(f)
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
+  with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
@@ -78,8 +78,8 @@ class JsonlWriter:
     if jax.process_index():
       return
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-    with open(self.partial, "a") as f:
-      f.write("".join(json.dumps(r) + "\n" for r in records))
+    with open(self.partial, "a", encoding="utf-8") as f:
+      f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
       f.flush()
       os.fsync(f.fileno())
 

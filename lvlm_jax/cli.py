@@ -62,11 +62,12 @@ def _warn(message: str) -> None:
 
 
 def _exit(code: int) -> None:
-  """Exits with `code`. A library thread still running (an Orbax save waiting out a barrier
-  after its sibling failed, a reader thread) would hold the interpreter's shutdown for minutes:
-  leave without joining it."""
-  if any(t.is_alive() and not t.daemon for t in threading.enumerate()
-         if t is not threading.current_thread()):
+  """Exits with `code`. After a failure, a library thread still running (an Orbax save waiting
+  out a barrier after its sibling failed, a reader thread) would hold the interpreter's shutdown
+  for minutes: leave without joining it. A success exits normally (atexit handlers and buffered
+  files are flushed)."""
+  if code and any(t.is_alive() and not t.daemon for t in threading.enumerate()
+                  if t is not threading.current_thread()):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -180,11 +180,7 @@ class Prompter:
       if text.image_token_id(self.tokenizer) != config.image_token_id:
         raise UserError(f"{model_dir}: the tokenizer's <image> id differs from the model's "
                         f"image_token_id {config.image_token_id}")
-      processor_file = os.path.join(model_dir, "preprocessor_config.json")
-      if os.path.exists(processor_file):
-        self.processing = images_lib.ImageProcessing.from_hf_preprocessor_config(processor_file)
-      else:
-        self.processing = images_lib.ImageProcessing(size=config.vision.image_size)
+      self.processing = images_lib.ImageProcessing.for_model(model_dir, model)
 
   def token_ids(self, record: dict) -> list[int]:
     """The prompt's ids; a `UserError` when they and max_new_tokens overflow the context (past

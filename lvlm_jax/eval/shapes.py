@@ -51,6 +51,11 @@ class ShapesEvalConfig:
   caption_tokens: int = help_field(160, "Most tokens generated for a caption.")
   description_tokens: int = help_field(16, "Most tokens generated for a region description.")
 
+  @property
+  def enabled(self) -> bool:
+    """Whether any metric is asked for (an evaluation stage with none has nothing to do)."""
+    return bool(self.yes_no or self.grounding or self.captions or self.self_consistency)
+
 
 def _rows(tokenizer, data: DataConfig, turns_list):
   """(input_ids, loss_mask) int32 [L] of each conversation, rendered and tokenized as in training."""

@@ -38,7 +38,7 @@ from lvlm_jax.data.pipeline import DataConfig
 from lvlm_jax.data.shapes import REGION_PROMPT, ShapesConfig, ShapesSource
 from lvlm_jax.data.text import box_iou, tokenize_conversation
 from lvlm_jax.data.tokenizer import load_tokenizer
-from lvlm_jax.data.training_sources import pipeline_config
+from lvlm_jax.data import training_sources
 from lvlm_jax.dataclass_config import help_field, method_defaults, method_help, parse_method
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval.shapes import ShapesEvalConfig
@@ -342,8 +342,8 @@ def train_stage(config: SCTuneConfig, workdir: str, tokenizer, mesh,
   made = {}
 
   def batches(built):
-    made["data"] = pipeline_config(config.data, built.abstract_model, config.model.hf_dir,
-                                   config.train.batch_size)
+    made["data"] = training_sources.pipeline_config(config.data, built.abstract_model,
+                                                    config.model.hf_dir, config.train.batch_size)
     return boxes.batches(config.train.batch_size, config.sctune.seed), made["data"]
 
   def phases(built):
@@ -355,15 +355,6 @@ def train_stage(config: SCTuneConfig, workdir: str, tokenizer, mesh,
       steps=phases, extras=(snapshot,), name="sctune", stop_at=stop_at)
 
 
-def _eval_config(config: SCTuneConfig) -> sft.SFTConfig:
-  """The SFT config whose evaluation settings are this run's (sft.evaluate_model reads them)."""
-  return sft.SFTConfig(
-      model=config.model, data=sft.training_sources.DataSources(
-          shapes_tasks=(), shapes=config.data.shapes, pipeline=config.data.pipeline),
-      optim=config.optim, train=config.train, checkpoint=config.checkpoint, mesh=config.mesh,
-      eval=config.eval)
-
-
 def run(config: SCTuneConfig, workdir: str, *, raw_config: config_dict.ConfigDict | None = None,
         stop_at: int | None = None) -> dict:
   """Runs (or resumes) every stage in `workdir`; returns the summary (also summary.json).
@@ -372,15 +363,15 @@ def run(config: SCTuneConfig, workdir: str, *, raw_config: config_dict.ConfigDic
   tokenizer = load_tokenizer(config.model, (config.data.pipeline.grounding_prompt,
                                             config.sctune.describer_prompt))
   run_dir = os.path.join(workdir, "sctune")
-  evaluation = _eval_config(config)
 
   def evaluate(hf_dir):
     def stage():
-      if not sft._evaluates(config.eval):  # noqa: SLF001
+      if not config.eval.enabled:
         return None
       model = hf.load_model(hf_dir, mesh=mesh, dtype=config.model.dtype,
                             param_dtype=config.model.param_dtype)
-      return {"model": hf_dir, **sft.evaluate_model(evaluation, model, tokenizer, mesh)}
+      return {"model": hf_dir, **sft.evaluate_model(model, tokenizer, mesh, config.data, hf_dir,
+                                                    config.eval)}
     return stage
 
   stages = [Stage("eval_base", evaluate(config.model.hf_dir), eval_label="base"),

@@ -79,16 +79,13 @@ def config_key(config, *sections: str) -> str:
                     sort_keys=True, default=str)
 
 
-def _evaluates(config: ShapesEvalConfig) -> bool:
-  return bool(config.yes_no or config.grounding or config.captions)
-
-
-def evaluate_model(config: SFTConfig, model, tokenizer, mesh) -> dict[str, float]:
-  """The shapes-world metrics of `model` on the held-out world (what `evaluate` reports)."""
-  data = training_sources.pipeline_config(config.data, model, config.model.hf_dir,
-                                          config.eval.batch_size)
-  evaluator = ShapesEvaluator(tokenizer, data, held_out_world(config.data.shapes),
-                              config.eval, mesh)
+def evaluate_model(model, tokenizer, mesh, data, hf_dir: str,
+                   config: ShapesEvalConfig) -> dict[str, float]:
+  """The shapes-world metrics of `model` on the held-out world (what `evaluate` reports). data:
+  a method's data section (its `pipeline` and `shapes` world); hf_dir: the model's directory, whose
+  preprocessor config sets the image processing ('' for a new model)."""
+  pipeline = training_sources.pipeline_config(data, model, hf_dir, config.batch_size)
+  evaluator = ShapesEvaluator(tokenizer, pipeline, held_out_world(data.shapes), config, mesh)
   with jax.set_mesh(mesh):
     return evaluator(model)
 
@@ -98,8 +95,8 @@ def train_stage(config: SFTConfig, workdir: str, tokenizer, mesh, stop_at: int |
   """The training stage: its summary, status 'done' (exported) or 'preempted' (checkpoint
   saved), and the step reached."""
   def batches(built):
-    data = training_sources.pipeline_config(config.data, built.abstract_model, config.model.hf_dir,
-                                 built.local_batch)
+    data = training_sources.pipeline_config(config.data, built.abstract_model,
+                                            config.model.hf_dir, built.local_batch)
     return training_sources.training_batches(config.data, tokenizer, data), data
 
   def step(built):
@@ -108,10 +105,11 @@ def train_stage(config: SFTConfig, workdir: str, tokenizer, mesh, stop_at: int |
                                 logits_chunk=config.train.logits_chunk)
 
   def hooks(built):
-    if not (config.train.eval_every and _evaluates(config.eval)):
+    if not (config.train.eval_every and config.eval.enabled):
       return ()
     return (lambda state, step_index: evaluate_model(
-        config, train_state.merge(built.graphdef, state), tokenizer, mesh),)
+        train_state.merge(built.graphdef, state), tokenizer, mesh, config.data,
+        config.model.hf_dir, config.eval),)
 
   return training_run.run(
       workdir=workdir, model=config.model, tokenizer=tokenizer, optim_config=config.optim,
@@ -133,17 +131,17 @@ def run(config: SFTConfig, workdir: str, *, raw_config: config_dict.ConfigDict |
   export = os.path.join(workdir, "export", "hf")
 
   def eval_base():
-    if not _evaluates(config.eval):
+    if not config.eval.enabled:
       return None
-    return evaluate_model(config, training_run.initial_model(config.model, tokenizer, mesh),
-                          tokenizer, mesh)
+    return evaluate_model(training_run.initial_model(config.model, tokenizer, mesh), tokenizer,
+                          mesh, config.data, config.model.hf_dir, config.eval)
 
   def eval_sft():
-    if not (_evaluates(config.eval) and config.checkpoint.export_hf):
+    if not (config.eval.enabled and config.checkpoint.export_hf):
       return None
     model = hf.load_model(export, mesh=mesh, dtype=config.model.dtype,
                           param_dtype=config.model.param_dtype)
-    return evaluate_model(config, model, tokenizer, mesh)
+    return evaluate_model(model, tokenizer, mesh, config.data, config.model.hf_dir, config.eval)
 
   stages = [Stage("eval_base", eval_base, eval_label="base",
                   key=config_key(config, "model", "data", "eval")),

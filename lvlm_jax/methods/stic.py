@@ -396,10 +396,6 @@ def _service(config: STICConfig, model, tokenizer, data, mesh) -> GenerationServ
                            progress=True)
 
 
-def _evaluates(config: STICConfig) -> bool:
-  return bool(config.eval.yes_no or config.eval.captions or config.eval.grounding)
-
-
 def run(config: STICConfig, workdir: str, *, raw_config: config_dict.ConfigDict | None = None,
         stop_at: dict[str, int] | None = None) -> dict:
   """Runs (or resumes) every stage in `workdir` (methods/pipeline.py); returns the summary (also
@@ -434,7 +430,7 @@ def run(config: STICConfig, workdir: str, *, raw_config: config_dict.ConfigDict 
 
   def evaluation(hf_dir: str):
     def stage():
-      if not _evaluates(config):
+      if not config.eval.enabled:
         return None
       return {"model": hf_dir, **evaluate(config, hf_dir, tokenizer, prompts, mesh)}
     return stage

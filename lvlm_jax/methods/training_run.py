@@ -97,7 +97,7 @@ def _initial_state(model: building.ModelConfig, tokenizer, built: Built, abstrac
   latest = checkpointer.latest_step()
   if latest is None:
     params, frozen = building.load_params(model, tokenizer, built.mesh, built.trainable,
-                                       built.shardings)
+                                          built.shardings)
     state = train_state.init_state(params, frozen, built.tx, train.seed, built.shardings)
     for extra in extras:
       state[extra.name] = extra.initial(state)
@@ -105,7 +105,7 @@ def _initial_state(model: building.ModelConfig, tokenizer, built: Built, abstrac
   state = checkpointer.restore(latest, abstract_tree(abstract, built.shardings), batches)
   if "frozen" not in state:  # checkpoint.save_frozen=False: the frozen base comes from hf_dir
     state["frozen"] = building.load_params(model, tokenizer, built.mesh, built.trainable,
-                                        built.shardings)[1]
+                                           built.shardings)[1]
   return state, latest
 
 
@@ -133,7 +133,8 @@ def export(final: nnx.Module, model: building.ModelConfig, tokenizer,
 
 def run(*, workdir: str, model: building.ModelConfig, tokenizer, optim_config: optim.OptimConfig,
         train: loop.TrainConfig, checkpoint_config: checkpoint.CheckpointConfig, mesh: Mesh,
-        batches: Callable[[Built], tuple[Iterator, DataConfig]], steps: Callable[[Built], Callable | tuple],
+        batches: Callable[[Built], tuple[Iterator, DataConfig]],
+        steps: Callable[[Built], Callable | tuple],
         hooks: Callable[[Built], tuple] = lambda built: (),
         extras: tuple[StateExtra, ...] = (), name: str = "train",
         summary_file: str = "summary.json", fingerprint: str = "",
@@ -164,12 +165,12 @@ def run(*, workdir: str, model: building.ModelConfig, tokenizer, optim_config: o
                                  resumed_from=resumed_from or 0)
   peak = metrics.peak_flops(train.peak_flops)
   _log(f"MFU peak: {peak[1]}")
-  step_or_phases = steps(built)
-  phased = isinstance(step_or_phases, tuple)
-  state, status = loop.train(
-      state, batches=data, mesh=mesh, config=train, checkpointer=checkpointer, writer=writer,
-      step=None if phased else step_or_phases, phases=step_or_phases if phased else (),
-      peak=peak, hooks=hooks(built), stop_at=stop_at)
+  phases = steps(built)
+  if not isinstance(phases, tuple):  # one step function for the whole run
+    phases = (loop.Phase("train", train.num_steps, phases),)
+  state, status = loop.train(state, phases=phases, batches=data, mesh=mesh, config=train,
+                             checkpointer=checkpointer, writer=writer, peak=peak,
+                             hooks=hooks(built), stop_at=stop_at)
   checkpointer.close()
   if status == "done":
     export(train_state.merge(built.graphdef, state), model, tokenizer, checkpoint_config,

@@ -131,21 +131,18 @@ def _stop_if_not_finite(metrics: dict[str, Any], step: int,
           "Lower optim.lr, set optim.clip_norm, or check the data")
 
 
-def train(state: dict[str, Any], *, batches: Iterator, mesh: Mesh, config: TrainConfig,
-          checkpointer: Checkpointer | None, writer: MetricsWriter, step: Callable | None = None,
-          phases: tuple[Phase, ...] = (), peak: tuple[float | None, str] = (None, "unknown"),
+def train(state: dict[str, Any], *, phases: tuple[Phase, ...], batches: Iterator, mesh: Mesh,
+          config: TrainConfig, checkpointer: Checkpointer | None, writer: MetricsWriter,
+          peak: tuple[float | None, str] = (None, "unknown"),
           hooks: tuple[Hook, ...] = (), stop_at: int | None = None) -> tuple[dict[str, Any], str]:
   """Runs the jitted steps (donating the state) from `state["step"]` to `config.num_steps`.
 
-  step: one step function for the whole run, fed `next(batches)`; or phases: the run's phases
-  (see Phase). batches: this process's batches or rollout inputs (a Grain iterator; its
-  position is checkpointed). hooks: evaluations `hook(state, step) -> metrics`, run every
+  phases: the run's phases (see Phase; one Phase of config.num_steps for a plain run).
+  batches: this process's batches or rollout inputs (a Grain iterator; its position is
+  checkpointed). hooks: evaluations `hook(state, step) -> metrics`, run every
   `config.eval_every` steps. stop_at: return after this step as a preemption would (tests).
   Returns (state, 'done' | 'preempted').
   """
-  if (step is None) == (not phases):
-    raise ValueError("give either step or phases")
-  phases = phases or (Phase("train", config.num_steps, step),)
   compiled_steps = [_Compiled(p.step) for p in phases]
   start = int(state["step"])
   bar = tqdm.tqdm(total=config.num_steps, initial=start, disable=not (

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,8 @@ from lvlm_jax.data.images import ImageProcessing
 from lvlm_jax.data.pipeline import DataConfig
 from lvlm_jax.models import hf
 from lvlm_jax.sampling.decode import SamplingConfig, generate
-from lvlm_jax.sampling.service import GenerationService, Prompt
-from lvlm_jax.sharding import make_mesh
+from lvlm_jax.sampling.service import DECODE_RULES, GenerationService, Prompt
+from lvlm_jax.sharding import logical_to_spec, make_mesh
 from lvlm_jax.training.losses import token_logprobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -169,8 +170,8 @@ import numpy as np
 sys.path.insert(0, sys.argv[1])
 from test_service import data_config, greedy, images, tokenizer_for_subprocess
 from lvlm_jax.models import hf
-from lvlm_jax.sampling.service import GenerationService, Prompt
-from lvlm_jax.sharding import make_mesh
+from lvlm_jax.sampling.service import DECODE_RULES, GenerationService, Prompt
+from lvlm_jax.sharding import logical_to_spec, make_mesh
 import jax
 tokenizer = tokenizer_for_subprocess()
 model = hf.load_lvlm(sys.argv[2])
@@ -211,8 +212,12 @@ def test_bfloat16_decoding_weights(llama, tokenizer):
                               weights_dtype="bfloat16")
   floats = [x for x in jax.tree.leaves(service.state) if jnp.issubdtype(x.dtype, jnp.floating)]
   assert floats and all(x.dtype == jnp.bfloat16 for x in floats)
-  assert all(x.sharding.spec == jax.sharding.PartitionSpec() or "fsdp" not in str(x.sharding.spec)
-             for x in floats)
+  # On a data 1 x fsdp 4 x tensor 2 mesh a [embed, mlp] kernel trains split over fsdp and tensor;
+  # decoding keeps it whole over fsdp.
+  mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 4, "tensor": 2})
+  spec = lambda rules: logical_to_spec(("embed", "mlp"), (64, 96), mesh, rules)
+  assert spec(None) == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert spec(DECODE_RULES) == jax.sharding.PartitionSpec(None, "tensor")
   assert nnx.state(model, nnx.Param)["lm_head"]["kernel"][...].dtype == jnp.float32
   completion = service.generate([Prompt.question(SENTENCES[0])], greedy(tokenizer))[0]
   assert len(completion.token_ids) > 0 and np.all(np.isfinite(completion.logprobs))
