@@ -12,17 +12,18 @@ Answers are written batch by batch to OUTPUT.partial, renamed to OUTPUT at the e
 command after an interruption resumes after the last complete batch. A record that cannot be
 used (an unreadable image, say) is skipped and counted: its output line carries "error" (naming
 the input file and line) instead of "response"; more than --max_skip_fraction of them stops.
-Prompts are rendered with a chat template and batched, left-padded to a multiple of
+Prompts are rendered by the generation service exactly as training renders the same turns
+(`sampling/service.py`, the one prompt builder), batched and left-padded to a multiple of
 --pad_to_multiple tokens so that few shapes (compilations) occur.
 """
 
 import argparse
 import codecs
+import dataclasses
 import json
 import os
 import sys
 
-import numpy as np
 
 from lvlm_jax.cli import run_cli
 from lvlm_jax.data import images as images_lib
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--template", default="auto", choices=TEMPLATES,
                  help="chat template: 'auto' = the tokenizer's own if it has one, else vicuna_v1; "
                  "'none' = the prompt text as is")
+  p.add_argument("--answer_start", default="", metavar="TEXT",
+                 help="text every answer is known to begin with (e.g. '<box>' for grounding): "
+                 "the prompt then ends exactly where training's context for such an answer "
+                 "ends, as the evaluators' prompts do (the answer still starts with TEXT)")
   p.add_argument("--max_new_tokens", type=int, default=128,
                  help="most tokens generated per answer; a prompt that leaves no room for them "
                  "in the model's context (max_position_embeddings) is refused")
@@ -152,98 +157,58 @@ def read_records(path: str) -> list[dict]:
   return records
 
 
-class Prompter:
-  """Records -> token ids and pixels for one model: template, tokenizer, image processing."""
+def generation_service(model_dir: str, model, template: str = "auto", system: str | None = None,
+                       batch_size: int = 8, pad_to: int = 32):
+  """The generation service for the model in `model_dir`: its tokenizer, `template` ('auto':
+  the tokenizer's own if it has one, else vicuna_v1) and `system` prompt, the model's image
+  processing and image-token count."""
+  from transformers import AutoTokenizer
 
-  def __init__(self, model_dir: str, model, template: str, system: str | None = None,
-               max_new_tokens: int = 0):
-    """`system`: the system prompt of records without their own; `max_new_tokens`: the answer
-    budget that every prompt must leave room for in the model's context."""
-    from transformers import AutoTokenizer
-
-    from lvlm_jax.models.lvlm import LVLM
-    from lvlm_jax.sampling.decode import language_model
-    self.system, self.max_new_tokens = system, max_new_tokens
-    self.context = language_model(model).config.max_position_embeddings
-    try:
-      self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-      raise UserError(f"{model_dir}: cannot load a tokenizer ({e}); copy the tokenizer files "
-                      "next to the weights") from None
-    self.is_lvlm = isinstance(model, LVLM)
-    if template == "auto":
-      template = "tokenizer" if getattr(self.tokenizer, "chat_template", None) else "vicuna_v1"
-    self.template = template
-    if self.is_lvlm:
-      config = model.config
-      self.tokens_per_image = config.tokens_per_image
-      if text.image_token_id(self.tokenizer) != config.image_token_id:
-        raise UserError(f"{model_dir}: the tokenizer's <image> id differs from the model's "
-                        f"image_token_id {config.image_token_id}")
-      self.processing = images_lib.ImageProcessing.for_model(model_dir, model)
-
-  def token_ids(self, record: dict) -> list[int]:
-    """The prompt's ids; a `UserError` when they and max_new_tokens overflow the context (past
-    max_position_embeddings a model returns garbage)."""
-    ids = self._ids(record)
-    if len(ids) + self.max_new_tokens > self.context:
-      raise UserError(f"prompt {record['prompt'][:40]!r}: its {len(ids)} tokens plus "
-                      f"--max_new_tokens {self.max_new_tokens} exceed the model's context of "
-                      f"{self.context} (max_position_embeddings); shorten it or lower "
-                      "--max_new_tokens")
-    return ids
-
-  def _ids(self, record: dict) -> list[int]:
-    num_images = len(image_paths(record))
-    if num_images and not self.is_lvlm:
-      raise UserError("images were given but the model is text-only")
-    if self.template == "none":
-      if num_images:
-        raise UserError("--template none cannot place images; pick a chat template")
-      ids = self.tokenizer(record["prompt"]).input_ids
-      if not ids:
-        raise UserError("the prompt is empty and --template none adds nothing to it: there is "
-                        "nothing to continue")
-      return ids
-    turns = [{"from": "human", "value": record["prompt"]}]
-    if self.is_lvlm:
-      turns = text.ensure_image_placeholders(turns, num_images)
-    rendered = text.render(turns, self.tokenizer, self.template,
-                           system=record.get("system", self.system), add_generation_prompt=True)
-    # As in training: LLaVA's templates tokenize piece by piece (text.tokenize knows how).
-    ids, _ = text.tokenize(rendered, self.tokenizer,
-                           tokens_per_image=self.tokens_per_image if self.is_lvlm else 1)
-    return ids.tolist()
-
-  def image(self, path: str):
-    """An image file -> float32 [S, S, 3] vision-tower pixels."""
-    return self.processing(images_lib.load_image(path))
+  from lvlm_jax.data.pipeline import DataConfig
+  from lvlm_jax.models.lvlm import LVLM
+  from lvlm_jax.sampling.service import GenerationService
+  from lvlm_jax.sharding import batch_shards, make_mesh
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{model_dir}: cannot load a tokenizer ({e}); copy the tokenizer files "
+                    "next to the weights") from None
+  if template == "auto":
+    template = "tokenizer" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
+  data = DataConfig(template="vicuna_v1" if template == "none" else template,
+                    system_prompt=system)
+  if isinstance(model, LVLM):
+    if text.image_token_id(tokenizer) != model.config.image_token_id:
+      raise UserError(f"{model_dir}: the tokenizer's <image> id differs from the model's "
+                      f"image_token_id {model.config.image_token_id}")
+    data = dataclasses.replace(data, tokens_per_image=model.config.tokens_per_image,
+                               image=images_lib.ImageProcessing.for_model(model_dir, model))
+  mesh = make_mesh()
+  # Rows are split over the mesh's batch axes: the batch rounds up to a multiple of them.
+  size = -(-batch_size // batch_shards(mesh)) * batch_shards(mesh)
+  return GenerationService(model, tokenizer, data, mesh, size, pad_to=pad_to)
 
 
-def _prepared(prompter: Prompter, record: dict, files: list[str]):
-  """One record's prompt ids and `float32 [S, S, 3]` pixels per image; a UserError (BadImage
+def make_prompt(record: dict, images: list, template: str, answer_start: str = ""):
+  """A record's `Prompt`: its text under the chat template (its own "system" if it has one),
+  or, with --template none, the text as is."""
+  from lvlm_jax.sampling.service import Prompt
+  if template == "none":
+    if images:
+      raise UserError("--template none cannot place images; pick a chat template")
+    return Prompt.continuation(record["prompt"])
+  return Prompt.question(record["prompt"], images, answer_start, system=record.get("system"))
+
+
+def _prepared(service, record: dict, files: list[str], args: argparse.Namespace):
+  """One record's `Prompt`, checked against the model's context; a UserError (BadImage
   included) when the record cannot be used."""
-  return prompter.token_ids(record), [prompter.image(file) for file in files]
-
-
-def _batch_arrays(prompter: Prompter, rows: list, batch_size: int, multiple: int):
-  """`_prepared` rows -> left-padded ids/mask [batch_size, T] and pixels [batch_size, N, H, W, 3]
-  (or None); rows past the chunk repeat its first, so that every batch has the same shape."""
-  rows = rows + [rows[0]] * (batch_size - len(rows))
-  width = -(-max(len(ids) for ids, _ in rows) // multiple) * multiple
-  ids = np.full((batch_size, width), prompter.tokenizer.pad_token_id or 0, np.int32)
-  mask = np.zeros((batch_size, width), np.int32)
-  for i, (row, _) in enumerate(rows):
-    ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
-  count = max(len(pixels) for _, pixels in rows)
-  if not prompter.is_lvlm or not count:
-    return ids, mask, None
-  size = prompter.processing.size
-  pixels = np.zeros((batch_size, count, size, size, 3), np.float32)
-  for i, (_, images) in enumerate(rows):
-    for j, image in enumerate(images):  # unused slots stay zero: no image token refers to them
-      pixels[i, j] = image
-  return ids, mask, pixels
+  if files and not service.is_lvlm:
+    raise UserError("images were given but the model is text-only")
+  prompt = make_prompt(record, [images_lib.load_image(f) for f in files], args.template,
+                       args.answer_start)
+  service.check_room(prompt, args.max_new_tokens)
+  return prompt
 
 
 def _stop_token_ids(model_dir: str, model, tokenizer) -> tuple[int, ...]:
@@ -291,8 +256,9 @@ def run(args: argparse.Namespace) -> None:
     check_output_file(args.output_jsonl, "--output_jsonl")
     records = read_records(args.input_jsonl)
   model = _load_model(args.model, args.dtype, args.allow_pickle)
-  prompter = Prompter(args.model, model, args.template, args.system, args.max_new_tokens)
-  tokenizer = prompter.tokenizer
+  service = generation_service(args.model, model, args.template, args.system, args.batch_size,
+                               args.pad_to_multiple)
+  tokenizer = service.tokenizer
   eos = _stop_token_ids(args.model, model, tokenizer)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
   beams = args.num_beams > 1
@@ -321,15 +287,15 @@ def run(args: argparse.Namespace) -> None:
 
   if args.prompt is not None:
     record = {"prompt": args.prompt, "images": args.image}
-    rows = [_prepared(prompter, record, args.image)]
-    answers, _ = _answer(model, prompter, rows, 1, args.pad_to_multiple, config, stops,
+    prompts = [_prepared(service, record, args.image, args)]
+    answers, _ = _answer(service, prompts, config, stops,
                          jax.random.fold_in(jax.random.key(args.seed), 0))
     print("\n".join(answers[0]))
     return
-  _answer_jsonl(records, args, model, prompter, config, stops)
+  _answer_jsonl(records, args, service, config, stops)
 
 
-def _answer_jsonl(records: list[dict], args, model, prompter: Prompter, config, stops) -> None:
+def _answer_jsonl(records: list[dict], args, service, config, stops) -> None:
   """Batch mode: answers every record into --output_jsonl, as the module docstring says."""
   import jax
   from tqdm import tqdm
@@ -347,7 +313,7 @@ def _answer_jsonl(records: list[dict], args, model, prompter: Prompter, config, 
   for n in sorted(problems):  # before any work: inputs this broken stop at once
     skips.add(records[n], problems[n], args.output_jsonl + ".partial")
   skips.reset()
-  batch_size = min(args.batch_size, len(records))
+  batch_size = min(service.batch_size, len(records))
   writer = JsonlWriter(args.output_jsonl, batch_size)
   start = writer.resume()
   if start:
@@ -367,13 +333,12 @@ def _answer_jsonl(records: list[dict], args, model, prompter: Prompter, config, 
         try:
           if n in problems:
             raise UserError(problems[n])
-          rows[n] = _prepared(prompter, records[n], files[n])
+          rows[n] = _prepared(service, records[n], files[n], args)
         except UserError as e:
           errors[n] = skips.add(records[n], str(e), writer.partial)
       answers, scores = [], []
       if rows:
-        answers, scores = _answer(model, prompter, list(rows.values()), batch_size,
-                                  args.pad_to_multiple, config, stops,
+        answers, scores = _answer(service, list(rows.values()), config, stops,
                                   jax.random.fold_in(key, first))
       results = dict(zip(rows, zip(answers, scores or [None] * len(answers))))
       out = []
@@ -419,28 +384,20 @@ class _Skips:
     self.count, self.first = 0, None
 
 
-def _answer(model, prompter: Prompter, rows: list, batch_size: int, multiple: int, config,
-            stops, rng):
-  """Generates for up to `batch_size` `_prepared` rows: (per row its answers, per row its beam
-  scores or [] without beam search)."""
-  from lvlm_jax.sampling import beam, decode
-  tokenizer = prompter.tokenizer
-  ids, mask, pixels = _batch_arrays(prompter, rows, batch_size, multiple)
-  scores = []
-  if isinstance(config, beam.BeamConfig):
-    out = beam.beam_search(model, ids, mask, config=config, pixel_values=pixels)
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    scores = np.asarray(out.scores)[:len(rows)].tolist()
-  else:
-    out = decode.generate(model, ids, mask, config=config, pixel_values=pixels, rng=rng,
-                          stop=stops)
-    # Several samples of a prompt share its prefill; they come as rows i * k + j.
-    k = config.num_return_sequences
-    tokens = np.asarray(out.tokens).reshape(-1, k, out.tokens.shape[-1])
-    lengths = np.asarray(out.lengths).reshape(-1, k)
-  answers = [[tokenizer.decode(tokens[i, j, :lengths[i, j]], skip_special_tokens=True)
-              for j in range(tokens.shape[1])] for i in range(len(rows))]
-  return answers, scores
+def _answer(service, prompts: list, config, stops, rng):
+  """Generates for up to a batch of prompts: (per prompt its answers, per prompt its beam
+  scores or [] without beam search). Each prompt and its images are encoded once."""
+  from lvlm_jax.sampling import beam
+  if not isinstance(config, beam.BeamConfig):
+    completions = service.generate(prompts, config, rng, stop=stops)
+    k = config.num_return_sequences  # several samples of a prompt come as rows i * k + j
+    return [[c.text for c in completions[i * k:(i + 1) * k]] for i in range(len(prompts))], []
+  prefix, rows = service.start(prompts, config.max_new_tokens)
+  out = service.beams(prefix, config)
+  answers = [[service.tokenizer.decode(out.tokens[i, j, :out.lengths[i, j]],
+                                       skip_special_tokens=True).strip()
+              for j in range(out.tokens.shape[1])] for i in range(rows)]
+  return answers, out.scores[:rows].tolist()
 
 
 def main(argv=None) -> None:

@@ -166,8 +166,9 @@ def test_sampling_several_answers_per_prompt(llama_dir, tmp_path, capsys):
 
 def test_system_prompt_of_the_flag_and_of_a_record(llava_dir):
   model = hf.load_lvlm(llava_dir)
-  prompter = cli.Prompter(llava_dir, model, "vicuna_v1", system="A chat.", max_new_tokens=8)
-  decode = lambda record: prompter.tokenizer.decode(prompter.token_ids(record))
+  service = cli.generation_service(llava_dir, model, "vicuna_v1", system="A chat.")
+  decode = lambda record: service.tokenizer.decode(
+      service.check_room(cli.make_prompt(record, [], "vicuna_v1"), 8))
   assert decode({"prompt": "Hi."}) == "<s>A chat. USER: Hi. ASSISTANT:"
   assert decode({"prompt": "Hi.", "system": "Be brief."}) == "<s>Be brief. USER: Hi. ASSISTANT:"
 
@@ -201,7 +202,7 @@ def test_user_errors_are_one_line_with_exit_2(case, llava_dir, llama_dir, images
   if case == "bad_json":
     assert "in.jsonl:2" in err
   if case == "past_the_context":
-    assert "its 3 tokens plus --max_new_tokens 126 exceed the model's context of 128" in err
+    assert "its 3 tokens plus 126 new ones exceed the model's context of 128" in err
 
 
 def test_batch_mode_writes_as_it_goes_skips_bad_images_and_resumes(llava_dir, images, tmp_path,
@@ -255,3 +256,38 @@ def test_unusable_output_is_refused_before_loading(tmp_path, capsys):
     code, _, err = run(["--model", str(tmp_path / "nothing"), "--input_jsonl", str(source),
                         "--output_jsonl", str(output)], capsys)
     assert code == 2 and err.startswith("error: --output_jsonl") and words in err, err
+
+
+def test_answer_start_reproduces_the_evaluators_grounding_answers(tiny_shapes_export, tmp_path,
+                                                                  capsys):
+  """The CLI and the shapes evaluator build prompts with the one prompt builder: the same
+  grounding questions give the same greedy answers, token for token."""
+  from flax import nnx
+  from lvlm_jax.data.pipeline import DataConfig
+  from lvlm_jax.data.shapes import ShapesConfig, ShapesSource
+  from lvlm_jax.data.training_sources import DataSources, pipeline_config
+  from lvlm_jax.eval.shapes import ShapesEvalConfig, ShapesEvaluator
+  records = list(ShapesSource(ShapesConfig(seed=3, max_objects=2), "grounding", 3))
+  data = pipeline_config(DataSources(pipeline=DataConfig(system_prompt="")),
+                         hf.load_model(tiny_shapes_export), tiny_shapes_export, 4)
+  lines = []
+  for i, record in enumerate(records):
+    Image.fromarray(record["images"][0]).save(tmp_path / f"{i}.png")
+    lines.append(json.dumps({"prompt": data.grounding_prompt.format(
+        expression=record["expression"]), "image": f"{i}.png"}) + "\n")
+  (tmp_path / "in.jsonl").write_text("".join(lines))
+  code, _, err = run(["--model", tiny_shapes_export, "--input_jsonl", str(tmp_path / "in.jsonl"),
+                      "--output_jsonl", str(tmp_path / "out.jsonl"), "--template", "vicuna_v1",
+                      "--system", "", "--answer_start", "<box>", "--max_new_tokens", "16",
+                      "--batch_size", "4"], capsys)
+  assert code == 0, err
+  responses = [json.loads(l)["response"] for l in (tmp_path / "out.jsonl").read_text().splitlines()]
+
+  model = hf.load_model(tiny_shapes_export)
+  tokenizer = cli.generation_service(tiny_shapes_export, model).tokenizer
+  evaluator = ShapesEvaluator(tokenizer, data, ShapesConfig(seed=3), ShapesEvalConfig(
+      yes_no=0, grounding=0, captions=0, self_consistency=0, batch_size=4))
+  graphdef, state = nnx.split(model)
+  questions = [data.grounding_prompt.format(expression=r["expression"]) for r in records]
+  want = evaluator._generate(graphdef, state, records, questions, 16, data.box_format.open)
+  assert responses == want and any(responses)

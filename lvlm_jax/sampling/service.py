@@ -31,10 +31,10 @@ from lvlm_jax.errors import UserError
 from lvlm_jax.models.lvlm import LVLM
 from lvlm_jax.sampling import beam as beam_search
 from lvlm_jax.sampling.decode import (Generation, Prefix, SamplingConfig, branch, decode,
-                                      decode_from, extend_prefix, start)
+                                      decode_from, extend_prefix, language_model, start)
+from lvlm_jax.sampling.stop_strings import StopStrings
 from lvlm_jax.sharding import DEFAULT_RULES, batch_sharding, batch_shards, place, tree_shardings
 
-_PAD_TO = 16  # prompt lengths round up to this: one compilation per bucket
 _branch = jax.jit(branch, static_argnums=1)
 
 
@@ -64,14 +64,23 @@ class Prompt:
   one per `<image>` (placed at the start of the first turn when the text has none).
   answer_start: text the answer is known to begin with (a box's `<box>`, a caption's first
   word): the prompt then ends exactly where training's context for the answer's first token
-  ends, which a generation prompt may not (a tokenizer that splits the space before it off)."""
+  ends, which a generation prompt may not (a tokenizer that splits the space before it off).
+  system: this prompt's system prompt (None: the data config's). raw: text to continue as it
+  is, without a chat template (text only; `turns` is then empty)."""
   turns: tuple
   images: tuple = ()
   answer_start: str = ""
+  system: str | None = None
+  raw: str | None = None
 
   @classmethod
-  def question(cls, text: str, images: Sequence[np.ndarray] = (), answer_start: str = ""):
-    return cls(({"from": "human", "value": text},), tuple(images), answer_start)
+  def question(cls, text: str, images: Sequence[np.ndarray] = (), answer_start: str = "",
+               system: str | None = None):
+    return cls(({"from": "human", "value": text},), tuple(images), answer_start, system)
+
+  @classmethod
+  def continuation(cls, text: str):
+    return cls((), raw=text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +98,17 @@ def prompt_ids(prompt: Prompt, tokenizer, data: DataConfig) -> np.ndarray:
   """int32 [L]: `prompt` tokenized as training tokenizes the same turns (`data`'s template,
   system prompt and image tokens), ending with the generation prompt, or, with an
   `answer_start`, exactly where training's targets for such an answer begin."""
+  if prompt.raw is not None:
+    if prompt.images:
+      raise UserError("a prompt without a chat template cannot place images; pick a template")
+    ids = np.asarray(tokenizer(prompt.raw).input_ids, np.int32)
+    if not ids.size:
+      raise UserError("the prompt is empty and no template adds to it: there is nothing to "
+                      "continue")
+    return ids
   turns = ensure_image_placeholders(list(prompt.turns), len(prompt.images), data.image_token)
-  render = dict(system=data.system_prompt, image_token=data.image_token,
+  system = data.system_prompt if prompt.system is None else prompt.system
+  render = dict(system=system, image_token=data.image_token,
                 tokens_per_image=data.tokens_per_image)
   if not prompt.answer_start:
     ids, _ = tokenize_conversation(turns, tokenizer, data.template, add_generation_prompt=True,
@@ -133,11 +151,12 @@ class GenerationService:
   data: the pipeline config the model was trained with (template, system prompt, image
   processing, tokens per image). batch_size: rows per decoding call, a multiple of the mesh's
   batch shards. progress: a progress bar with ETA over batches (process 0). weights_dtype: the
-  dtype decoding reads the weights in (None: as the model holds them).
+  dtype decoding reads the weights in (None: as the model holds them). pad_to: prompt lengths
+  round up to a multiple of it (one compilation per length).
   """
 
   def __init__(self, model, tokenizer, data: DataConfig, mesh: Mesh, batch_size: int = 32,
-               progress: bool = False, weights_dtype: str | None = None):
+               progress: bool = False, weights_dtype: str | None = None, pad_to: int = 16):
     if batch_size % batch_shards(mesh):
       raise UserError(f"generation batch_size={batch_size} must be a multiple of the "
                       f"{batch_shards(mesh)} ways the mesh splits the batch")
@@ -145,8 +164,9 @@ class GenerationService:
     self.state = decoding_weights(self.state, mesh, weights_dtype)
     self.is_lvlm = isinstance(model, LVLM)
     self.tokenizer, self.data, self.mesh = tokenizer, data, mesh
-    self.batch_size, self.progress = batch_size, progress
+    self.batch_size, self.progress, self.pad_to = batch_size, progress, pad_to
     self.pad_id = pad_id(tokenizer)
+    self.context = language_model(model).config.max_position_embeddings
 
   # Prompts.
 
@@ -156,12 +176,24 @@ class GenerationService:
       raise UserError("this model is text-only: its prompts cannot have images")
     return prompt_ids(prompt, self.tokenizer, self.data)
 
-  def _batch(self, prompts: Sequence[Prompt]) -> tuple:
+  def check_room(self, prompt: Prompt, max_new_tokens: int) -> np.ndarray:
+    """The prompt's ids; a `UserError` when they and max_new_tokens overflow the model's
+    context (past max_position_embeddings a model returns garbage)."""
+    ids = self.prompt_ids(prompt)
+    if len(ids) + max_new_tokens > self.context:
+      text = prompt.raw if prompt.raw is not None else prompt.turns[-1]["value"]
+      raise UserError(f"prompt {text[:40]!r}: its {len(ids)} tokens plus {max_new_tokens} new "
+                      f"ones exceed the model's context of {self.context} "
+                      "(max_position_embeddings); shorten it or generate fewer tokens")
+    return ids
+
+  def _batch(self, prompts: Sequence[Prompt], room: int) -> tuple:
     """(ids, attention int32 [B, T] left-padded, pixels float32 [B, N, S, S, 3] or None) of a
-    full batch (the last rows repeat the first prompt), placed on the mesh."""
-    rows = [self.prompt_ids(p) for p in prompts]
+    full batch (the last rows repeat the first prompt), placed on the mesh; each prompt must
+    leave `room` new tokens in the context."""
+    rows = [self.check_room(p, room) for p in prompts]
     rows += [rows[0]] * (self.batch_size - len(rows))
-    length = -(-max(len(r) for r in rows) // _PAD_TO) * _PAD_TO
+    length = -(-max(len(r) for r in rows) // self.pad_to) * self.pad_to
     ids = np.full((self.batch_size, length), self.pad_id, np.int32)
     attention = np.zeros((self.batch_size, length), np.int32)
     for i, row in enumerate(rows):
@@ -204,23 +236,26 @@ class GenerationService:
   # Generation.
 
   def generate(self, prompts: Sequence[Prompt], config: SamplingConfig,
-               rng: jax.Array | None = None, desc: str = "generate") -> list[Completion]:
+               rng: jax.Array | None = None, desc: str = "generate",
+               stop: StopStrings | None = None) -> list[Completion]:
     """Completions of every prompt, `config.num_return_sequences` per prompt (prompt-major).
     Batch b samples with `fold_in(rng, b)`: a batch's answers depend only on its prompts and
-    its index, so a resumed stage regenerates the same text."""
+    its index, so a resumed stage regenerates the same text. stop: stop strings (an answer
+    ends with the token that completes one)."""
     out = []
     for index, chunk in enumerate(self._chunks(list(prompts), desc)):
-      ids, attention, pixels = self._batch(chunk)
+      ids, attention, pixels = self._batch(chunk, config.max_new_tokens)
       key = None if rng is None else jax.random.fold_in(rng, index)
       with jax.set_mesh(self.mesh):
         generation = decode(self.graphdef, self.state, ids, attention, config=config,
-                            pixel_values=pixels, rng=key)
+                            pixel_values=pixels, rng=key, stop=stop)
       out += self._completions(generation, len(chunk), config.num_return_sequences)
     return out
 
   def texts(self, prompts: Sequence[Prompt], config: SamplingConfig,
-            rng: jax.Array | None = None, desc: str = "generate") -> list[str]:
-    return [c.text for c in self.generate(prompts, config, rng, desc)]
+            rng: jax.Array | None = None, desc: str = "generate",
+            stop: StopStrings | None = None) -> list[str]:
+    return [c.text for c in self.generate(prompts, config, rng, desc, stop)]
 
   # Prefix sharing (a batch of at most batch_size prompts at a time).
 
@@ -229,7 +264,7 @@ class GenerationService:
     prompt and its images are encoded once, here."""
     if len(prompts) > self.batch_size:
       raise ValueError(f"{len(prompts)} prompts for a batch of {self.batch_size}")
-    ids, attention, pixels = self._batch(prompts)
+    ids, attention, pixels = self._batch(prompts, room)
     with jax.set_mesh(self.mesh):
       prefix = start(self.graphdef, self.state, ids, attention, cache_size=ids.shape[1] + room,
                      pixel_values=pixels)
@@ -242,7 +277,7 @@ class GenerationService:
 
   def extend(self, prefix: Prefix, token_ids: Sequence[np.ndarray]) -> Prefix:
     """Feeds token_ids[i] (possibly empty) after row i; the prefix's cache needs the room."""
-    width = -(-max(max((len(t) for t in token_ids), default=1), 1) // _PAD_TO) * _PAD_TO
+    width = -(-max(max((len(t) for t in token_ids), default=1), 1) // self.pad_to) * self.pad_to
     rows = prefix.logits.shape[0]
     ids = np.full((rows, width), self.pad_id, np.int32)
     mask = np.zeros((rows, width), np.int32)

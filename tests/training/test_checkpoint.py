@@ -297,6 +297,7 @@ def test_export_prompts_as_training_and_loads_with_auto_processor(tmp_path, monk
   from lvlm_jax import generate
   from lvlm_jax.data import text
   from lvlm_jax.models import hf
+  from lvlm_jax.sampling.service import Prompt
   umask = os.umask(0o022)
   try:
     assert run(tmp_path, **{"train.num_steps": 1, "checkpoint.export_hf": True})["status"] == "done"
@@ -322,8 +323,9 @@ def test_export_prompts_as_training_and_loads_with_auto_processor(tmp_path, monk
 
   model = hf.load_model(str(hf_dir))
   tokens = model.config.tokens_per_image
-  record = {"prompt": "is there a red circle?", "images": ["one.png"]}
-  ids = generate.Prompter(str(hf_dir), model, "auto", max_new_tokens=4).token_ids(record)
+  service = generate.generation_service(str(hf_dir), model, "auto")
+  ids = service.check_room(Prompt.question("is there a red circle?",
+                                           [np.zeros((20, 30, 3), np.uint8)]), 4).tolist()
   want, _ = text.tokenize_conversation(turns[:1], tokenizer, "vicuna_v1", system="",
                                        add_generation_prompt=True, tokens_per_image=tokens)
   assert ids == want.tolist()
