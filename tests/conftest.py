@@ -50,6 +50,17 @@ TINY_CLIP_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=
                         num_attention_heads=4, image_size=28, patch_size=7)
 
 
+def torch_llava_logits(model, ids, mask, images_nhwc):
+  """transformers' LLaVA logits [B, T, V] for int [B, T] ids and mask and the batch's real images
+  [M, H, W, C] in order."""
+  import numpy as np
+  import torch
+  pixel = torch.tensor(np.asarray(images_nhwc).transpose(0, 3, 1, 2))
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=pixel)
+  return out.logits.numpy()
+
+
 def save_tiny(model, directory) -> str:
   """Puts a torch reference model in eval mode and saves it as safetensors; returns the directory."""
   model.eval()

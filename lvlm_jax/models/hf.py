@@ -125,8 +125,9 @@ def llm_names(path: str) -> list[str]:
 
 
 def clip_vision_names(path: str) -> list[str]:
-  """A CLIPVisionModel's or SiglipVisionModel's tensors (SiglipVisionModel: CLIP's names)."""
-  return _prefixed(("vision_model.",), CLIP_VISION_RULES, _hf_path(path))
+  """A CLIPVisionModel's or SiglipVisionModel's tensors (SiglipVisionModel: CLIP's names), in the
+  hub layout we export or as transformers 5 saves a vision model alone (without `vision_model.`)."""
+  return _prefixed(("vision_model.", ""), CLIP_VISION_RULES, _hf_path(path))
 
 
 def dinov2_names(path: str) -> list[str]:
