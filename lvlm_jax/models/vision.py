@@ -186,14 +186,9 @@ def patches(pixel_values: jax.Array, config) -> jax.Array:
 class VisionTower(nnx.Module):
   """What every ViT tower shares: HF `hidden_states` over `embed` + `layers`, and LLaVA's features.
 
-  A subclass sets `config` and `layers` and defines `embed`.
+  A subclass sets `config` and `layers` (an nnx.List of EncoderLayers) and defines
+  `embed(pixel_values [B, H, W, C]) -> [B, T, D]`, the input of the first layer.
   """
-  config: "CLIPVisionConfig"
-  layers: nnx.List
-
-  def embed(self, pixel_values: jax.Array) -> jax.Array:
-    """pixel_values: float [B, H, W, C] -> the input of the first layer [B, T, D]."""
-    raise NotImplementedError
 
   def hidden_states(self, pixel_values: jax.Array, num_layers: int | None = None) -> list[jax.Array]:
     """pixel_values: [B, H, W, C] -> num_layers + 1 arrays [B, T, D].

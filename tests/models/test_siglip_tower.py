@@ -116,3 +116,18 @@ def test_head_tensors_the_config_does_not_describe_are_refused(siglip_llava, tmp
   os.symlink(os.path.join(directory, "model.safetensors"), tmp_path / "model.safetensors")
   with pytest.raises(UserError, match=r"checkpoint tensors are not used .*vision_tower\.head\."):
     hf.load_lvlm(str(tmp_path))
+
+
+def test_default_strategy_drops_the_first_patch_as_transformers(tmp_path):
+  """transformers' LLaVA drops the first token under "default" whatever the tower: with SigLIP
+  that is a patch, so an image has 15 tokens."""
+  torch.manual_seed(15)
+  ref = transformers.LlavaForConditionalGeneration(_llava_config("default"))
+  ours = hf.load_lvlm(save_tiny(ref, tmp_path))
+  assert ours.config.tokens_per_image == 15
+  ids = np.asarray([[5, 6] + [IMAGE_TOKEN] * 15 + [7, 8]], np.int32)
+  mask = np.ones_like(ids)
+  images = np.random.default_rng(16).normal(size=(1, 1, 28, 28, 3)).astype(np.float32)
+  logits, _ = forward(ours, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                      pixel_values=jnp.asarray(images))
+  _assert_close(logits, torch_llava_logits(ref, ids, mask, images[:, 0]), mask)
