@@ -19,8 +19,10 @@ from lvlm_jax.models.layers import LayerNorm, default_kernel_init, param
 from lvlm_jax.models.lora import Linear
 from lvlm_jax.models.vision import VisionTower, encoder_layers, patches, square_size
 
-# Our key for an input resolution that differs from the checkpoint's position grid; HF configs
-# keep unknown keys, so it survives a round trip through transformers.
+# Our key for an input resolution that differs from the checkpoint's position grid. An HF config
+# names only the table's resolution (the input size lives in the image processor), so without it
+# a LLaVA config.json would describe the tower at 518 px; transformers keeps unknown keys, so it
+# survives a round trip through transformers.
 INPUT_SIZE_KEY = "lvlm_jax_input_size"
 # The cubic convolution coefficient torch's bicubic uses.
 _CUBIC_A = -0.75
@@ -72,11 +74,14 @@ class DINOv2Config:
                       "register tokens are not supported")
     patch = square_size(hf.get("patch_size", 14), "patch_size")
     trained = square_size(hf.get("image_size", 518), "image_size")
+    size = hf.get(INPUT_SIZE_KEY, trained)
+    if size % patch:
+      raise UserError(f"{INPUT_SIZE_KEY}={size} is not a multiple of patch_size {patch}")
     fields = dict(
         hidden_size=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"],
-        image_size=hf.get(INPUT_SIZE_KEY, trained),
+        image_size=size,
         patch_size=patch,
         position_grid=trained // patch,
         mlp_ratio=hf.get("mlp_ratio", 4),

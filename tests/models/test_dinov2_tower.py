@@ -133,8 +133,10 @@ def test_export_reloads_in_transformers(dinov2_llava, tmp_path):
      "DINOv2 towers (ViT-S/B/L) are supported"),
     ("num_register_tokens", 4, "vision_config.num_register_tokens=4: DINOv2 register tokens are "
      "not supported"),
+    ("lvlm_jax_input_size", 30, "vision_config.lvlm_jax_input_size=30 is not a multiple of "
+     "patch_size 7"),
 ])
-def test_unsupported_dinov2_variants_are_refused_in_one_line(tmp_path, key, value, message):
+def test_unsupported_dinov2_configs_are_refused_in_one_line(tmp_path, key, value, message):
   config = transformers.LlavaConfig(vision_config=transformers.Dinov2Config(**TINY_DINOV2),
                                     text_config=transformers.LlamaConfig(**TINY_LLAMA),
                                     image_token_id=IMAGE_TOKEN).to_dict()
