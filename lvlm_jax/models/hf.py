@@ -484,6 +484,11 @@ def hf_config(model: nnx.Module) -> dict:
   return model.config.to_hf()
 
 
+def export_names(model: nnx.Module) -> Callable[[str], list[str]]:
+  """Our parameter path -> HF tensor names for this model (the first is what we export)."""
+  return _names_and_config(model)[0]
+
+
 def _names_and_config(model: nnx.Module) -> tuple[Callable[[str], list[str]], dict]:
   config = hf_config(model)
   return _family(config, type(model).__name__)[2](model.config), config
