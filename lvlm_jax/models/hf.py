@@ -29,6 +29,7 @@ from safetensors.numpy import save_file
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.clip import CLIPConfig, CLIPModel
 from lvlm_jax.models.dinov2 import DINOv2Config, DINOv2Tower
+from lvlm_jax.models.llava_next import LlavaNext, LlavaNextConfig
 from lvlm_jax.models.llm import LLM, LLMConfig
 from lvlm_jax.models.lora import linear_layers
 from lvlm_jax.models.lvlm import LVLM, LVLMConfig
@@ -149,7 +150,10 @@ def llava_names(path: str, vision_type: str = "clip_vision_model") -> list[str]:
   """Candidates in order; the first is what we export (the llava-hf hub layout, which transformers
   and vLLM both read). transformers 5 in memory uses `model.language_model.*` / `model.vision_tower.*`
   and its save_pretrained writes `vision_tower.*` without `vision_model.`. vision_type: the
-  tower's HF model_type (DINOv2 has neither `vision_model.` nor CLIP's names)."""
+  tower's HF model_type (DINOv2 has neither `vision_model.` nor CLIP's names). LLaVA-NeXT adds
+  `image_newline`."""
+  if path == "image_newline":
+    return ["image_newline", "model.image_newline"]
   head, _, rest = path.partition(".")
   if head == "vision" and vision_type == "dinov2":
     return _prefixed(("vision_tower.", "model.vision_tower."), DINOV2_RULES, _hf_path(rest))
@@ -374,7 +378,8 @@ def load_clip_vision(directory: str, *, mesh: Mesh | None = None, allow_pickle: 
 
 
 def load_lvlm(directory: str, **kwargs) -> LVLM:
-  """An HF LlavaForConditionalGeneration directory -> LVLM."""
+  """An HF LlavaForConditionalGeneration (or LlavaNextForConditionalGeneration: a LlavaNext)
+  directory -> LVLM."""
   return _load_expecting(LVLM, directory, **kwargs)
 
 
@@ -393,6 +398,9 @@ def _fixed(names: Callable[[str], list[str]]):
 FAMILIES = {
     "llava": (LVLM, LVLMConfig,
               lambda config: functools.partial(llava_names, vision_type=config.vision.MODEL_TYPE)),
+    "llava_next": (LlavaNext, LlavaNextConfig,
+                   lambda config: functools.partial(llava_names,
+                                                    vision_type=config.vision.MODEL_TYPE)),
     "clip": (CLIPModel, CLIPConfig, _fixed(clip_names)),
     "clip_vision_model": (CLIPVisionTower, CLIPVisionConfig, _fixed(clip_vision_names)),
     "siglip_vision_model": (SiglipVisionTower, SiglipVisionConfig, _fixed(clip_vision_names)),
@@ -431,7 +439,7 @@ def build_model(hf_config: dict, *, rngs: nnx.Rngs | None = None, **config_overr
 
 def load_model(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
                allow_unused: str | None = None, **config_overrides) -> nnx.Module:
-  """Any supported HF directory (LLaVA, CLIP, a CLIP, SigLIP or DINOv2 vision tower,
+  """Any supported HF directory (LLaVA, LLaVA-NeXT, CLIP, a CLIP, SigLIP or DINOv2 vision tower,
   Llama/Mistral/Qwen2).
 
   The config is checked before any tensor is read: what we cannot compute as transformers does

@@ -6,6 +6,7 @@ features of that row's k-th image. Image slots beyond a row's image count (paddi
 """
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -38,16 +39,25 @@ class LVLMConfig:
   # "default" drops the first token (CLIP's and DINOv2's CLS), "full" keeps every token.
   vision_feature_select_strategy: str = "default"
 
+  MODEL_TYPE: ClassVar[str] = "llava"
+  ARCHITECTURE: ClassVar[str] = "LlavaForConditionalGeneration"
+
   @property
-  def tokens_per_image(self) -> int:
+  def tokens_per_tile(self) -> int:
+    """The image tokens one vision-tower input yields (an image; one AnyRes tile in LLaVA-NeXT)."""
     tokens = self.vision.num_patches + self.vision.num_prefix_tokens
     return tokens - (1 if self.vision_feature_select_strategy == "default" else 0)
+
+  @property
+  def tokens_per_image(self) -> int:
+    return self.tokens_per_tile
 
   @classmethod
   def from_hf(cls, hf: dict, **dtype_overrides) -> "LVLMConfig":
     """Raises UserError for a tower or text model we do not implement, naming its model_type."""
-    if hf.get("model_type") != "llava":
-      raise ValueError(f"expected a llava config, got model_type={hf.get('model_type')!r}")
+    if hf.get("model_type") != cls.MODEL_TYPE:
+      raise ValueError(f"expected a {cls.MODEL_TYPE} config, got model_type="
+                       f"{hf.get('model_type')!r}")
     # transformers' LlavaConfig defaults for a section without a model_type.
     vision_type = hf["vision_config"].get("model_type", "clip_vision_model")
     if vision_type not in VISION_TOWERS:
@@ -81,8 +91,8 @@ class LVLMConfig:
                        f"projector_type={self.projector_type!r}")
     layer = self.vision_feature_layer
     return {
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
+        "architectures": [self.ARCHITECTURE],
+        "model_type": self.MODEL_TYPE,
         "vision_config": self.vision.to_hf(),
         "text_config": self.text.to_hf(),
         "image_token_id": self.image_token_id,
@@ -91,7 +101,7 @@ class LVLMConfig:
         "multimodal_projector_bias": self.projector_bias,
         "vision_feature_layer": list(layer) if isinstance(layer, tuple) else layer,
         "vision_feature_select_strategy": self.vision_feature_select_strategy,
-        "image_seq_length": self.tokens_per_image,
+        "image_seq_length": self.tokens_per_tile,
         "tie_word_embeddings": self.text.tie_word_embeddings,
     }
 

@@ -1,0 +1,206 @@
+"""LLaVA-NeXT (LLaVA-1.6): AnyRes tiling, unpadded tile features with `image_newline` tokens.
+
+An image of H x W pixels is resized into the best of `image_grid_pinpoints` (a grid of rows x cols
+tiles of the tower's input size), padded, and cut into tiles; a copy of the whole image resized to
+one tile (the base) comes first. Its image tokens are the base's features, then the tiles' patch
+features as one grid of (rows * g) x (cols * g) patches (g patches a tile side) with the padding's
+rows or columns cut off, row by row, each row followed by an `image_newline` token: so an image's
+token count depends on its size (`LlavaNextConfig.image_tokens`), as transformers'
+LlavaNextProcessor computes it.
+
+The geometry that decides the grid (`select_best_resolution`) is transformers' float arithmetic,
+run on the host; the unpadding is exact integer arithmetic (what transformers' rounding to 7
+decimals computes), run inside the jitted forward from `image_sizes` and `image_grids`.
+"""
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lvlm_jax.errors import UserError
+from lvlm_jax.models.layers import param
+from lvlm_jax.models.llm import KVCache, default_positions
+from lvlm_jax.models.lvlm import LVLM, LVLMConfig
+
+# transformers' LlavaNextConfig default (LLaVA-1.6 at 336 px tiles).
+DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+def select_best_resolution(height: int, width: int,
+                           pinpoints: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+  """The (height, width) pinpoint that keeps most of the image's pixels, then wastes least; in
+  transformers' float arithmetic (`image_processing_utils.select_best_resolution`), first wins."""
+  best, max_effective, min_wasted = None, 0, float("inf")
+  for h, w in pinpoints:
+    scale = min(w / width, h / height)
+    effective = min(int(width * scale) * int(height * scale), width * height)
+    wasted = w * h - effective
+    if effective > max_effective or (effective == max_effective and wasted < min_wasted):
+      best, max_effective, min_wasted = (h, w), effective, wasted
+  return best
+
+
+def unpadded_grid(sizes, grids, side: int):
+  """The patch rows/columns an image's tiles hold that are not padding.
+
+  sizes: int [...] pair (H, W) as sizes[..., 0], sizes[..., 1]; grids: int [..., 2] tile (rows,
+  cols); side: patches per tile side -> (top, left, rows, cols), each int [...]: the kept window
+  of the (rows * side) x (cols * side) patch grid. Python ints or jax arrays.
+  """
+  height, width = sizes[..., 0], sizes[..., 1]
+  grid_h, grid_w = grids[..., 0] * side, grids[..., 1] * side
+  # transformers compares the aspect ratios in floats and rounds height * (grid_w / width) to 7
+  # decimals before truncating: for integer sizes that is exactly the floor division below.
+  wider = width * grid_h > height * grid_w
+  new_h = height * grid_w // jnp.maximum(width, 1)
+  new_w = width * grid_h // jnp.maximum(height, 1)
+  top = jnp.where(wider, (grid_h - new_h) // 2, 0)
+  left = jnp.where(wider, 0, (grid_w - new_w) // 2)
+  return top, left, grid_h - 2 * top, grid_w - 2 * left
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaNextConfig(LVLMConfig):
+  """A LLaVA-NeXT model; reads and writes an HF `LlavaNextForConditionalGeneration` config.
+
+  image_grid_pinpoints: the (height, width) resolutions AnyRes may tile an image into, each a
+  multiple of the tower's image_size.
+  """
+  image_grid_pinpoints: tuple[tuple[int, int], ...] = DEFAULT_PINPOINTS
+
+  MODEL_TYPE: ClassVar[str] = "llava_next"
+  ARCHITECTURE: ClassVar[str] = "LlavaNextForConditionalGeneration"
+
+  def __post_init__(self):
+    size = self.vision.image_size
+    if not self.image_grid_pinpoints or any(
+        len(p) != 2 or p[0] % size or p[1] % size or min(p) <= 0
+        for p in self.image_grid_pinpoints):
+      raise UserError(f"image_grid_pinpoints {list(map(list, self.image_grid_pinpoints))} must be "
+                      f"(height, width) pairs, positive multiples of the vision tower's image_size "
+                      f"{size}")
+    if self.tokens_per_tile != self.vision.num_patches:
+      raise UserError(
+          f"vision_feature_select_strategy {self.vision_feature_select_strategy!r} keeps "
+          f"{self.tokens_per_tile} tokens of a tile with {self.vision.num_patches} patches; "
+          "LLaVA-NeXT lays the patches out as a grid: use 'default' with a tower that has a "
+          "class token (CLIP, DINOv2), 'full' with SigLIP")
+
+  @property
+  def tokens_per_image(self) -> int:
+    raise UserError("a LLaVA-NeXT model's image token count depends on each image's size "
+                    "(LlavaNextConfig.image_tokens); the data pipeline, training and generation "
+                    "support only a fixed count per image so far")
+
+  @property
+  def patches_per_side(self) -> int:
+    return self.vision.image_size // self.vision.patch_size
+
+  @property
+  def max_tiles(self) -> int:
+    """Vision-tower inputs of the largest image: the base + the most tiles of any pinpoint."""
+    size = self.vision.image_size
+    return 1 + max(h // size * (w // size) for h, w in self.image_grid_pinpoints)
+
+  def image_grid(self, height: int, width: int) -> tuple[int, int]:
+    """The (rows, cols) of tiles an image of height x width pixels is cut into."""
+    h, w = select_best_resolution(height, width, self.image_grid_pinpoints)
+    return h // self.vision.image_size, w // self.vision.image_size
+
+  def image_tokens(self, height: int, width: int) -> int:
+    """The image tokens of an image of height x width pixels: the base's, then each kept patch
+    row and its newline (transformers' `LlavaNextProcessor._get_number_of_features`)."""
+    grid = jnp.asarray(self.image_grid(height, width))
+    _, _, rows, cols = unpadded_grid(jnp.asarray([height, width]), grid, self.patches_per_side)
+    return self.tokens_per_tile + int(rows) * (int(cols) + 1)
+
+  @classmethod
+  def from_hf(cls, hf: dict, **dtype_overrides) -> "LlavaNextConfig":
+    config = super().from_hf(hf, **dtype_overrides)
+    pinpoints = hf.get("image_grid_pinpoints") or DEFAULT_PINPOINTS
+    try:
+      pinpoints = tuple((int(h), int(w)) for h, w in pinpoints)
+    except (TypeError, ValueError):
+      raise UserError(f"image_grid_pinpoints {pinpoints!r} must be a list of [height, width] "
+                      "pairs") from None
+    return dataclasses.replace(config, image_grid_pinpoints=pinpoints)
+
+  def to_hf(self) -> dict:
+    return {**super().to_hf(), "image_grid_pinpoints": [list(p) for p in self.image_grid_pinpoints]}
+
+
+def image_feature_index(is_image: jax.Array, image_sizes: jax.Array, image_grids: jax.Array,
+                        num_tiles: int, side: int) -> tuple[jax.Array, jax.Array]:
+  """Which tile feature each image token of a row takes.
+
+  is_image: bool [B, T]; image_sizes, image_grids: int [B, N, 2] (see LlavaNext.__call__);
+  num_tiles: K, the tile slots per image; side: patches per tile side (P = side**2 features a
+  tile) -> (index int [B, T] into a row's features [N * K * P] with N * K * P for the newline;
+  newline bool [B, T]). The k-th image token of a row belongs to the first image whose token runs
+  reach past k: the row's images take their tokens in order, padded slots (after them) none.
+  """
+  tokens = side * side
+  top, left, rows, cols = unpadded_grid(image_sizes, image_grids, side)     # [B, N] each
+  counts = tokens + rows * (cols + 1)                                        # [B, N]
+  ends = jnp.cumsum(counts, axis=1)
+  ordinal = jnp.cumsum(is_image, axis=1) - 1                                 # [B, T]
+  slot = jnp.minimum(jnp.sum(ordinal[..., None] >= ends[:, None, :], axis=-1), ends.shape[1] - 1)
+  per_slot = lambda x: jnp.take_along_axis(x, slot, axis=1)                  # [B, N] -> [B, T]
+  k = ordinal - per_slot(ends - counts)
+  width = per_slot(cols) + 1
+  row, col = (k - tokens) // width, (k - tokens) % width
+  r, c = row + per_slot(top), col + per_slot(left)
+  tile = 1 + (r // side) * per_slot(image_grids[..., 1]) + c // side
+  feature = jnp.where(k < tokens, k, tile * tokens + (r % side) * side + c % side)
+  newline = (k >= tokens) & (col == width - 1)
+  num_features = image_sizes.shape[1] * num_tiles * tokens
+  index = jnp.where(newline, num_features, slot * num_tiles * tokens + feature)
+  return jnp.clip(index, 0, num_features), newline
+
+
+class LlavaNext(LVLM):
+  """LLaVA-NeXT: the LVLM with AnyRes tiles and the learned `image_newline` embedding."""
+
+  def __init__(self, config: LlavaNextConfig, *, rngs: nnx.Rngs):
+    super().__init__(config, rngs=rngs)
+    d = config.text.hidden_size
+    self.image_newline = param(rngs, nnx.initializers.normal(d ** -0.5), (d,), ("embed",),
+                               jnp.dtype(config.text.param_dtype))
+
+  def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+            image_sizes: jax.Array | None = None,
+            image_grids: jax.Array | None = None) -> jax.Array:
+    """input_ids: int [B, T]; pixel_values: float32 [B, N, K, H, W, 3] (tile 0 the base) or
+    None; image_sizes, image_grids: int [B, N, 2] -> embeddings [B, T, D]."""
+    is_image = input_ids == self.config.image_token_id
+    text_embeds = self.llm.embed(jnp.where(is_image, 0, input_ids))
+    if pixel_values is None:
+      return text_embeds
+    if image_sizes is None or image_grids is None:
+      raise ValueError("LLaVA-NeXT images need image_sizes and image_grids [B, N, 2]")
+    b, n, k = pixel_values.shape[:3]
+    features = self.embed_images(pixel_values.reshape(b, n * k, *pixel_values.shape[3:]))
+    features = features.reshape(b, -1, features.shape[-1]).astype(text_embeds.dtype)
+    newline = jnp.broadcast_to(self.image_newline[...].astype(text_embeds.dtype),
+                               (b, 1, features.shape[-1]))
+    features = jnp.concatenate([features, newline], axis=1)                  # [B, N*K*P + 1, D]
+    index, _ = image_feature_index(is_image, image_sizes, image_grids, k,
+                                   self.config.patches_per_side)
+    gathered = jnp.take_along_axis(features, index[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered, text_embeds)
+
+  def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, pixel_values: jax.Array | None = None,
+               cache: KVCache | None = None, *, image_sizes: jax.Array | None = None,
+               image_grids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    """input_ids: int [B, T], each image expanded to its `config.image_tokens(H, W)` tokens;
+    pixel_values: float32 [B, N, K, H, W, 3] (data.anyres.AnyResProcessing's tiles, padded to K);
+    image_sizes: int [B, N, 2] each image's original (height, width); image_grids: int [B, N, 2]
+    its tile (rows, cols) (`config.image_grid`) -> (logits float32 [B, T, V], cache)."""
+    positions = default_positions(input_ids, positions, attention_mask)
+    embeds = self.embed(input_ids, pixel_values, image_sizes, image_grids)
+    hidden, cache = self.llm.hidden(embeds, positions, cache)
+    return self.llm.logits(hidden), cache
