@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lvlm_jax.errors import UserError
@@ -48,18 +49,29 @@ def unpadded_grid(sizes, grids, side: int):
 
   sizes: int [...] pair (H, W) as sizes[..., 0], sizes[..., 1]; grids: int [..., 2] tile (rows,
   cols); side: patches per tile side -> (top, left, rows, cols), each int [...]: the kept window
-  of the (rows * side) x (cols * side) patch grid. Python ints or jax arrays.
+  of the (rows * side) x (cols * side) patch grid. numpy arrays (the host: data workers must not
+  start an accelerator) or jax arrays (inside jit).
   """
+  xp = jnp if isinstance(sizes, jax.Array) else np
   height, width = sizes[..., 0], sizes[..., 1]
   grid_h, grid_w = grids[..., 0] * side, grids[..., 1] * side
   # transformers compares the aspect ratios in floats and rounds height * (grid_w / width) to 7
   # decimals before truncating: for integer sizes that is exactly the floor division below.
   wider = width * grid_h > height * grid_w
-  new_h = height * grid_w // jnp.maximum(width, 1)
-  new_w = width * grid_h // jnp.maximum(height, 1)
-  top = jnp.where(wider, (grid_h - new_h) // 2, 0)
-  left = jnp.where(wider, 0, (grid_w - new_w) // 2)
+  new_h = height * grid_w // xp.maximum(width, 1)
+  new_w = width * grid_h // xp.maximum(height, 1)
+  top = xp.where(wider, (grid_h - new_h) // 2, 0)
+  left = xp.where(wider, 0, (grid_w - new_w) // 2)
   return top, left, grid_h - 2 * top, grid_w - 2 * left
+
+
+def anyres_tokens(height: int, width: int, grid: tuple[int, int], side: int,
+                  tile_tokens: int) -> int:
+  """The image tokens of an image of height x width pixels cut into a grid of (rows, cols) tiles
+  of side x side patches: the base's tile_tokens, then each kept patch row and its newline
+  (transformers' `LlavaNextProcessor._get_number_of_features`)."""
+  _, _, rows, cols = unpadded_grid(np.asarray([height, width]), np.asarray(grid), side)
+  return tile_tokens + int(rows) * (int(cols) + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,23 +111,15 @@ class LlavaNextConfig(LVLMConfig):
   def patches_per_side(self) -> int:
     return self.vision.image_size // self.vision.patch_size
 
-  @property
-  def max_tiles(self) -> int:
-    """Vision-tower inputs of the largest image: the base + the most tiles of any pinpoint."""
-    size = self.vision.image_size
-    return 1 + max(h // size * (w // size) for h, w in self.image_grid_pinpoints)
-
   def image_grid(self, height: int, width: int) -> tuple[int, int]:
     """The (rows, cols) of tiles an image of height x width pixels is cut into."""
     h, w = select_best_resolution(height, width, self.image_grid_pinpoints)
     return h // self.vision.image_size, w // self.vision.image_size
 
   def image_tokens(self, height: int, width: int) -> int:
-    """The image tokens of an image of height x width pixels: the base's, then each kept patch
-    row and its newline (transformers' `LlavaNextProcessor._get_number_of_features`)."""
-    grid = jnp.asarray(self.image_grid(height, width))
-    _, _, rows, cols = unpadded_grid(jnp.asarray([height, width]), grid, self.patches_per_side)
-    return self.tokens_per_tile + int(rows) * (int(cols) + 1)
+    """The image tokens of an image of height x width pixels (`anyres_tokens`)."""
+    return anyres_tokens(height, width, self.image_grid(height, width), self.patches_per_side,
+                         self.tokens_per_tile)
 
   @classmethod
   def from_hf(cls, hf: dict, **dtype_overrides) -> "LlavaNextConfig":

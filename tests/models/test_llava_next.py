@@ -1,4 +1,4 @@
-"""LLaVA-NeXT (AnyRes) against transformers: preprocessing, token counts, logits, export."""
+"""LLaVA-NeXT (AnyRes) against transformers: token counts, logits, export, refusals."""
 
 import json
 
@@ -6,72 +6,38 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from transformers import LlavaNextImageProcessorPil
 
-from conftest import TINY_CLIP_VISION, TINY_LLAMA, bpe_tokenizer, forward, save_tiny
+from conftest import (ANYRES_SIZES, TINY_PINPOINTS, anyres_images, bpe_tokenizer, forward,
+                      llava_next_image_processor, tiny_llava_next)
 from lvlm_jax.data.anyres import AnyResProcessing
 from lvlm_jax.data.images import ImageProcessing
 from lvlm_jax.errors import UserError
 from lvlm_jax.models import hf
-from lvlm_jax.models.llava_next import LlavaNext, LlavaNextConfig, select_best_resolution
+from lvlm_jax.models.llava_next import LlavaNext, LlavaNextConfig
 
 TOL = 1e-4  # of the logits' magnitude
 IMAGE_TOKEN = 127
-# 28 px tiles of 7 px patches (4 x 4 = 16 features a tile); up to 2 x 2 tiles.
-PINPOINTS = [[28, 56], [56, 28], [56, 56]]
-# (height, width): wide (1 x 2 tiles), tall (2 x 1), near square (2 x 2), each padded in its
-# pinpoint, so unpadding cuts patch rows or columns (an odd padding for the last).
-SIZES = [(20, 70), (70, 20), (35, 50)]
-
-
-def _images():
-  rng = np.random.default_rng(3)
-  return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
-
-
-def _hf_processor():
-  return LlavaNextImageProcessorPil(size={"shortest_edge": 28},
-                                    crop_size={"height": 28, "width": 28},
-                                    image_grid_pinpoints=PINPOINTS)
 
 
 @pytest.fixture(scope="module")
 def llava_next(tmp_path_factory):
-  torch.manual_seed(5)
-  config = transformers.LlavaNextConfig(
-      vision_config=transformers.CLIPVisionConfig(**TINY_CLIP_VISION),
-      text_config=transformers.LlamaConfig(**TINY_LLAMA), image_token_id=IMAGE_TOKEN,
-      image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
-      vision_feature_select_strategy="default")
-  ref = transformers.LlavaNextForConditionalGeneration(config)
-  directory = save_tiny(ref, tmp_path_factory.mktemp("llava_next"))
+  directory = tiny_llava_next(tmp_path_factory.mktemp("llava_next"), IMAGE_TOKEN)
+  ref = transformers.LlavaNextForConditionalGeneration.from_pretrained(directory).eval()
   return directory, ref, hf.load_lvlm(directory)
-
-
-def test_tiles_match_transformers_image_processor():
-  ours = AnyResProcessing(tile=ImageProcessing(size=28), pinpoints=tuple(map(tuple, PINPOINTS)))
-  want = _hf_processor()(_images(), return_tensors="np")
-  assert want["image_sizes"].tolist() == [list(s) for s in SIZES]
-  grids = []
-  for image, pixels in zip(_images(), want["pixel_values"]):
-    views, grid = ours(image, num_tiles=pixels.shape[0])
-    grids.append(grid)
-    np.testing.assert_allclose(views, pixels.transpose(0, 2, 3, 1), atol=1e-5)
-  assert grids == [(1, 2), (2, 1), (2, 2)]
 
 
 def test_image_token_counts_match_transformers_processor(llava_next):
   model = llava_next[2]
   tokenizer = bpe_tokenizer()
   processor = transformers.LlavaNextProcessor(
-      image_processor=_hf_processor(), tokenizer=tokenizer, patch_size=7,
+      image_processor=llava_next_image_processor(), tokenizer=tokenizer, patch_size=7,
       vision_feature_select_strategy="default", num_additional_image_tokens=1)
   image_id = tokenizer.convert_tokens_to_ids("<image>")
   counts = []
-  for image in _images():
+  for image in anyres_images():
     ids = processor(images=[image], text=["<image> hi"], return_tensors="np")["input_ids"]
     counts.append(int((ids == image_id).sum()))
-  assert [model.config.image_tokens(h, w) for h, w in SIZES] == counts
+  assert [model.config.image_tokens(h, w) for h, w in ANYRES_SIZES] == counts
   # The base's 16, then each kept patch row and its newline. 20 x 70 fills 16 of the 28 rows of
   # a 28 x 56 pinpoint: of its 4 x 8 patches 2 rows stay (20 * 8 // 70 = 2, padding (4 - 2) / 2
   # a side); 70 x 20: 8 rows of 2 of 4 columns; 35 x 50 in 56 x 56: 35 * 8 // 50 = 5 of 8 rows,
@@ -79,19 +45,11 @@ def test_image_token_counts_match_transformers_processor(llava_next):
   assert counts == [16 + 2 * 9, 16 + 8 * 3, 16 + 6 * 9]
 
 
-def test_select_best_resolution_is_transformers():
-  from transformers.image_processing_utils import select_best_resolution as theirs
-  rng = np.random.default_rng(0)
-  pinpoints = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
-  for h, w in rng.integers(1, 2000, (300, 2)):
-    assert select_best_resolution(int(h), int(w), pinpoints) == theirs((h, w), list(pinpoints))
-
-
 def _batch(config):
   """Row 0: the wide and the tall image; row 1: the square one, a padded slot, right padding.
   Returns our inputs and the transformers ones (its processor's pixels)."""
-  images = _images()
-  tokens = [[IMAGE_TOKEN] * config.image_tokens(h, w) for h, w in SIZES]
+  images = anyres_images()
+  tokens = [[IMAGE_TOKEN] * config.image_tokens(h, w) for h, w in ANYRES_SIZES]
   row0 = [5, 6] + tokens[0] + [7] + tokens[1] + [8, 9]
   row1 = [10] + tokens[2] + [11, 12]
   ids = np.zeros((2, max(len(row0), len(row1))), np.int32)
@@ -99,13 +57,12 @@ def _batch(config):
   ids[0, :len(row0)], mask[0, :len(row0)] = row0, 1
   ids[1, :len(row1)], mask[1, :len(row1)] = row1, 1
   ours = AnyResProcessing.for_config(config, ImageProcessing(size=28))
-  k = config.max_tiles
-  pixels = np.full((2, 2, k, 28, 28, 3), 1e3, np.float32)  # the padded slot: never read
+  pixels = np.full((2, 2, ours.max_tiles, 28, 28, 3), 1e3, np.float32)  # padded slot: unread
   sizes, grids = np.zeros((2, 2, 2), np.int32), np.zeros((2, 2, 2), np.int32)
   for (b, n), image in zip([(0, 0), (0, 1), (1, 0)], images):
-    pixels[b, n], grids[b, n] = ours(image, num_tiles=k)
+    pixels[b, n], grids[b, n] = ours(image)
     sizes[b, n] = image.shape[:2]
-  theirs = _hf_processor()(images, return_tensors="pt")
+  theirs = llava_next_image_processor()(images, return_tensors="pt")
   return (ids, mask, pixels, sizes, grids), theirs
 
 
@@ -121,32 +78,32 @@ def _ours(model, ids, mask, pixels, sizes, grids):
   return np.asarray(logits)
 
 
-def _assert_close(ours, expected, mask):
+def assert_logits_close(ours, expected, mask):
+  """Within TOL of the logits' magnitude on the real (unpadded) positions."""
   real = mask.astype(bool)
   diff = np.abs(ours[real] - expected[real]).max()
   scale = np.abs(expected[real]).max()
   assert diff <= TOL * scale, (diff, scale)
-  return diff / scale
 
 
 def test_logits_match_transformers_with_images_of_three_sizes(llava_next):
   _, ref, model = llava_next
-  assert isinstance(model, LlavaNext) and model.config.max_tiles == 5
+  assert isinstance(model, LlavaNext)
   (ids, mask, pixels, sizes, grids), theirs = _batch(model.config)
   expected = _torch_logits(ref, ids, mask, theirs)
-  _assert_close(_ours(model, ids, mask, pixels, sizes, grids), expected, mask)
+  assert_logits_close(_ours(model, ids, mask, pixels, sizes, grids), expected, mask)
 
 
 def test_export_reloads_in_transformers_with_equal_logits(llava_next, tmp_path):
   _, ref, model = llava_next
   hf.save_hf(model, str(tmp_path))
   config = json.load(open(tmp_path / "config.json"))
-  assert config["model_type"] == "llava_next" and config["image_grid_pinpoints"] == PINPOINTS
+  assert config["model_type"] == "llava_next" and config["image_grid_pinpoints"] == TINY_PINPOINTS
   reloaded = transformers.LlavaNextForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
   torch.testing.assert_close(reloaded.model.image_newline, ref.model.image_newline, rtol=0, atol=0)
   (ids, mask, pixels, sizes, grids), theirs = _batch(model.config)
-  _assert_close(_ours(model, ids, mask, pixels, sizes, grids),
-                _torch_logits(reloaded, ids, mask, theirs), mask)
+  assert_logits_close(_ours(model, ids, mask, pixels, sizes, grids),
+                      _torch_logits(reloaded, ids, mask, theirs), mask)
 
 
 def test_refusals(llava_next):
