@@ -14,7 +14,7 @@ decimals computes), run inside the jitted forward from `image_sizes` and `image_
 """
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,6 @@ from flax import nnx
 
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.layers import param
-from lvlm_jax.models.llm import KVCache, default_positions
 from lvlm_jax.models.lvlm import LVLM, LVLMConfig
 
 # transformers' LlavaNextConfig default (LLaVA-1.6 at 336 px tiles).
@@ -137,13 +136,12 @@ class LlavaNextConfig(LVLMConfig):
 
 
 def image_feature_index(is_image: jax.Array, image_sizes: jax.Array, image_grids: jax.Array,
-                        num_tiles: int, side: int) -> tuple[jax.Array, jax.Array]:
+                        num_tiles: int, side: int) -> jax.Array:
   """Which tile feature each image token of a row takes.
 
   is_image: bool [B, T]; image_sizes, image_grids: int [B, N, 2] (see LlavaNext.__call__);
   num_tiles: K, the tile slots per image; side: patches per tile side (P = side**2 features a
-  tile) -> (index int [B, T] into a row's features [N * K * P] with N * K * P for the newline;
-  newline bool [B, T]). The k-th image token of a row belongs to the first image whose token runs
+  tile) -> index int [B, T] into a row's features [N * K * P], N * K * P for the newline. The k-th image token of a row belongs to the first image whose token runs
   reach past k: the row's images take their tokens in order, padded slots (after them) none.
   """
   tokens = side * side
@@ -162,11 +160,27 @@ def image_feature_index(is_image: jax.Array, image_sizes: jax.Array, image_grids
   newline = (k >= tokens) & (col == width - 1)
   num_features = image_sizes.shape[1] * num_tiles * tokens
   index = jnp.where(newline, num_features, slot * num_tiles * tokens + feature)
-  return jnp.clip(index, 0, num_features), newline
+  return jnp.clip(index, 0, num_features)
+
+
+class AnyResImages(NamedTuple):
+  """A LLaVA-NeXT batch's images, what `LlavaNext` takes where LVLM takes pixel_values (a pytree:
+  it passes through jit and the sampling code unchanged).
+
+  pixel_values: float32 [B, N, K, S, S, 3], each image's views (data.anyres.AnyResProcessing:
+  the base first, then its tiles, padded to K); image_sizes: int [B, N, 2] each image's original
+  (height, width); image_grids: int [B, N, 2] its tile (rows, cols) (`LlavaNextConfig.image_grid`).
+  Padded image slots (after a row's images) are never read.
+  """
+  pixel_values: jax.Array
+  image_sizes: jax.Array
+  image_grids: jax.Array
 
 
 class LlavaNext(LVLM):
-  """LLaVA-NeXT: the LVLM with AnyRes tiles and the learned `image_newline` embedding."""
+  """LLaVA-NeXT: the LVLM with AnyRes tiles and the learned `image_newline` embedding. Its
+  `pixel_values` are `AnyResImages`; each image's tokens are `config.image_tokens(H, W)` copies
+  of the image token."""
 
   def __init__(self, config: LlavaNextConfig, *, rngs: nnx.Rngs):
     super().__init__(config, rngs=rngs)
@@ -174,37 +188,23 @@ class LlavaNext(LVLM):
     self.image_newline = param(rngs, nnx.initializers.normal(d ** -0.5), (d,), ("embed",),
                                jnp.dtype(config.text.param_dtype))
 
-  def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-            image_sizes: jax.Array | None = None,
-            image_grids: jax.Array | None = None) -> jax.Array:
-    """input_ids: int [B, T]; pixel_values: float32 [B, N, K, H, W, 3] (tile 0 the base) or
-    None; image_sizes, image_grids: int [B, N, 2] -> embeddings [B, T, D]."""
+  def embed(self, input_ids: jax.Array, pixel_values: AnyResImages | None = None) -> jax.Array:
+    """input_ids: int [B, T]; pixel_values: AnyResImages or None -> embeddings [B, T, D]."""
     is_image = input_ids == self.config.image_token_id
     text_embeds = self.llm.embed(jnp.where(is_image, 0, input_ids))
     if pixel_values is None:
       return text_embeds
-    if image_sizes is None or image_grids is None:
-      raise ValueError("LLaVA-NeXT images need image_sizes and image_grids [B, N, 2]")
-    b, n, k = pixel_values.shape[:3]
-    features = self.embed_images(pixel_values.reshape(b, n * k, *pixel_values.shape[3:]))
+    if not isinstance(pixel_values, AnyResImages):
+      raise TypeError("a LLaVA-NeXT model takes AnyResImages (views, image sizes and grids), "
+                      f"got {type(pixel_values).__name__}")
+    views = pixel_values.pixel_values
+    b, n, k = views.shape[:3]
+    features = self.embed_images(views.reshape(b, n * k, *views.shape[3:]))
     features = features.reshape(b, -1, features.shape[-1]).astype(text_embeds.dtype)
     newline = jnp.broadcast_to(self.image_newline[...].astype(text_embeds.dtype),
                                (b, 1, features.shape[-1]))
     features = jnp.concatenate([features, newline], axis=1)                  # [B, N*K*P + 1, D]
-    index, _ = image_feature_index(is_image, image_sizes, image_grids, k,
-                                   self.config.patches_per_side)
+    index = image_feature_index(is_image, pixel_values.image_sizes, pixel_values.image_grids,
+                                   k, self.config.patches_per_side)
     gathered = jnp.take_along_axis(features, index[..., None], axis=1)
     return jnp.where(is_image[..., None], gathered, text_embeds)
-
-  def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-               attention_mask: jax.Array | None = None, pixel_values: jax.Array | None = None,
-               cache: KVCache | None = None, *, image_sizes: jax.Array | None = None,
-               image_grids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
-    """input_ids: int [B, T], each image expanded to its `config.image_tokens(H, W)` tokens;
-    pixel_values: float32 [B, N, K, H, W, 3] (data.anyres.AnyResProcessing's tiles, padded to K);
-    image_sizes: int [B, N, 2] each image's original (height, width); image_grids: int [B, N, 2]
-    its tile (rows, cols) (`config.image_grid`) -> (logits float32 [B, T, V], cache)."""
-    positions = default_positions(input_ids, positions, attention_mask)
-    embeds = self.embed(input_ids, pixel_values, image_sizes, image_grids)
-    hidden, cache = self.llm.hidden(embeds, positions, cache)
-    return self.llm.logits(hidden), cache

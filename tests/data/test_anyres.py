@@ -11,7 +11,7 @@ from lvlm_jax.data.anyres import AnyResProcessing
 from lvlm_jax.data.images import ImageProcessing
 from lvlm_jax.data.pipeline import DataConfig, make_dataset
 from lvlm_jax.models import hf
-from lvlm_jax.models.llava_next import select_best_resolution
+from lvlm_jax.models.llava_next import AnyResImages, select_best_resolution
 
 
 def _processing():
@@ -82,9 +82,8 @@ def test_a_batch_of_mixed_image_sizes_gives_transformers_logits(tmp_path):
     expected = ref(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(mask),
                    pixel_values=theirs["pixel_values"],
                    image_sizes=theirs["image_sizes"]).logits.numpy()
-  logits, _ = forward(model, batch["input_ids"], batch["positions"], mask,
-                      batch["pixel_values"], image_sizes=batch["image_sizes"],
-                      image_grids=batch["image_grids"])
+  images = AnyResImages(batch["pixel_values"], batch["image_sizes"], batch["image_grids"])
+  logits, _ = forward(model, batch["input_ids"], batch["positions"], mask, images)
   real = mask.astype(bool)
   diff = np.abs(np.asarray(logits)[real] - expected[real]).max()
   assert diff <= 1e-4 * np.abs(expected[real]).max(), diff

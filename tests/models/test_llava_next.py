@@ -13,7 +13,7 @@ from lvlm_jax.data.anyres import AnyResProcessing
 from lvlm_jax.data.images import ImageProcessing
 from lvlm_jax.errors import UserError
 from lvlm_jax.models import hf
-from lvlm_jax.models.llava_next import LlavaNext, LlavaNextConfig
+from lvlm_jax.models.llava_next import AnyResImages, LlavaNext, LlavaNextConfig
 
 TOL = 1e-4  # of the logits' magnitude
 IMAGE_TOKEN = 127
@@ -73,8 +73,8 @@ def _torch_logits(ref, ids, mask, theirs):
 
 
 def _ours(model, ids, mask, pixels, sizes, grids):
-  logits, _ = forward(model, ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes,
-                      image_grids=grids)
+  logits, _ = forward(model, ids, attention_mask=mask,
+                      pixel_values=AnyResImages(pixels, sizes, grids))
   return np.asarray(logits)
 
 
@@ -114,3 +114,36 @@ def test_refusals(llava_next):
     LlavaNextConfig.from_hf({**config.to_hf(), "vision_feature_select_strategy": "full"})
   with pytest.raises(UserError, match="depends on each image's size"):
     config.tokens_per_image
+
+
+def test_greedy_generation_matches_transformers_generate(llava_next):
+  """AnyResImages pass through the sampling code as pixel_values: left-padded prompts with
+  images of different sizes (two in one row) decode greedily as transformers' generate."""
+  from lvlm_jax.sampling.decode import SamplingConfig, generate
+  _, ref, model = llava_next
+  config = model.config
+  images = anyres_images()
+  tokens = [[IMAGE_TOKEN] * config.image_tokens(h, w) for h, w in ANYRES_SIZES]
+  rows = [[5, 6] + tokens[0] + [7] + tokens[1] + [8], [10, 11, 12] + tokens[2] + [13, 14]]
+  width = max(map(len, rows))
+  ids, mask = np.zeros((2, width), np.int32), np.zeros((2, width), np.int32)
+  for i, row in enumerate(rows):
+    ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+  (_, _, pixels, sizes, grids), theirs = _batch(config)  # the same images in the same slots
+  new = 12
+  out = generate(model, ids, mask, pixel_values=AnyResImages(pixels, sizes, grids),
+                 config=SamplingConfig(max_new_tokens=new, min_new_tokens=new, eos_token_ids=(2,)))
+  with torch.no_grad():
+    expected = ref.generate(input_ids=torch.tensor(ids, dtype=torch.long),
+                            attention_mask=torch.tensor(mask), pixel_values=theirs["pixel_values"],
+                            image_sizes=theirs["image_sizes"], do_sample=False, pad_token_id=0,
+                            max_new_tokens=new, min_new_tokens=new, eos_token_id=2,
+                            return_dict_in_generate=True, output_logits=True)
+  tokens = expected.sequences[:, width:].numpy()
+  np.testing.assert_array_equal(np.asarray(out.tokens), tokens)
+  # The log-probs too, which see every image feature (a greedy choice of a tiny random model
+  # rarely does): transformers' raw logits at the chosen tokens.
+  logp = torch.log_softmax(torch.stack(expected.logits, 1).float(), -1).numpy()
+  np.testing.assert_allclose(np.asarray(out.logprobs),
+                             np.take_along_axis(logp, tokens[..., None], -1)[..., 0],
+                             atol=1e-4, rtol=0)
