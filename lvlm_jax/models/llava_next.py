@@ -103,8 +103,8 @@ class LlavaNextConfig(LVLMConfig):
   @property
   def tokens_per_image(self) -> int:
     raise UserError("a LLaVA-NeXT model's image token count depends on each image's size "
-                    "(LlavaNextConfig.image_tokens); the data pipeline, training and generation "
-                    "support only a fixed count per image so far")
+                    "(LlavaNextConfig.image_tokens); training and the generation service take "
+                    "a fixed count per image so far (convert supports it)")
 
   @property
   def patches_per_side(self) -> int:
