@@ -121,15 +121,13 @@ class LlavaNextConfig(LVLMConfig):
                          self.tokens_per_tile)
 
   @classmethod
-  def from_hf(cls, hf: dict, **dtype_overrides) -> "LlavaNextConfig":
-    config = super().from_hf(hf, **dtype_overrides)
+  def _family_fields_from_hf(cls, hf: dict) -> dict:
     pinpoints = hf.get("image_grid_pinpoints") or DEFAULT_PINPOINTS
     try:
-      pinpoints = tuple((int(h), int(w)) for h, w in pinpoints)
+      return {"image_grid_pinpoints": tuple((int(h), int(w)) for h, w in pinpoints)}
     except (TypeError, ValueError):
       raise UserError(f"image_grid_pinpoints {pinpoints!r} must be a list of [height, width] "
                       "pairs") from None
-    return dataclasses.replace(config, image_grid_pinpoints=pinpoints)
 
   def to_hf(self) -> dict:
     return {**super().to_hf(), "image_grid_pinpoints": [list(p) for p in self.image_grid_pinpoints]}

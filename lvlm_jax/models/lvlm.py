@@ -83,7 +83,13 @@ class LVLMConfig:
         projector_bias=hf.get("multimodal_projector_bias", True),
         vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
         vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default"),
+        **cls._family_fields_from_hf(hf),
     )
+
+  @classmethod
+  def _family_fields_from_hf(cls, hf: dict) -> dict:
+    """The fields a subclass (LLaVA-NeXT) adds, read from the HF config."""
+    return {}
 
   def to_hf(self) -> dict:
     if self.projector_type != "mlp2x_gelu":

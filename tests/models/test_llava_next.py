@@ -108,6 +108,11 @@ def test_export_reloads_in_transformers_with_equal_logits(llava_next, tmp_path):
 
 def test_refusals(llava_next):
   config = llava_next[2].config
+  # A tower whose size does not divide transformers' default pinpoints (336 px) reads its own.
+  other = config.to_hf()
+  other["vision_config"] = {**other["vision_config"], "image_size": 32, "patch_size": 8}
+  read = LlavaNextConfig.from_hf({**other, "image_grid_pinpoints": [[32, 64], [64, 64]]})
+  assert read.image_grid_pinpoints == ((32, 64), (64, 64)) and read.image_tokens(20, 70) == 34
   with pytest.raises(UserError, match="multiples of the vision tower's image_size 28"):
     LlavaNextConfig.from_hf({**config.to_hf(), "image_grid_pinpoints": [[28, 50]]})
   with pytest.raises(UserError, match="'full' keeps 17 tokens of a tile with 16 patches"):
