@@ -46,9 +46,9 @@ def select_best_resolution(height: int, width: int,
 def unpadded_grid(sizes, grids, side: int):
   """The patch rows/columns an image's tiles hold that are not padding.
 
-  sizes: int [...] pair (H, W) as sizes[..., 0], sizes[..., 1]; grids: int [..., 2] tile (rows,
-  cols); side: patches per tile side -> (top, left, rows, cols), each int [...]: the kept window
-  of the (rows * side) x (cols * side) patch grid. numpy arrays (the host: data workers must not
+  sizes: int [..., 2] images' (height, width); grids: int [..., 2] their tile (rows, cols);
+  side: patches per tile side -> (top, left, rows, cols), each int [...]: the kept window of the
+  (rows * side) x (cols * side) patch grid. numpy arrays (on the host: data workers must not
   start an accelerator) or jax arrays (inside jit).
   """
   xp = jnp if isinstance(sizes, jax.Array) else np
@@ -137,10 +137,11 @@ def image_feature_index(is_image: jax.Array, image_sizes: jax.Array, image_grids
                         num_tiles: int, side: int) -> jax.Array:
   """Which tile feature each image token of a row takes.
 
-  is_image: bool [B, T]; image_sizes, image_grids: int [B, N, 2] (see LlavaNext.__call__);
+  is_image: bool [B, T]; image_sizes, image_grids: int [B, N, 2] (see AnyResImages);
   num_tiles: K, the tile slots per image; side: patches per tile side (P = side**2 features a
-  tile) -> index int [B, T] into a row's features [N * K * P], N * K * P for the newline. The k-th image token of a row belongs to the first image whose token runs
-  reach past k: the row's images take their tokens in order, padded slots (after them) none.
+  tile) -> index int [B, T] into a row's features [N * K * P], N * K * P for the newline.
+  The k-th image token of a row belongs to the first image whose token runs reach past k: the
+  row's images take their tokens in order, padded slots (after them) none.
   """
   tokens = side * side
   top, left, rows, cols = unpadded_grid(image_sizes, image_grids, side)     # [B, N] each

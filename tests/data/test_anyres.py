@@ -15,8 +15,8 @@ from lvlm_jax.models.llava_next import AnyResImages, select_best_resolution
 
 
 def _processing():
-  return AnyResProcessing(tile=ImageProcessing(size=28), pinpoints=tuple(map(tuple, TINY_PINPOINTS)),
-                          patch_size=7, tile_tokens=16)
+  return AnyResProcessing(tile=ImageProcessing(size=28),
+                          pinpoints=tuple(map(tuple, TINY_PINPOINTS)), patch_size=7, tile_tokens=16)
 
 
 def test_views_match_transformers_image_processor():
@@ -68,7 +68,8 @@ def test_a_batch_of_mixed_image_sizes_gives_transformers_logits(tmp_path):
                     num_epochs=1, anyres=AnyResProcessing.for_config(model.config,
                                                                     ImageProcessing(size=28)))
   batch = next(iter(make_dataset(records, tokenizer, data)))
-  assert batch["input_ids"].shape == (2, 256) and batch["pixel_values"].shape == (2, 2, 5, 28, 28, 3)
+  assert batch["input_ids"].shape == (2, 256)
+  assert batch["pixel_values"].shape == (2, 2, 5, 28, 28, 3)
   assert batch["image_grids"].tolist() == [[[1, 2], [2, 1]], [[2, 2], [0, 0]]]
   processor = transformers.LlavaNextProcessor(
       image_processor=llava_next_image_processor(), tokenizer=tokenizer, patch_size=7,

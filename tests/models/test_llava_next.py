@@ -69,7 +69,8 @@ def _batch(config):
 def _torch_logits(ref, ids, mask, theirs):
   with torch.no_grad():
     return ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-               pixel_values=theirs["pixel_values"], image_sizes=theirs["image_sizes"]).logits.numpy()
+               pixel_values=theirs["pixel_values"],
+               image_sizes=theirs["image_sizes"]).logits.numpy()
 
 
 def _ours(model, ids, mask, pixels, sizes, grids):
