@@ -50,6 +50,52 @@ TINY_CLIP_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=
                         num_attention_heads=4, image_size=28, patch_size=7)
 
 
+# LLaVA-NeXT: 28 px tiles of the tiny CLIP (16 features a tile), up to 2 x 2 tiles; images
+# (height, width) wide (1 x 2 tiles), tall (2 x 1) and near square (2 x 2), each padded in its
+# pinpoint, so unpadding cuts patch rows or columns (an odd padding for the last).
+TINY_PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+ANYRES_SIZES = [(20, 70), (70, 20), (35, 50)]
+
+
+def anyres_images():
+  """uint8 [H, W, 3] random images of ANYRES_SIZES."""
+  import numpy as np
+  rng = np.random.default_rng(3)
+  return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ANYRES_SIZES]
+
+
+def llava_next_image_processor():
+  """transformers' LLaVA-NeXT image processor for the tiny CLIP and TINY_PINPOINTS."""
+  from transformers import LlavaNextImageProcessorPil
+  return LlavaNextImageProcessorPil(size={"shortest_edge": 28},
+                                    crop_size={"height": 28, "width": 28},
+                                    image_grid_pinpoints=TINY_PINPOINTS)
+
+
+def tiny_llava_next(directory, image_token_id=127, **text_overrides) -> str:
+  """A tiny random LlavaNextForConditionalGeneration (CLIP, TINY_PINPOINTS) saved to directory."""
+  import torch
+  import transformers
+  torch.manual_seed(5)
+  config = transformers.LlavaNextConfig(
+      vision_config=transformers.CLIPVisionConfig(**TINY_CLIP_VISION),
+      text_config=transformers.LlamaConfig(**{**TINY_LLAMA, **text_overrides}),
+      image_token_id=image_token_id, image_grid_pinpoints=TINY_PINPOINTS,
+      vision_feature_layer=-2, vision_feature_select_strategy="default")
+  return save_tiny(transformers.LlavaNextForConditionalGeneration(config), directory)
+
+
+def torch_llava_logits(model, ids, mask, images_nhwc):
+  """transformers' LLaVA logits [B, T, V] for int [B, T] ids and mask and the batch's real images
+  [M, H, W, C] in order."""
+  import numpy as np
+  import torch
+  pixel = torch.tensor(np.asarray(images_nhwc).transpose(0, 3, 1, 2))
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=pixel)
+  return out.logits.numpy()
+
+
 def save_tiny(model, directory) -> str:
   """Puts a torch reference model in eval mode and saves it as safetensors; returns the directory."""
   model.eval()

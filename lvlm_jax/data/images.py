@@ -18,6 +18,13 @@ from lvlm_jax.errors import UserError
 # OpenAI CLIP's normalisation, which LLaVA-1.5's vision tower (CLIP ViT-L/14-336) expects.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The statistics each vision tower was trained with (its HF image processor's defaults), by the
+# tower's HF model_type: a model directory without a preprocessor config gets its tower's own.
+TOWER_NORMALIZATION = {
+    "clip_vision_model": (CLIP_MEAN, CLIP_STD),
+    "siglip_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
+}
 
 
 class BadImage(UserError):
@@ -140,8 +147,8 @@ class ImageProcessing:
   @classmethod
   def for_model(cls, hf_dir: str, model) -> "ImageProcessing":
     """Pixels as `model`'s vision tower expects them: the HF directory's preprocessor config
-    when it has one, else CLIP's normalisation at the tower's image size (pad to square, as
-    LLaVA-1.5)."""
+    when it has one, else the tower's own normalisation (TOWER_NORMALIZATION) at its image size
+    (pad to square, as LLaVA-1.5)."""
     size = model.config.vision.image_size
     processor = os.path.join(hf_dir, "preprocessor_config.json") if hf_dir else ""
     if processor and os.path.exists(processor):
@@ -150,7 +157,8 @@ class ImageProcessing:
         raise UserError(f"{processor}: image size {processing.size}, but the vision tower "
                         f"takes {size}")
       return processing
-    return cls(size=size)
+    mean, std = TOWER_NORMALIZATION[model.config.vision.MODEL_TYPE]
+    return cls(size=size, mean=mean, std=std)
 
   @classmethod
   def from_hf_preprocessor_config(cls, config: str | os.PathLike | Mapping,

@@ -19,6 +19,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from lvlm_jax.data.anyres import AnyResProcessing
 from lvlm_jax.data.images import BadImage, ImageProcessing, load_image
 from lvlm_jax.data.text import (TEMPLATES, BadConversation, BoxFormat, ensure_image_placeholders,
                                 fit_to_length, image_token_id, tokenize_conversation)
@@ -62,6 +63,10 @@ class DataConfig:
                                 "tokenizer must hold it as one token.")
   image: ImageProcessing = help_field(ImageProcessing(), "Pad-to-square, resize and normalisation; "
                                       "see ImageProcessing.from_hf_preprocessor_config.")
+  anyres: AnyResProcessing | None = help_field(
+      None, "LLaVA-NeXT's AnyRes tiling (AnyResProcessing.for_config): each image becomes its "
+      "base view + tiles, normalised as its `tile` (in place of `image`), and takes the image "
+      "tokens its size gives (in place of tokens_per_image); None: one view per image.")
   max_image_pixels: int | None = help_field(None, "Images with more pixels are refused as "
                                             "decompression bombs (None: PIL's MAX_IMAGE_PIXELS).")
   grounding_prompt: str = help_field(
@@ -150,21 +155,26 @@ class Preprocess:
     images = list(record.get("images", ()))
     if len(images) > cfg.max_images:
       raise _Skip("too_many_images", f"{where}: {len(images)} images, max_images={cfg.max_images}")
-    example = {}  # tokens first: an example too long to use never loads its images
+    # Tokens first: an example too long to use never loads its images, unless the token counts
+    # follow the image sizes (AnyRes).
+    loaded = self._load(images, where) if cfg.anyres is not None else None
+    counts = (cfg.tokens_per_image if loaded is None
+              else [cfg.anyres.image_tokens(*image.shape[:2]) for image in loaded])
+    example = {}
     if cfg.kind == "sft":
-      example.update(self._tokens("", record["conversations"], len(images), where))
+      example.update(self._tokens("", record["conversations"], len(images), counts, where))
     elif cfg.kind == "grounding":
       if record.get("expression") is None:
         raise _Skip("no_expression", f"{where}: a grounding record without an expression")
       question = cfg.grounding_prompt.format(expression=record["expression"])
       turns = [{"from": "human", "value": question},
                {"from": "gpt", "value": cfg.box_format.to_text(record["box"])}]
-      example.update(self._tokens("", turns, len(images), where))
+      example.update(self._tokens("", turns, len(images), counts, where))
       example["boxes"] = np.asarray(record["box"], np.float32)
     else:
       for side in ("chosen", "rejected"):
         turns = list(record["prompt"]) + [{"from": "gpt", "value": record[side]}]
-        example.update(self._tokens(side + "_", turns, len(images), where))
+        example.update(self._tokens(side + "_", turns, len(images), counts, where))
       if np.array_equal(example["chosen_input_ids"], example["rejected_input_ids"]):
         # The loss of such a pair has zero gradient: it would train on nothing, uncounted.
         raise _Skip("identical_pair", f"{where}: the chosen and rejected answers are the same tokens")
@@ -175,12 +185,12 @@ class Preprocess:
         except (KeyError, TypeError, ValueError):
           raise _Skip("missing_ref_logp",
                       f"{where}: no numeric ref_chosen_logp/ref_rejected_logp") from None
-    example["images"] = self._images(images, where)
+    example.update(self._images(loaded if loaded is not None else self._load(images, where)))
     return example
 
-  def _images(self, images: Sequence, where: str) -> np.ndarray:
-    size = self.config.image.size
-    out = np.zeros((len(images), size, size, 3), np.uint8)
+  def _load(self, images: Sequence, where: str) -> list[np.ndarray]:
+    """The record's images (paths or arrays) as `uint8 [H, W, 3]` arrays."""
+    out = []
     for i, image in enumerate(images):
       if isinstance(image, str):
         try:
@@ -190,10 +200,31 @@ class Preprocess:
       elif not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
                 and image.shape[-1] == 3):
         raise _Skip("bad_image_array", f"{where}: image {i} is not a uint8 [H, W, 3] array")
-      out[i] = self.config.image.resize(image)
+      out.append(image)
     return out
 
-  def _tokens(self, prefix: str, turns, num_images: int, where: str) -> dict:
+  def _images(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """images: `uint8 [H, W, 3]` each -> {"images": `uint8 [n, S, S, 3]`}; with AnyRes
+    `uint8 [n, K, S, S, 3]` views and their "image_sizes", "image_grids" `int32 [n, 2]`."""
+    cfg = self.config
+    if cfg.anyres is None:
+      size = cfg.image.size
+      out = np.zeros((len(images), size, size, 3), np.uint8)
+      for i, image in enumerate(images):
+        out[i] = cfg.image.resize(image)
+      return {"images": out}
+    k, size = cfg.anyres.max_tiles, cfg.anyres.tile.size
+    out = np.zeros((len(images), k, size, size, 3), np.uint8)
+    for i, image in enumerate(images):
+      out[i] = cfg.anyres.views(image, k)
+    shapes = [image.shape[:2] for image in images]
+    return {"images": out, "image_sizes": np.asarray(shapes, np.int32).reshape(-1, 2),
+            "image_grids": np.asarray([cfg.anyres.grid(*hw) for hw in shapes],
+                                      np.int32).reshape(-1, 2)}
+
+  def _tokens(self, prefix: str, turns, num_images: int, counts: int | list[int],
+              where: str) -> dict:
+    """counts: the image tokens of every image, or of each in order (AnyRes)."""
     cfg = self.config
     try:
       turns = ensure_image_placeholders(turns, num_images, cfg.image_token)
@@ -202,7 +233,7 @@ class Preprocess:
     try:
       ids, mask = tokenize_conversation(turns, self.tokenizer, cfg.template,
                                         system=cfg.system_prompt, image_token=cfg.image_token,
-                                        tokens_per_image=cfg.tokens_per_image)
+                                        tokens_per_image=counts)
     except BadConversation as e:
       raise _Skip("bad_conversation", f"{where}: {e}") from None
     fitted = fit_to_length(ids, mask, cfg.max_length, self.image_id)
@@ -218,7 +249,9 @@ class Collate:
   SFT/grounding: `input_ids`, `positions`, `attention_mask` int32 `[B, T]`, `loss_mask` float32
   `[B, T]`; preference: the same under `chosen_` and `rejected_` (one T for both). All kinds:
   `pixel_values float32 [B, N, S, S, 3]`, `image_mask int32 [B, N]`; grounding: `boxes float32
-  [B, 4]`; with ref log-probs: `ref_chosen_logp`, `ref_rejected_logp` float32 `[B]`.
+  [B, 4]`; with ref log-probs: `ref_chosen_logp`, `ref_rejected_logp` float32 `[B]`. With AnyRes:
+  `pixel_values float32 [B, N, K, S, S, 3]` (K views an image, the unused ones zero) and
+  `image_sizes`, `image_grids` int32 `[B, N, 2]` (the LlavaNext forward's).
   """
 
   def __init__(self, config: DataConfig, pad_id: int):
@@ -241,14 +274,20 @@ class Collate:
         attention_mask[i, :n], positions[i, :n] = 1, np.arange(n)
       batch.update({p + "input_ids": ids, p + "loss_mask": loss_mask,
                     p + "attention_mask": attention_mask, p + "positions": positions})
-    size = cfg.image.size
-    pixels = np.zeros((batch_size, cfg.max_images, size, size, 3), np.float32)
+    processing = cfg.image if cfg.anyres is None else cfg.anyres.tile
+    size = processing.size
+    views = () if cfg.anyres is None else (cfg.anyres.max_tiles,)
+    pixels = np.zeros((batch_size, cfg.max_images, *views, size, size, 3), np.float32)
     image_mask = np.zeros((batch_size, cfg.max_images), np.int32)
     for i, e in enumerate(examples):
       n = len(e["images"])
       if n:
-        pixels[i, :n], image_mask[i, :n] = cfg.image.normalize(e["images"]), 1
+        pixels[i, :n], image_mask[i, :n] = processing.normalize(e["images"]), 1
     batch.update(pixel_values=pixels, image_mask=image_mask)
+    for key in ("image_sizes", "image_grids") if views else ():
+      batch[key] = np.zeros((batch_size, cfg.max_images, 2), np.int32)
+      for i, e in enumerate(examples):
+        batch[key][i, :len(e[key])] = e[key]
     for key in ("boxes", "ref_chosen_logp", "ref_rejected_logp"):
       if key in examples[0]:
         batch[key] = np.stack([e[key] for e in examples]).astype(np.float32)

@@ -345,9 +345,10 @@ def image_token_id(tokenizer, image_token: str = "<image>") -> int:
 
 
 def tokenize(rendered: Rendered, tokenizer, *, image_token: str = "<image>",
-             tokens_per_image: int = 1) -> tuple[np.ndarray, np.ndarray]:
+             tokens_per_image: int | Sequence[int] = 1) -> tuple[np.ndarray, np.ndarray]:
   """Rendered text -> (`input_ids int32 [L]`, `loss_mask int32 [L]`), each image token expanded
-  to `tokens_per_image` copies. A token is a target when it overlaps a target span (a token of
+  to `tokens_per_image` copies (a sequence: the count of each image in order, for LLaVA-NeXT,
+  whose counts follow the image sizes). A token is a target when it overlaps a target span (a token of
   no width, when it sits inside one). The tokenizer must hold `image_token` only when the text
   contains it (text-only tokenizers need not)."""
   if rendered.by_image:
@@ -367,7 +368,10 @@ def tokenize(rendered: Rendered, tokenizer, *, image_token: str = "<image>",
     if is_image.sum() != rendered.text.count(image_token):
       raise UserError(f"the tokenizer does not encode every {image_token!r} in the text as one "
                       "token")
-  repeats = np.where(is_image, tokens_per_image, 1)
+  repeats = np.ones(len(ids), np.int64)
+  if np.ndim(tokens_per_image) and len(tokens_per_image) != is_image.sum():
+    raise ValueError(f"{len(tokens_per_image)} image token counts for {is_image.sum()} images")
+  repeats[is_image] = tokens_per_image
   mask &= ~is_image
   return np.repeat(ids, repeats), np.repeat(mask, repeats).astype(np.int32)
 
@@ -398,7 +402,8 @@ def _encode_by_image(text: str, tokenizer, image_token: str) -> tuple[list[int],
 def tokenize_conversation(turns: Sequence[Mapping], tokenizer, template: str = "vicuna_v1", *,
                           system: str | None = None, add_generation_prompt: bool = False,
                           image_token: str = "<image>",
-                          tokens_per_image: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                          tokens_per_image: int | Sequence[int] = 1
+                          ) -> tuple[np.ndarray, np.ndarray]:
   """`render` then `tokenize`: (`input_ids int32 [L]`, `loss_mask int32 [L]`)."""
   rendered = render(turns, tokenizer, template, system=system,
                     add_generation_prompt=add_generation_prompt)

@@ -38,7 +38,7 @@ class DataSources:
 
 # Set by the run, not by the user: from train.batch_size, the model and the processor config.
 DERIVED_PIPELINE_FIELDS = ("pipeline.kind", "pipeline.batch_size", "pipeline.tokens_per_image",
-                           "pipeline.image")
+                           "pipeline.image", "pipeline.anyres")
 
 
 class GroundingAsConversation:

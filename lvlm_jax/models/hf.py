@@ -10,6 +10,7 @@ composite models (CLIP, LLaVA) prefix their parts, trying each key layout that e
 """
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -27,9 +28,12 @@ from safetensors.numpy import save_file
 
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.clip import CLIPConfig, CLIPModel
+from lvlm_jax.models.dinov2 import DINOv2Config, DINOv2Tower
+from lvlm_jax.models.llava_next import LlavaNext, LlavaNextConfig
 from lvlm_jax.models.llm import LLM, LLMConfig
 from lvlm_jax.models.lora import linear_layers
 from lvlm_jax.models.lvlm import LVLM, LVLMConfig
+from lvlm_jax.models.siglip import SiglipVisionConfig, SiglipVisionTower
 from lvlm_jax.models.vision import CLIPVisionConfig, CLIPVisionTower
 from lvlm_jax.sharding import variable_sharding
 
@@ -50,8 +54,9 @@ CLIP_ENCODER_RULES = [
     (r"layers\.(\d+)\.attn\.(\w+)\.(weight|bias)", r"encoder.layers.\1.self_attn.\2.\3"),
     (r"layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"encoder.layers.\1.mlp.\2.\3"),
 ]
+# SigLIP's vision tower has CLIP's names (a biased patch embedding, no class token or pre_norm).
 CLIP_VISION_RULES = CLIP_ENCODER_RULES + [
-    (r"patch_embed\.weight", r"embeddings.patch_embedding.weight"),
+    (r"patch_embed\.(weight|bias)", r"embeddings.patch_embedding.\1"),
     (r"class_embedding", r"embeddings.class_embedding"),
     (r"position_embedding", r"embeddings.position_embedding.weight"),
     (r"pre_norm\.(weight|bias)", r"pre_layrnorm.\1"),
@@ -62,6 +67,19 @@ CLIP_TEXT_RULES = CLIP_ENCODER_RULES + [
     (r"position_embedding", r"embeddings.position_embedding.weight"),
     (r"final_norm\.(weight|bias)", r"final_layer_norm.\1"),
 ]
+DINOV2_RULES = [
+    (r"layers\.(\d+)\.norm(1|2)\.(weight|bias)", r"encoder.layer.\1.norm\2.\3"),
+    (r"layers\.(\d+)\.attn\.q_proj\.(weight|bias)", r"encoder.layer.\1.attention.attention.query.\2"),
+    (r"layers\.(\d+)\.attn\.k_proj\.(weight|bias)", r"encoder.layer.\1.attention.attention.key.\2"),
+    (r"layers\.(\d+)\.attn\.v_proj\.(weight|bias)", r"encoder.layer.\1.attention.attention.value.\2"),
+    (r"layers\.(\d+)\.attn\.out_proj\.(weight|bias)", r"encoder.layer.\1.attention.output.dense.\2"),
+    (r"layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"encoder.layer.\1.mlp.\2.\3"),
+    (r"layers\.(\d+)\.layer_scale(1|2)", r"encoder.layer.\1.layer_scale\2.lambda1"),
+    (r"patch_embed\.(weight|bias)", r"embeddings.patch_embeddings.projection.\1"),
+    (r"cls_token", r"embeddings.cls_token"),
+    (r"position_embeddings", r"embeddings.position_embeddings"),
+    (r"final_norm\.(weight|bias)", r"layernorm.\1"),
+]
 PROJECTOR_RULES = [(r"(linear_1|linear_2)\.(weight|bias)", r"\1.\2")]
 CLIP_MODEL_RULES = [
     (r"(visual_projection|text_projection)\.weight", r"\1.weight"),
@@ -71,6 +89,15 @@ _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 # Checkpoint tensors that are no parameter of any model, accepted unread: buffers that older
 # transformers versions saved (RoPE frequencies, CLIP's position ids), recomputed from the config.
 KNOWN_EXTRAS = r"(.*\.)?(rotary_emb\.inv_freq|position_ids)"
+# Tensors an HF config describes that no model here reads, by vision model_type and the config
+# key that adds them (names within the tower): SigLIP's attention-pooling head makes only the
+# image-text model's pooled embedding; DINOv2's mask token serves only masked-image pretraining.
+UNREAD_BY_DESIGN = {
+    "siglip_vision_model": ("vision_use_head", r"head\..*"),
+    "dinov2": ("use_mask_token", r"embeddings\.mask_token"),
+}
+# A LLaVA's tower, or a tower saved on its own, in every layout `llava_names` reads.
+_TOWER_PREFIX = r"(?:(?:model\.)?vision_tower\.)?(?:vision_model\.)?"
 # How many unused tensor names an error lists.
 _LISTED = 3
 
@@ -99,7 +126,14 @@ def llm_names(path: str) -> list[str]:
 
 
 def clip_vision_names(path: str) -> list[str]:
-  return _prefixed(("vision_model.",), CLIP_VISION_RULES, _hf_path(path))
+  """A CLIPVisionModel's or SiglipVisionModel's tensors (SiglipVisionModel: CLIP's names), in the
+  hub layout we export or as transformers 5 saves a vision model alone (without `vision_model.`)."""
+  return _prefixed(("vision_model.", ""), CLIP_VISION_RULES, _hf_path(path))
+
+
+def dinov2_names(path: str) -> list[str]:
+  """A Dinov2Model's tensors, in the hub's names (transformers renames them as it loads)."""
+  return _prefixed(("",), DINOV2_RULES, _hf_path(path))
 
 
 def clip_names(path: str) -> list[str]:
@@ -112,11 +146,17 @@ def clip_names(path: str) -> list[str]:
   return [] if name is None else [name]
 
 
-def llava_names(path: str) -> list[str]:
+def llava_names(path: str, vision_type: str = "clip_vision_model") -> list[str]:
   """Candidates in order; the first is what we export (the llava-hf hub layout, which transformers
   and vLLM both read). transformers 5 in memory uses `model.language_model.*` / `model.vision_tower.*`
-  and its save_pretrained writes `vision_tower.*` without `vision_model.`."""
+  and its save_pretrained writes `vision_tower.*` without `vision_model.`. vision_type: the
+  tower's HF model_type (DINOv2 has neither `vision_model.` nor CLIP's names). LLaVA-NeXT adds
+  `image_newline`."""
+  if path == "image_newline":
+    return ["image_newline", "model.image_newline"]
   head, _, rest = path.partition(".")
+  if head == "vision" and vision_type == "dinov2":
+    return _prefixed(("vision_tower.", "model.vision_tower."), DINOV2_RULES, _hf_path(rest))
   if head == "vision":
     return _prefixed(("vision_tower.vision_model.", "vision_tower.", "model.vision_tower."),
                      CLIP_VISION_RULES, _hf_path(rest))
@@ -338,7 +378,8 @@ def load_clip_vision(directory: str, *, mesh: Mesh | None = None, allow_pickle: 
 
 
 def load_lvlm(directory: str, **kwargs) -> LVLM:
-  """An HF LlavaForConditionalGeneration directory -> LVLM."""
+  """An HF LlavaForConditionalGeneration (or LlavaNextForConditionalGeneration: a LlavaNext)
+  directory -> LVLM."""
   return _load_expecting(LVLM, directory, **kwargs)
 
 
@@ -349,14 +390,24 @@ def _load_expecting(model_class, directory: str, **kwargs):
   return model
 
 
-# model_type -> (model class, config class, HF name mapping)
+def _fixed(names: Callable[[str], list[str]]):
+  return lambda config: names
+
+
+# model_type -> (model class, config class, config -> HF name mapping)
 FAMILIES = {
-    "llava": (LVLM, LVLMConfig, llava_names),
-    "clip": (CLIPModel, CLIPConfig, clip_names),
-    "clip_vision_model": (CLIPVisionTower, CLIPVisionConfig, clip_vision_names),
-    "llama": (LLM, LLMConfig, llm_names),
-    "mistral": (LLM, LLMConfig, llm_names),
-    "qwen2": (LLM, LLMConfig, llm_names),
+    "llava": (LVLM, LVLMConfig,
+              lambda config: functools.partial(llava_names, vision_type=config.vision.MODEL_TYPE)),
+    "llava_next": (LlavaNext, LlavaNextConfig,
+                   lambda config: functools.partial(llava_names,
+                                                    vision_type=config.vision.MODEL_TYPE)),
+    "clip": (CLIPModel, CLIPConfig, _fixed(clip_names)),
+    "clip_vision_model": (CLIPVisionTower, CLIPVisionConfig, _fixed(clip_vision_names)),
+    "siglip_vision_model": (SiglipVisionTower, SiglipVisionConfig, _fixed(clip_vision_names)),
+    "dinov2": (DINOv2Tower, DINOv2Config, _fixed(dinov2_names)),
+    "llama": (LLM, LLMConfig, _fixed(llm_names)),
+    "mistral": (LLM, LLMConfig, _fixed(llm_names)),
+    "qwen2": (LLM, LLMConfig, _fixed(llm_names)),
 }
 
 
@@ -388,7 +439,8 @@ def build_model(hf_config: dict, *, rngs: nnx.Rngs | None = None, **config_overr
 
 def load_model(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
                allow_unused: str | None = None, **config_overrides) -> nnx.Module:
-  """Any supported HF directory (LLaVA, CLIP, CLIP vision, Llama/Mistral/Qwen2).
+  """Any supported HF directory (LLaVA, LLaVA-NeXT, CLIP, a CLIP, SigLIP or DINOv2 vision tower,
+  Llama/Mistral/Qwen2).
 
   The config is checked before any tensor is read: what we cannot compute as transformers does
   (an unsupported RoPE type, vision tower or text model) is a UserError. allow_unused: a regular
@@ -396,14 +448,23 @@ def load_model(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool =
   """
   hf_config = read_hf_config(directory)
   where = os.path.join(directory, "config.json")
-  _, _, names = _family(hf_config, where)
   model_class, config = model_config(hf_config, where, **config_overrides)
+  names = _family(hf_config, where)[2](config)
   model = nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0)))
   reader = CheckpointReader(directory, allow_pickle=allow_pickle)
-  heads = _tied_head_copies(config, reader, names)
-  if heads:
-    allow_unused = "|".join([re.escape(h) for h in heads] + ([allow_unused] if allow_unused else []))
+  unread = [re.escape(h) for h in _tied_head_copies(config, reader, names)]
+  unread += _unread_by_design(hf_config)
+  if unread:
+    allow_unused = "|".join(unread + ([allow_unused] if allow_unused else []))
   return fill_from_checkpoint(model, reader, names, mesh, allow_unused=allow_unused)
+
+
+def _unread_by_design(hf_config: dict) -> list[str]:
+  """Patterns of the tensors the config describes but no model here reads (UNREAD_BY_DESIGN)."""
+  vision = hf_config.get("vision_config", hf_config)
+  key, pattern = UNREAD_BY_DESIGN.get(vision.get("model_type"), (None, None))
+  # Both keys default to true in transformers.
+  return [_TOWER_PREFIX + pattern] if key and vision.get(key, True) else []
 
 
 def _tied_head_copies(config, reader: CheckpointReader, names) -> list[str]:
@@ -431,9 +492,14 @@ def hf_config(model: nnx.Module) -> dict:
   return model.config.to_hf()
 
 
+def export_names(model: nnx.Module) -> Callable[[str], list[str]]:
+  """Our parameter path -> HF tensor names for this model (the first is what we export)."""
+  return _names_and_config(model)[0]
+
+
 def _names_and_config(model: nnx.Module) -> tuple[Callable[[str], list[str]], dict]:
   config = hf_config(model)
-  return _family(config, type(model).__name__)[2], config
+  return _family(config, type(model).__name__)[2](model.config), config
 
 
 def _to_host(array: jax.Array) -> np.ndarray:

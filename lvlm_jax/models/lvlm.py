@@ -6,44 +6,67 @@ features of that row's k-th image. Image slots beyond a row's image count (paddi
 """
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lvlm_jax.errors import UserError
+from lvlm_jax.models.dinov2 import DINOv2Config, DINOv2Tower
 from lvlm_jax.models.llm import LLM, KVCache, LLMConfig, default_positions
 from lvlm_jax.models.projector import Projector
+from lvlm_jax.models.siglip import SiglipVisionConfig, SiglipVisionTower
 from lvlm_jax.models.vision import CLIPVisionConfig, CLIPVisionTower
+
+VisionConfig = CLIPVisionConfig | SiglipVisionConfig | DINOv2Config
+# The vision towers a LLaVA config's `vision_config.model_type` may name.
+VISION_TOWERS = {config.MODEL_TYPE: (config, tower) for config, tower in [
+    (CLIPVisionConfig, CLIPVisionTower), (SiglipVisionConfig, SiglipVisionTower),
+    (DINOv2Config, DINOv2Tower)]}
 
 
 @dataclasses.dataclass(frozen=True)
 class LVLMConfig:
   """A LLaVA model; `from_hf`/`to_hf` read and write an HF `LlavaForConditionalGeneration` config."""
-  vision: CLIPVisionConfig
+  vision: VisionConfig
   text: LLMConfig
   image_token_id: int
   projector_type: str = "mlp2x_gelu"
   projector_hidden_act: str = "gelu"
   projector_bias: bool = True
   vision_feature_layer: int | tuple[int, ...] = -2
-  vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
+  # "default" drops the first token (CLIP's and DINOv2's CLS), "full" keeps every token.
+  vision_feature_select_strategy: str = "default"
+
+  MODEL_TYPE: ClassVar[str] = "llava"
+  ARCHITECTURE: ClassVar[str] = "LlavaForConditionalGeneration"
+
+  @property
+  def tokens_per_tile(self) -> int:
+    """The image tokens one vision-tower input yields (an image; one AnyRes tile in LLaVA-NeXT)."""
+    tokens = self.vision.num_patches + self.vision.num_prefix_tokens
+    return tokens - (1 if self.vision_feature_select_strategy == "default" else 0)
 
   @property
   def tokens_per_image(self) -> int:
-    patches = (self.vision.image_size // self.vision.patch_size) ** 2
-    return patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+    return self.tokens_per_tile
 
   @classmethod
   def from_hf(cls, hf: dict, **dtype_overrides) -> "LVLMConfig":
     """Raises UserError for a tower or text model we do not implement, naming its model_type."""
-    if hf.get("model_type") != "llava":
-      raise ValueError(f"expected a llava config, got model_type={hf.get('model_type')!r}")
+    if hf.get("model_type") != cls.MODEL_TYPE:
+      raise ValueError(f"expected a {cls.MODEL_TYPE} config, got model_type="
+                       f"{hf.get('model_type')!r}")
     # transformers' LlavaConfig defaults for a section without a model_type.
     vision_type = hf["vision_config"].get("model_type", "clip_vision_model")
-    if vision_type != "clip_vision_model":
+    if vision_type not in VISION_TOWERS:
       raise UserError(f"vision_config.model_type {vision_type!r} is not supported; supported: "
-                      "clip_vision_model")
+                      f"{', '.join(VISION_TOWERS)}")
+    try:
+      vision = VISION_TOWERS[vision_type][0].from_hf(hf["vision_config"], **dtype_overrides)
+    except UserError as e:
+      raise UserError(f"vision_config.{e}") from None
     try:
       text = LLMConfig.from_hf({"model_type": "llama", **hf["text_config"]}, **dtype_overrides)
     except UserError as e:
@@ -53,14 +76,20 @@ class LVLMConfig:
       text = dataclasses.replace(text, tie_word_embeddings=True)
     layer = hf.get("vision_feature_layer", -2)
     return cls(
-        vision=CLIPVisionConfig.from_hf(hf["vision_config"], **dtype_overrides),
+        vision=vision,
         text=text,
         image_token_id=hf.get("image_token_id", hf.get("image_token_index")),
         projector_hidden_act=hf.get("projector_hidden_act", "gelu"),
         projector_bias=hf.get("multimodal_projector_bias", True),
         vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
         vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default"),
+        **cls._family_fields_from_hf(hf),
     )
+
+  @classmethod
+  def _family_fields_from_hf(cls, hf: dict) -> dict:
+    """The fields a subclass (LLaVA-NeXT) adds, read from the HF config."""
+    return {}
 
   def to_hf(self) -> dict:
     if self.projector_type != "mlp2x_gelu":
@@ -68,8 +97,8 @@ class LVLMConfig:
                        f"projector_type={self.projector_type!r}")
     layer = self.vision_feature_layer
     return {
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
+        "architectures": [self.ARCHITECTURE],
+        "model_type": self.MODEL_TYPE,
         "vision_config": self.vision.to_hf(),
         "text_config": self.text.to_hf(),
         "image_token_id": self.image_token_id,
@@ -78,7 +107,7 @@ class LVLMConfig:
         "multimodal_projector_bias": self.projector_bias,
         "vision_feature_layer": list(layer) if isinstance(layer, tuple) else layer,
         "vision_feature_select_strategy": self.vision_feature_select_strategy,
-        "image_seq_length": self.tokens_per_image,
+        "image_seq_length": self.tokens_per_tile,
         "tie_word_embeddings": self.text.tie_word_embeddings,
     }
 
@@ -99,7 +128,7 @@ class LVLM(nnx.Module):
 
   def __init__(self, config: LVLMConfig, *, rngs: nnx.Rngs):
     self.config = config
-    self.vision = CLIPVisionTower(config.vision, rngs=rngs)
+    self.vision = VISION_TOWERS[config.vision.MODEL_TYPE][1](config.vision, rngs=rngs)
     feature_layers = config.vision_feature_layer
     num_feature_layers = len(feature_layers) if isinstance(feature_layers, tuple) else 1
     self.projector = Projector(

@@ -186,7 +186,8 @@ def _write_processor(model: LVLM, data: DataConfig, directory: str) -> None:
       "processor_class": "LlavaProcessor", "image_token": data.image_token,
       "patch_size": config.vision.patch_size,
       "vision_feature_select_strategy": config.vision_feature_select_strategy,
-      "num_additional_image_tokens": 1}  # CLIP's class token, which "default" drops
+      # The tokens before the patches (CLIP's and DINOv2's class token, none in SigLIP).
+      "num_additional_image_tokens": config.vision.num_prefix_tokens}
   for name, content in (("preprocessor_config.json", preprocessor),
                         ("processor_config.json", processor)):
     with open(os.path.join(directory, name), "w") as f:
@@ -200,8 +201,7 @@ def _to_host(array: jax.Array) -> np.ndarray:
 
 
 def _peft_prefix(model: nnx.Module, kernel_path: str) -> str:
-  names = hf.llava_names if isinstance(model, LVLM) else hf.llm_names
-  return "base_model.model." + names(kernel_path)[0].removesuffix(".weight")
+  return "base_model.model." + hf.export_names(model)(kernel_path)[0].removesuffix(".weight")
 
 
 def export_lora(model: nnx.Module, directory: str, base_model: str = "") -> list[str]:

@@ -225,3 +225,28 @@ def test_corruptions_are_seeded():
   picks = [np.array_equal(images.stic_corruption(image, np.random.default_rng(s)),
                           images.low_resolution(image, None)) for s in range(40)]
   assert 10 < sum(picks) < 30
+
+
+def test_for_model_without_a_preprocessor_config_uses_the_towers_statistics(tmp_path):
+  """No preprocessor_config.json: each tower's own mean/std (transformers' SigLIP processor
+  defaults; ImageNet's for DINOv2, as facebook/dinov2-* processors say), never CLIP's for all."""
+  import types
+  from transformers import SiglipImageProcessorPil
+  from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+  from lvlm_jax.models.dinov2 import DINOv2Config
+  from lvlm_jax.models.siglip import SiglipVisionConfig
+  from lvlm_jax.models.vision import CLIPVisionConfig
+  tower = dict(hidden_size=32, num_layers=1, num_heads=2, image_size=28)
+  siglip = SiglipImageProcessorPil()
+  for vision, mean, std in [
+      (CLIPVisionConfig(intermediate_size=48, patch_size=7, **tower), images.CLIP_MEAN,
+       images.CLIP_STD),
+      (SiglipVisionConfig(intermediate_size=48, patch_size=7, **tower), siglip.image_mean,
+       siglip.image_std),
+      (DINOv2Config(patch_size=14, position_grid=2, **tower), IMAGENET_DEFAULT_MEAN,
+       IMAGENET_DEFAULT_STD)]:
+    model = types.SimpleNamespace(config=types.SimpleNamespace(vision=vision))
+    p = ImageProcessing.for_model(str(tmp_path), model)
+    assert (p.size, p.pad_to_square) == (28, True)
+    np.testing.assert_array_equal(p.mean, mean)
+    np.testing.assert_array_equal(p.std, std)

@@ -11,7 +11,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import save_file
 
-from conftest import forward, TINY_CLIP_VISION, TINY_LLAMA, save_tiny
+from conftest import forward, TINY_CLIP_VISION, TINY_LLAMA, save_tiny, torch_llava_logits
 from lvlm_jax.errors import UserError
 from lvlm_jax.models import hf
 from lvlm_jax.models.lora import LoraConfig, apply_lora, lora_disabled
@@ -27,13 +27,6 @@ def sequence(rng, images: int, text_len: int = 6) -> list[int]:
   for _ in range(images):
     ids += [IMAGE_TOKEN] * TOKENS_PER_IMAGE + list(rng.integers(3, 120, 3))
   return ids
-
-
-def torch_llava_logits(model, ids, mask, images_nhwc):
-  pixel = torch.tensor(np.asarray(images_nhwc).transpose(0, 3, 1, 2))
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=pixel)
-  return out.logits.numpy()
 
 
 @pytest.fixture(scope="module")
@@ -233,11 +226,11 @@ def test_tied_embeddings_set_only_at_the_top_level(tmp_path):
 
 
 @pytest.mark.parametrize("section,config,message", [
-    ("vision_config", transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48,
-                                                      num_hidden_layers=2, num_attention_heads=4,
-                                                      image_size=28, patch_size=7),
-     "vision_config.model_type 'siglip_vision_model' is not supported; supported: "
-     "clip_vision_model"),
+    ("vision_config", transformers.Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=2,
+                                                             num_attention_heads=4, image_size=28,
+                                                             patch_size=7),
+     "vision_config.model_type 'dinov2_with_registers' is not supported; supported: "
+     "clip_vision_model, siglip_vision_model, dinov2"),
     ("text_config", transformers.GemmaConfig(vocab_size=128, hidden_size=64,
                                              intermediate_size=96, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2),

@@ -353,3 +353,61 @@ def test_a_config_refused_by_the_checkpoints_leaves_the_run_readable(tmp_path):
     run(tmp_path, **{"train.num_steps": 2, "checkpoint.every_steps": 1,
                      "model.text.hidden_size": 64, "model.text.intermediate_size": 128})
   assert (tmp_path / "config.json").read_text() == before
+
+
+def _tiny_tower_lvlm(vision, tokenizer, strategy):
+  from flax import nnx
+  from lvlm_jax.models.llm import LLMConfig
+  from lvlm_jax.models.lvlm import LVLM, LVLMConfig
+  text = LLMConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=1,
+                   num_heads=4, num_kv_heads=2, head_dim=8)
+  return LVLM(LVLMConfig(vision=vision, text=text, vision_feature_select_strategy=strategy,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>")),
+              rngs=nnx.Rngs(0))
+
+
+def test_export_of_a_siglip_llava_expands_images_as_the_model(tmp_path, monkeypatch):
+  """SigLIP has no class token: the exported LlavaProcessor expands <image> to the model's
+  tokens_per_image (16 patches, "full"), not one more as for CLIP."""
+  import transformers
+  from PIL import Image
+  from conftest import bpe_tokenizer
+  from lvlm_jax.data.images import ImageProcessing
+  from lvlm_jax.data.pipeline import DataConfig
+  from lvlm_jax.models.siglip import SiglipVisionConfig
+  from lvlm_jax.training import checkpoint
+  tokenizer = bpe_tokenizer()
+  model = _tiny_tower_lvlm(SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_layers=1,
+                                              num_heads=2, image_size=28, patch_size=7),
+                           tokenizer, "full")
+  data = DataConfig(image=ImageProcessing.for_model("", model))
+  checkpoint.export_hf(model, str(tmp_path), tokenizer=tokenizer, data=data)
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  processor = transformers.AutoProcessor.from_pretrained(str(tmp_path))
+  inputs = processor(images=Image.fromarray(np.zeros((20, 30, 3), np.uint8)),
+                     text="USER: <image>\nhi", return_tensors="np")
+  tokens = (inputs["input_ids"] == model.config.image_token_id).sum()
+  assert tokens == model.config.tokens_per_image == 16
+
+
+def test_lora_export_of_a_dinov2_llava_names_the_towers_modules(tmp_path):
+  """Adapters on DINOv2 and LLM layers are named as the HF export names their base tensors
+  (DINOv2's `encoder.layer.N.attention.attention.query`, not CLIP's names)."""
+  from safetensors import safe_open
+  from conftest import bpe_tokenizer
+  from flax import nnx
+  from lvlm_jax.models import hf
+  from lvlm_jax.models.dinov2 import DINOv2Config
+  from lvlm_jax.models.lora import LoraConfig, apply_lora
+  from lvlm_jax.training import checkpoint
+  model = _tiny_tower_lvlm(DINOv2Config(hidden_size=32, num_layers=1, num_heads=2, image_size=28,
+                                        patch_size=14, position_grid=2), bpe_tokenizer(), "default")
+  apply_lora(model, LoraConfig(rank=2, target=r"(vision|llm)\.layers\.0\.attn\.q_proj"),
+             rngs=nnx.Rngs(1))
+  modules = checkpoint.export_lora(model, str(tmp_path / "lora"))
+  hf.save_hf(model, str(tmp_path / "hf"))
+  with safe_open(str(tmp_path / "hf" / "model.safetensors"), "np") as f:
+    exported = set(f.keys())
+  assert sorted(modules) == ["language_model.model.layers.0.self_attn.q_proj",
+                             "vision_tower.encoder.layer.0.attention.attention.query"]
+  assert all(m + ".weight" in exported for m in modules)

@@ -1,0 +1,82 @@
+"""LLaVA-NeXT's AnyRes preprocessing: an image -> the base view + its tiles, as vision-tower pixels.
+
+As transformers' LlavaNextImageProcessor: the image is resized, keeping its aspect ratio, into the
+best pinpoint resolution (`models.llava_next.select_best_resolution`), centred on black padding,
+and cut row by row into tiles of the tower's input size; the whole image squashed to one tile
+comes first. Each view is then normalised as the tower expects (`ImageProcessing.normalize`).
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+from lvlm_jax.data.images import ImageProcessing, resize
+from lvlm_jax.models.llava_next import LlavaNextConfig, anyres_tokens, select_best_resolution
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyResProcessing:
+  """How an image becomes a LLaVA-NeXT model's views and how many image tokens it takes.
+
+  tile: the size, normalisation and resampling of every view (its pad_to_square is unused:
+  AnyRes pads to the pinpoint instead); pinpoints: (height, width) resolutions, multiples of
+  tile.size; patch_size: the vision tower's; tile_tokens: the image tokens of one view
+  (`LVLMConfig.tokens_per_tile`). `for_config` fills them from the model's config.
+  """
+
+  tile: ImageProcessing
+  pinpoints: tuple[tuple[int, int], ...]
+  patch_size: int
+  tile_tokens: int
+
+  @classmethod
+  def for_config(cls, config: LlavaNextConfig, tile: ImageProcessing) -> "AnyResProcessing":
+    if tile.size != config.vision.image_size:
+      raise ValueError(f"tile size {tile.size} differs from the vision tower's "
+                       f"{config.vision.image_size}")
+    return cls(tile=tile, pinpoints=config.image_grid_pinpoints,
+               patch_size=config.vision.patch_size, tile_tokens=config.tokens_per_tile)
+
+  @property
+  def max_tiles(self) -> int:
+    """Views of the largest image: the base + the most tiles of any pinpoint."""
+    return 1 + max(h // self.tile.size * (w // self.tile.size) for h, w in self.pinpoints)
+
+  def grid(self, height: int, width: int) -> tuple[int, int]:
+    """The (rows, cols) of tiles of an image of height x width pixels."""
+    h, w = select_best_resolution(height, width, self.pinpoints)
+    return h // self.tile.size, w // self.tile.size
+
+  def image_tokens(self, height: int, width: int) -> int:
+    """The image tokens of an image of height x width pixels (`LlavaNextConfig.image_tokens`)."""
+    return anyres_tokens(height, width, self.grid(height, width),
+                         self.tile.size // self.patch_size, self.tile_tokens)
+
+  def views(self, image: np.ndarray, num_tiles: int | None = None) -> np.ndarray:
+    """`uint8 [H, W, 3]` -> `uint8 [K, S, S, 3]`: the base, then the tiles row by row, then
+    zero views up to num_tiles (K = 1 + rows * cols when None)."""
+    height, width, _ = image.shape
+    size, resample = self.tile.size, self.tile.resample
+    target_h, target_w = select_best_resolution(height, width, self.pinpoints)
+    # transformers' get_patch_output_size: the limiting side exactly, the other rounded up.
+    if target_w / width < target_h / height:
+      new_h, new_w = min(math.ceil(height * (target_w / width)), target_h), target_w
+    else:
+      new_h, new_w = target_h, min(math.ceil(width * (target_h / height)), target_w)
+    canvas = np.zeros((target_h, target_w, 3), np.uint8)
+    top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
+    canvas[top:top + new_h, left:left + new_w] = resize(image, new_h, new_w, resample)
+    tiles = canvas.reshape(target_h // size, size, target_w // size, size, 3).swapaxes(1, 2)
+    views = [resize(image, size, size, resample)[None], tiles.reshape(-1, size, size, 3)]
+    if num_tiles is not None:
+      if num_tiles < 1 + len(views[1]):
+        raise ValueError(f"num_tiles {num_tiles} is fewer than the image's {1 + len(views[1])} "
+                         "views")
+      views.append(np.zeros((num_tiles - 1 - len(views[1]), size, size, 3), np.uint8))
+    return np.concatenate(views)
+
+  def __call__(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """`uint8 [H, W, 3]` -> (`float32 [max_tiles, S, S, 3]` normalised views, the tile grid)."""
+    return (self.tile.normalize(self.views(image, self.max_tiles)),
+            self.grid(*image.shape[:2]))
