@@ -38,12 +38,12 @@ from lvlm_jax.artifacts import JsonlWriter, read_json, read_jsonl, write_json, w
 from lvlm_jax.data import training_sources
 from lvlm_jax.data.images import color_jitter, load_image, low_resolution, resolve_image_path
 from lvlm_jax.data.pipeline import DataConfig
-from lvlm_jax.data.shapes import TASKS, ShapesConfig, ShapesSource, held_out_world
+from lvlm_jax.data.shapes import TASKS, Scene, ShapesConfig, ShapesSource, held_out_world
 from lvlm_jax.data.sources import ConversationSource
 from lvlm_jax.data.tokenizer import load_tokenizer
 from lvlm_jax.dataclass_config import help_field, method_defaults, method_help, parse_method
 from lvlm_jax.errors import UserError
-from lvlm_jax.eval import dar
+from lvlm_jax.eval import dar, preference_quality
 from lvlm_jax.eval.shapes import ShapesEvalConfig, ShapesEvaluator
 from lvlm_jax.methods import dpo as dpo_run
 from lvlm_jax.methods import sft
@@ -114,8 +114,14 @@ class STICSettings:
   sft_epochs: float = help_field(1.0, "Passes over the infused SFT data in stage 2 (STIC: 1).")
   seed: int = help_field(42, "Seed of the prompt and corruption draws and of the sampling.")
   dar_eval: bool = help_field(True, "Also measure yes/no accuracy with Describe-and-Respond.")
+  pair_filter: str = help_field(
+      "none", "'none': DPO on every pair (STIC). 'oracle': only the pairs whose chosen answer is "
+      "truly better than the rejected one against the scene's ground truth (shapes world only; "
+      "an upper bound that no real run has, not STIC).")
 
   def __post_init__(self):
+    if self.pair_filter not in ("none", "oracle"):
+      raise UserError(f"stic.pair_filter={self.pair_filter!r} is not 'none' or 'oracle'")
     if not 0 <= self.misleading_prob <= 1:
       raise UserError(f"stic.misleading_prob={self.misleading_prob} must be in [0, 1]")
     if self.dpo_epochs <= 0 or self.sft_epochs <= 0:
@@ -360,6 +366,30 @@ def infuse_sft_data(service: GenerationService, inputs: Inputs, prompts: dict[st
   return out
 
 
+def pair_quality_rows(config: STICConfig, inputs: Inputs, pairs: list[dict]) -> list[dict]:
+  """Each pair judged against its unlabeled scene (`eval/preference_quality.py`): id, the kind
+  of rejected answer (misleading_prompt, low_resolution, color_jitter), both answers' counts and
+  the verdict."""
+  source = ShapesSource(_world(config, _UNLABELED_WORLD), "unlabeled", len(inputs.unlabeled))
+  index = {name: i for i, name in enumerate(inputs.unlabeled)}
+  rows = []
+  for pair in pairs:
+    scene = Scene.from_json(source[index[pair["image"]]]["scene"])
+    rows.append({"id": pair["id"], "kind": pair["corruption"] or pair["rejected_kind"],
+                 **preference_quality.pair_quality(pair["chosen"], pair["rejected"], scene)})
+  return rows
+
+
+def _quality_table(summary: dict[str, dict[str, float]]) -> str:
+  columns = ("pairs", "chosen_better", "chosen_worse", "chosen_tie", "chosen_mixed",
+             "chosen_chair_i", "rejected_chair_i", "chosen_recall", "rejected_recall")
+  lines = ["  " + " ".join(f"{c:>16}" for c in ("rejected kind",) + columns)]
+  for kind, row in summary.items():
+    lines.append("  " + f"{kind:>16} " + " ".join(
+        f"{row[c]:>16d}" if c == "pairs" else f"{row[c]:>16.3f}" for c in columns))
+  return "\n".join(lines)
+
+
 def _load(config: STICConfig, hf_dir: str, mesh):
   """The model in `hf_dir` on the mesh, and the pipeline config its inputs need."""
   model = hf.load_model(hf_dir, mesh=mesh, allow_pickle=config.model.allow_pickle,
@@ -411,7 +441,15 @@ def run(config: STICConfig, workdir: str, *, raw_config: config_dict.ConfigDict 
   image_token = config.data.pipeline.image_token
   prefs_dir = os.path.join(workdir, "preferences")
   prefs = os.path.join(prefs_dir, "preferences.jsonl")
-  with_ref = os.path.join(prefs_dir, "preferences.ref.jsonl")
+  quality = os.path.join(prefs_dir, "quality.jsonl")
+  oracle = config.stic.pair_filter == "oracle"
+  # The pairs DPO trains on (and their reference log-probs).
+  pairs = os.path.join(prefs_dir, "preferences.oracle.jsonl") if oracle else prefs
+  with_ref = pairs.removesuffix(".jsonl") + ".ref.jsonl"
+  shapes = config.data.source == "shapes"
+  if oracle and not shapes:
+    raise UserError("stic.pair_filter='oracle' reads the shapes world's ground truth; "
+                    "data.source='files' has none")
   precomputed = config.dpo.reference == "precomputed"
   dpo_dir, sft_dir = os.path.join(workdir, "dpo"), os.path.join(workdir, "sft")
   dpo_export = os.path.join(dpo_dir, "export", "hf")
@@ -442,21 +480,42 @@ def run(config: STICConfig, workdir: str, *, raw_config: config_dict.ConfigDict 
                            the_inputs(), prompts, config.stic, prefs, image_token)
     return "done"
 
+  def pair_quality():
+    rows = pair_quality_rows(config, the_inputs(), read_jsonl(prefs))
+    write_jsonl(quality, rows)
+    _sync("pair_quality")
+    summary = preference_quality.summarize(rows, [r["kind"] for r in rows])
+    _log(f"pair quality (chosen vs rejected against the scene; {quality}):\n"
+         + _quality_table(summary))
+    return {"status": "done", "quality": summary}
+
+  def oracle_filter():
+    keep = {r["id"] for r in read_jsonl(quality) if r["verdict"] == "better"}
+    kept = [p for p in read_jsonl(prefs) if p["id"] in keep]
+    if not kept:
+      raise UserError(f"stic.pair_filter='oracle': no pair of {prefs} has a truly better chosen "
+                      "answer")
+    write_jsonl(pairs, kept)
+    _sync("oracle_filter")
+    _log(f"oracle filter: {len(kept)} of {_records(prefs)} pairs kept (chosen truly better)")
+    return {"status": "done", "pairs": len(kept)}
+
   def reference():
     if not os.path.exists(with_ref):
       base, data = _load(config, config.model.hf_dir, mesh)
       counts = write_reference_logps(
-          base, prefs, with_ref, tokenizer, data, mesh,
+          base, pairs, with_ref, tokenizer, data, mesh,
           image_roots=(the_inputs().root,), batch_size=config.stic.generation.batch_size,
           noisy_rejected=config.dpo.noisy_rejected, log=_log)
       _log(f"reference: {counts}")
     return "done"
 
   def dpo_stage():
-    pairs = with_ref if precomputed else prefs
-    steps = dpo_run.num_steps(_records(pairs), config.stic.dpo_epochs, config.dpo_train.batch_size)
+    trained = with_ref if precomputed else pairs
+    steps = dpo_run.num_steps(_records(trained), config.stic.dpo_epochs,
+                              config.dpo_train.batch_size)
     return dpo_run.run(
-        model=config.model, tokenizer=tokenizer, preferences=pairs,
+        model=config.model, tokenizer=tokenizer, preferences=trained,
         image_roots=(the_inputs().root,), pipeline=config.data.pipeline, dpo_config=config.dpo,
         optim_config=config.dpo_optim, train=dataclasses.replace(config.dpo_train, num_steps=steps),
         checkpoint_config=config.checkpoint, mesh_config=config.mesh, workdir=dpo_dir,
@@ -485,6 +544,10 @@ def run(config: STICConfig, workdir: str, *, raw_config: config_dict.ConfigDict 
   stages = [Stage("images", images),
             Stage("eval_base", evaluation(config.model.hf_dir), eval_label="base"),
             Stage("preferences", preferences)]
+  if shapes:
+    stages.append(Stage("pair_quality", pair_quality))
+  if oracle:
+    stages.append(Stage("oracle_filter", oracle_filter))
   if precomputed:
     stages.append(Stage("reference", reference))
   stages += [Stage("dpo", dpo_stage),

@@ -164,3 +164,46 @@ def test_the_corrupted_branch_corrupts_the_image():
   for p in misleading:
     assert p["rejected_image"] is image and p["rejected_prompt"] in prompts["misleading"]
   assert stic.pair_plan(3, image, prompts, settings)["prompt"] == plans[3]["prompt"]
+
+
+def stage(summary: dict, name: str) -> dict:
+  return next(s for s in summary["stages"] if s["name"] == name)
+
+
+def test_pair_quality_judges_every_pair_against_its_scene(finished):
+  config, workdir, summary = finished
+  rows = read_jsonl(os.path.join(workdir, "preferences", "quality.jsonl"))
+  pairs = read_jsonl(os.path.join(workdir, "preferences", "preferences.jsonl"))
+  assert [r["id"] for r in rows] == [p["id"] for p in pairs]
+  quality = stage(summary, "pair_quality")["quality"]
+  assert quality["all"]["pairs"] == 12
+  assert sum(quality[k]["pairs"] for k in quality if k != "all") == 12
+  assert set(quality) - {"all"} <= {"misleading_prompt", "low_resolution", "color_jitter"}
+  for row, pair in zip(rows, pairs):
+    assert row["kind"] == (pair["corruption"] or "misleading_prompt")
+
+
+def test_the_oracle_filter_keeps_the_truly_better_pairs(finished, tmp_path):
+  """Pairs rewritten so that the truth is known: chosen the exact caption and rejected empty
+  (truly better), or the other way round. The oracle keeps exactly the first kind."""
+  import shutil
+  from lvlm_jax.artifacts import write_jsonl
+  from lvlm_jax.data.shapes import Scene, caption
+  config, workdir, _ = finished
+  out = tmp_path / "oracle"
+  shutil.copytree(os.path.join(workdir, "images"), out / "images")
+  pairs = read_jsonl(os.path.join(workdir, "preferences", "preferences.jsonl"))
+  source = ShapesSource(stic._world(config, stic._UNLABELED_WORLD), "unlabeled", 12)  # noqa: SLF001
+  for i, pair in enumerate(pairs):
+    truth = caption(Scene.from_json(source[i]["scene"]))
+    pair["chosen"], pair["rejected"] = (truth, "") if i % 3 == 0 else ("", truth)
+  write_jsonl(str(out / "preferences" / "preferences.jsonl"), pairs)
+  oracle = dataclasses.replace(
+      config, stic=dataclasses.replace(config.stic, pair_filter="oracle"),
+      eval=dataclasses.replace(config.eval, yes_no=0, captions=0),
+      pipeline=dataclasses.replace(config.pipeline, stop_after="oracle_filter"))
+  summary = stic.run(oracle, str(out))
+  assert stage(summary, "oracle_filter")["pairs"] == 4
+  kept = read_jsonl(str(out / "preferences" / "preferences.oracle.jsonl"))
+  assert [p["id"] for p in kept] == [p["id"] for i, p in enumerate(pairs) if i % 3 == 0]
+  assert stage(summary, "pair_quality")["quality"]["all"]["chosen_better"] == 4 / 12

@@ -1,0 +1,20 @@
+"""Ablations of configs/stic_shapes.py (issue 22), run by
+
+    python -m lvlm_jax.ablate --config configs/stic_shapes.py --ablations configs/stic_shapes_ablations.py
+
+Each entry is one run of the STIC pipeline with these overrides (config keys as on the command
+line). "recipe" is the paper's recipe at toy scale; "oracle" trains DPO only on the pairs whose
+chosen answer is truly better against the scene's ground truth: an upper bound no real run has.
+"""
+
+ABLATIONS = {
+    "recipe": {},
+    "misleading_only": {"stic.misleading_prob": 1.0},
+    "corruption_only": {"stic.misleading_prob": 0.0},
+    "nll_1": {"dpo.nll_coef": 1.0},
+    "beta_0.5": {"dpo.beta": 0.5},
+    "lr_5e-5": {"dpo_optim.lr": 5e-5},
+    "dpo_epochs_3": {"stic.dpo_epochs": 3.0},
+    "noisy_rejected": {"dpo.noisy_rejected": True},
+    "oracle": {"stic.pair_filter": "oracle"},
+}
