@@ -9,6 +9,14 @@ template, world, metric sizes). --model takes an HF directory or an lvlm_jax che
 tokenizer files, as `train` exports them) and the settings of --config (default: the SFT
 defaults). Questions come from a held-out world: other scenes of the training distribution.
 The metrics are printed and written as JSON (--output; default <workdir>/eval.json with --workdir).
+
+  python -m lvlm_jax.evaluate --model DIR --config configs/sctune_shapes.py --grounding_file refs.jsonl
+
+--grounding_file evaluates boxes on real images instead (a grounding JSONL: `image` or
+`image_id`, `box` or `bbox` normalised to [0, 1], optional `expression`): REC Acc@0.5
+(grounding_acc50: the expression -> the model's box) over the records with an expression, and
+SC-Tune's self-consistency Acc@0.5 (self_consistency_acc50: the box -> the model's description
+-> the model's box) over all of them, with the config's prompts and box format.
 """
 
 import argparse
@@ -38,11 +46,39 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--captions", type=int, help="number of captions (overrides the config)")
   p.add_argument("--self_consistency", type=int, help="number of boxes to describe and ground "
                  "back (overrides the config)")
+  p.add_argument("--grounding_file", help="a grounding JSONL to evaluate REC and "
+                 "self-consistency on, instead of the shapes world")
+  p.add_argument("--image_root", help="with --grounding_file: the folder its image paths are "
+                 "relative to (default: the file's folder)")
+  p.add_argument("--limit", type=int, default=0,
+                 help="with --grounding_file: evaluate its first N records (0: all)")
   p.add_argument("--output", help="JSON file for the metrics")
   p.add_argument("--allow_pickle", action="store_true",
                  help="with --model: accept pickled .bin/.pt weights; pickles can run code when "
                  "loaded, so use this only for files you trust")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if (args.image_root or args.limit) and not args.grounding_file:
+    p.error("--image_root and --limit go with --grounding_file")
+  if args.limit < 0:
+    p.error("--limit must be >= 0")
+  return args
+
+
+def grounding_file_records(path: str, image_root: str | None, limit: int) -> list[dict]:
+  """The file's records with their image decoded (uint8 [H, W, 3]): "images", "box",
+  "expression" (None when absent)."""
+  from lvlm_jax.data.images import load_image
+  from lvlm_jax.data.sources import GroundingSource
+  if not os.path.exists(path):
+    raise UserError(f"--grounding_file {path}: no such file")
+  source = GroundingSource(path, (image_root,) if image_root else None)
+  count = min(limit or len(source), len(source))
+  records = []
+  for i in range(count):
+    record = source[i]
+    records.append({"images": [load_image(record["images"][0])], "box": record["box"],
+                    "expression": record["expression"]})
+  return records
 
 
 def _config(args):
@@ -100,6 +136,8 @@ def _model_from_workdir(config, workdir: str, tokenizer, mesh):
 
 def evaluate(args) -> dict:
   import jax
+  from flax import nnx
+
   from lvlm_jax.eval.shapes import ShapesEvaluator
   from lvlm_jax.data import training_sources
   from lvlm_jax.data.shapes import held_out_world
@@ -131,11 +169,26 @@ def evaluate(args) -> dict:
     model_config = dataclasses.replace(config.model, hf_dir="" if is_ours else args.model)
   building.check_vocabulary(reference, tokenizer)
   data = training_sources.pipeline_config(config.data, reference, model_config.hf_dir, 1)
-  evaluator = ShapesEvaluator(tokenizer, data, held_out_world(config.data.shapes),
-                              config.eval, mesh)
-  with jax.set_mesh(mesh):
-    metrics = evaluator(model)
-  result = {"model": args.workdir or args.model, "step": step, **metrics}
+  if args.grounding_file:
+    records = grounding_file_records(args.grounding_file, args.image_root, args.limit)
+    evaluator = ShapesEvaluator(tokenizer, data, held_out_world(config.data.shapes),
+                                dataclasses.replace(config.eval, yes_no=0, grounding=0, captions=0,
+                                                    self_consistency=0), mesh)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    with jax.set_mesh(mesh):
+      referring = [r for r in records if r["expression"]]
+      metrics = {"records": len(records), "expressions": len(referring)}
+      if referring:
+        metrics.update(evaluator.grounding_metrics(graphdef, state, referring))
+      metrics.update(evaluator.self_consistency_metrics(graphdef, state, records, answer_start=""))
+  else:
+    evaluator = ShapesEvaluator(tokenizer, data, held_out_world(config.data.shapes),
+                                config.eval, mesh)
+    with jax.set_mesh(mesh):
+      metrics = evaluator(model)
+  result = {"model": args.workdir or args.model, "step": step,
+            **({"grounding_file": args.grounding_file} if args.grounding_file else {}), **metrics}
   print(json.dumps(result, indent=2))
   if output:
     with open(output, "w") as f:

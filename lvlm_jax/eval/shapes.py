@@ -25,7 +25,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lvlm_jax.data.pipeline import DataConfig
-from lvlm_jax.data.shapes import CAPTION_PROMPTS, Scene, ShapesConfig, ShapesSource, shares_kind
+from lvlm_jax.data.shapes import (CAPTION_PROMPTS, REGION_PROMPT, Scene, ShapesConfig, ShapesSource,
+                                  shares_kind)
 from lvlm_jax.data.text import box_iou, tokenize_conversation
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.eval.hallucination import hallucination_metrics
@@ -157,21 +158,31 @@ class ShapesEvaluator:
                        for b, r in zip(boxes, records)])
     return ious, boxes
 
-  def grounding_metrics(self, graphdef, state) -> dict[str, float]:
-    ious, boxes = self._ground(graphdef, state, self.grounding,
-                               [r["expression"] for r in self.grounding])
+  def grounding_metrics(self, graphdef, state, records=None) -> dict[str, float]:
+    """REC: each record's expression -> the model's box, Acc@IoU>=0.5 (records: dicts with
+    "images", "box" and "expression"; default the held-out world's)."""
+    records = self.grounding if records is None else records
+    ious, boxes = self._ground(graphdef, state, records, [r["expression"] for r in records])
     return {"grounding_acc50": float(np.mean(ious >= 0.5)), "grounding_mean_iou": float(ious.mean()),
             "grounding_parsed": float(np.mean([b is not None for b in boxes]))}
 
-  def self_consistency_metrics(self, graphdef, state) -> dict[str, float]:
-    questions = [r["conversations"][0]["value"] for r in self.regions]
-    # Descriptions start with "the" (region_description), as in training.
-    descriptions = self._generate(graphdef, state, self.regions, questions,
-                                  self.config.description_tokens, "the")
-    ious, _ = self._ground(graphdef, state, self.regions, [d.strip() for d in descriptions])
-    shared = [shares_kind(Scene.from_json(r["scene"]), r["object"]) for r in self.regions]
-    return {"self_consistency_acc50": float(np.mean(ious >= 0.5)),
-            "self_consistency_shared": float(np.mean(shared))}
+  def self_consistency_metrics(self, graphdef, state, records=None,
+                               answer_start: str = "the") -> dict[str, float]:
+    """Box -> the model's description (REGION_PROMPT with the box text) -> the model's box,
+    Acc@IoU>=0.5 with the first box. records: dicts with "images" and "box" (default the
+    held-out world's region records, whose descriptions start with "the" as in training; with
+    other records pass answer_start="" unless their model was trained so)."""
+    shapes_world = records is None
+    records = self.regions if shapes_world else records
+    questions = [REGION_PROMPT.format(box=self.data.box_format.to_text(r["box"])) for r in records]
+    descriptions = self._generate(graphdef, state, records, questions,
+                                  self.config.description_tokens, answer_start)
+    ious, _ = self._ground(graphdef, state, records, [d.strip() for d in descriptions])
+    metrics = {"self_consistency_acc50": float(np.mean(ious >= 0.5))}
+    if shapes_world:
+      metrics["self_consistency_shared"] = float(np.mean(
+          [shares_kind(Scene.from_json(r["scene"]), r["object"]) for r in records]))
+    return metrics
 
   def caption_metrics(self, graphdef, state) -> dict[str, float]:
     question = "<image>\n" + CAPTION_PROMPTS[0]
