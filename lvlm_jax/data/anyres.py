@@ -1,4 +1,5 @@
-"""LLaVA-NeXT's AnyRes preprocessing: an image -> the base view + its tiles, as vision-tower pixels.
+"""LLaVA-NeXT's (and LLaVA-OneVision's) AnyRes preprocessing: an image -> the base view + its
+tiles, as vision-tower pixels.
 
 As transformers' LlavaNextImageProcessor: the image is resized, keeping its aspect ratio, into the
 best pinpoint resolution (`models.llava_next.select_best_resolution`), centred on black padding,
@@ -12,7 +13,8 @@ import math
 import numpy as np
 
 from lvlm_jax.data.images import ImageProcessing, resize
-from lvlm_jax.models.llava_next import LlavaNextConfig, anyres_tokens, select_best_resolution
+from lvlm_jax.models.llava_next import (LlavaNextConfig, anyres_tokens, feature_grid,
+                                       select_best_resolution)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,13 +24,15 @@ class AnyResProcessing:
   tile: the size, normalisation and resampling of every view (its pad_to_square is unused:
   AnyRes pads to the pinpoint instead); pinpoints: (height, width) resolutions, multiples of
   tile.size; patch_size: the vision tower's; tile_tokens: the image tokens of one view
-  (`LVLMConfig.tokens_per_tile`). `for_config` fills them from the model's config.
+  (`LVLMConfig.tokens_per_tile`); max_feature_tiles: LLaVA-OneVision's feature cap (None for
+  LLaVA-NeXT). `for_config` fills them from the model's config.
   """
 
   tile: ImageProcessing
   pinpoints: tuple[tuple[int, int], ...]
   patch_size: int
   tile_tokens: int
+  max_feature_tiles: int | None = None
 
   @classmethod
   def for_config(cls, config: LlavaNextConfig, tile: ImageProcessing) -> "AnyResProcessing":
@@ -36,7 +40,8 @@ class AnyResProcessing:
       raise ValueError(f"tile size {tile.size} differs from the vision tower's "
                        f"{config.vision.image_size}")
     return cls(tile=tile, pinpoints=config.image_grid_pinpoints,
-               patch_size=config.vision.patch_size, tile_tokens=config.tokens_per_tile)
+               patch_size=config.vision.patch_size, tile_tokens=config.tokens_per_tile,
+               max_feature_tiles=config.max_feature_tiles)
 
   @property
   def max_tiles(self) -> int:
@@ -48,10 +53,17 @@ class AnyResProcessing:
     h, w = select_best_resolution(height, width, self.pinpoints)
     return h // self.tile.size, w // self.tile.size
 
+  def feature_grid(self, height: int, width: int) -> tuple[int, int]:
+    """The (rows, cols) of tile features an image of height x width pixels keeps
+    (`LlavaNextConfig.feature_grid`, `AnyResImages.feature_grids`)."""
+    return feature_grid(height, width, self.grid(height, width), self.tile.size // self.patch_size,
+                        self.max_feature_tiles)
+
   def image_tokens(self, height: int, width: int) -> int:
     """The image tokens of an image of height x width pixels (`LlavaNextConfig.image_tokens`)."""
     return anyres_tokens(height, width, self.grid(height, width),
-                         self.tile.size // self.patch_size, self.tile_tokens)
+                         self.tile.size // self.patch_size, self.tile_tokens,
+                         self.max_feature_tiles)
 
   def views(self, image: np.ndarray, num_tiles: int | None = None) -> np.ndarray:
     """`uint8 [H, W, 3]` -> `uint8 [K, S, S, 3]`: the base, then the tiles row by row, then

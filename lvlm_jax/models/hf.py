@@ -29,7 +29,7 @@ from safetensors.numpy import save_file
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.clip import CLIPConfig, CLIPModel
 from lvlm_jax.models.dinov2 import DINOv2Config, DINOv2Tower
-from lvlm_jax.models.llava_next import LlavaNext, LlavaNextConfig
+from lvlm_jax.models.llava_next import LlavaNext, LlavaNextConfig, LlavaOnevisionConfig
 from lvlm_jax.models.llm import LLM, LLMConfig
 from lvlm_jax.models.lora import linear_layers
 from lvlm_jax.models.lvlm import LVLM, LVLMConfig
@@ -378,8 +378,8 @@ def load_clip_vision(directory: str, *, mesh: Mesh | None = None, allow_pickle: 
 
 
 def load_lvlm(directory: str, **kwargs) -> LVLM:
-  """An HF LlavaForConditionalGeneration (or LlavaNextForConditionalGeneration: a LlavaNext)
-  directory -> LVLM."""
+  """An HF LlavaForConditionalGeneration (or LlavaNextForConditionalGeneration,
+  LlavaOnevisionForConditionalGeneration: a LlavaNext) directory -> LVLM."""
   return _load_expecting(LVLM, directory, **kwargs)
 
 
@@ -401,6 +401,9 @@ FAMILIES = {
     "llava_next": (LlavaNext, LlavaNextConfig,
                    lambda config: functools.partial(llava_names,
                                                     vision_type=config.vision.MODEL_TYPE)),
+    "llava_onevision": (LlavaNext, LlavaOnevisionConfig,
+                        lambda config: functools.partial(llava_names,
+                                                         vision_type=config.vision.MODEL_TYPE)),
     "clip": (CLIPModel, CLIPConfig, _fixed(clip_names)),
     "clip_vision_model": (CLIPVisionTower, CLIPVisionConfig, _fixed(clip_vision_names)),
     "siglip_vision_model": (SiglipVisionTower, SiglipVisionConfig, _fixed(clip_vision_names)),
@@ -439,7 +442,7 @@ def build_model(hf_config: dict, *, rngs: nnx.Rngs | None = None, **config_overr
 
 def load_model(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
                allow_unused: str | None = None, **config_overrides) -> nnx.Module:
-  """Any supported HF directory (LLaVA, LLaVA-NeXT, CLIP, a CLIP, SigLIP or DINOv2 vision tower,
+  """Any supported HF directory (LLaVA, LLaVA-NeXT, LLaVA-OneVision, CLIP, a CLIP, SigLIP or DINOv2 vision tower,
   Llama/Mistral/Qwen2).
 
   The config is checked before any tensor is read: what we cannot compute as transformers does

@@ -8,12 +8,21 @@ rows or columns cut off, row by row, each row followed by an `image_newline` tok
 token count depends on its size (`LlavaNextConfig.image_tokens`), as transformers'
 LlavaNextProcessor computes it.
 
+LLaVA-OneVision (`LlavaOnevisionConfig`, the same model class) caps the features: a kept grid of
+more than about 1.21 * N tiles' worth of patches (`anyres_max_N`) is shrunk bilinearly to
+int(rows // ratio) x int(cols // ratio), ratio = sqrt(rows * cols / (N * g**2)), before the
+newlines are added.
+
 The geometry that decides the grid (`select_best_resolution`) is transformers' float arithmetic,
 run on the host; the unpadding is exact integer arithmetic (what transformers' rounding to 7
-decimals computes), run inside the jitted forward from `image_sizes` and `image_grids`.
+decimals computes), run inside the jitted forward from `image_sizes` and `image_grids`. The
+OneVision cap is float arithmetic too (it floors q - 1 for some exact quotients q), so its
+shrunk grid comes from the host as `AnyResImages.feature_grids`.
 """
 
 import dataclasses
+import math
+import re
 from typing import ClassVar, NamedTuple
 
 import jax
@@ -64,13 +73,30 @@ def unpadded_grid(sizes, grids, side: int):
   return top, left, grid_h - 2 * top, grid_w - 2 * left
 
 
-def anyres_tokens(height: int, width: int, grid: tuple[int, int], side: int,
-                  tile_tokens: int) -> int:
-  """The image tokens of an image of height x width pixels cut into a grid of (rows, cols) tiles
-  of side x side patches: the base's tile_tokens, then each kept patch row and its newline
-  (transformers' `LlavaNextProcessor._get_number_of_features`)."""
+def feature_grid(height: int, width: int, grid: tuple[int, int], side: int,
+                 max_feature_tiles: int | None = None) -> tuple[int, int]:
+  """The (rows, cols) of tile features an image of height x width pixels cut into a grid of
+  (rows, cols) tiles of side x side patches keeps: unpadded, then (max_feature_tiles N, LLaVA-
+  OneVision's anyres_max_N) shrunk in transformers' float arithmetic when more than ~1.21 N
+  tiles' worth."""
   _, _, rows, cols = unpadded_grid(np.asarray([height, width]), np.asarray(grid), side)
-  return tile_tokens + int(rows) * (int(cols) + 1)
+  rows, cols = int(rows), int(cols)
+  if max_feature_tiles is None:
+    return rows, cols
+  ratio = math.sqrt(rows * cols / (max_feature_tiles * side ** 2))
+  if ratio > 1.1:
+    return int(rows // ratio), int(cols // ratio)
+  return rows, cols
+
+
+def anyres_tokens(height: int, width: int, grid: tuple[int, int], side: int, tile_tokens: int,
+                  max_feature_tiles: int | None = None) -> int:
+  """The image tokens of an image of height x width pixels cut into a grid of (rows, cols) tiles
+  of side x side patches: the base's tile_tokens, then each kept feature row (`feature_grid`) and
+  its newline (transformers' `LlavaNextProcessor._get_number_of_features`,
+  `LlavaOnevisionProcessor._get_number_of_features`)."""
+  rows, cols = feature_grid(height, width, grid, side, max_feature_tiles)
+  return tile_tokens + rows * (cols + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +104,11 @@ class LlavaNextConfig(LVLMConfig):
   """A LLaVA-NeXT model; reads and writes an HF `LlavaNextForConditionalGeneration` config.
 
   image_grid_pinpoints: the (height, width) resolutions AnyRes may tile an image into, each a
-  multiple of the tower's image_size.
+  multiple of the tower's image_size. max_feature_tiles: None (LLaVA-NeXT keeps every unpadded
+  feature); LLaVA-OneVision's anyres_max_N.
   """
   image_grid_pinpoints: tuple[tuple[int, int], ...] = DEFAULT_PINPOINTS
+  max_feature_tiles: int | None = None
 
   MODEL_TYPE: ClassVar[str] = "llava_next"
   ARCHITECTURE: ClassVar[str] = "LlavaNextForConditionalGeneration"
@@ -102,7 +130,7 @@ class LlavaNextConfig(LVLMConfig):
 
   @property
   def tokens_per_image(self) -> int:
-    raise UserError("a LLaVA-NeXT model's image token count depends on each image's size "
+    raise UserError(f"a {self.MODEL_TYPE} model's image token count depends on each image's size "
                     "(LlavaNextConfig.image_tokens); training and the generation service take "
                     "a fixed count per image so far (convert supports it)")
 
@@ -115,14 +143,21 @@ class LlavaNextConfig(LVLMConfig):
     h, w = select_best_resolution(height, width, self.image_grid_pinpoints)
     return h // self.vision.image_size, w // self.vision.image_size
 
+  def feature_grid(self, height: int, width: int) -> tuple[int, int]:
+    """The (rows, cols) of tile features an image of height x width pixels keeps (`feature_grid`)."""
+    return feature_grid(height, width, self.image_grid(height, width), self.patches_per_side,
+                        self.max_feature_tiles)
+
   def image_tokens(self, height: int, width: int) -> int:
     """The image tokens of an image of height x width pixels (`anyres_tokens`)."""
     return anyres_tokens(height, width, self.image_grid(height, width), self.patches_per_side,
-                         self.tokens_per_tile)
+                         self.tokens_per_tile, self.max_feature_tiles)
 
   @classmethod
   def _family_fields_from_hf(cls, hf: dict) -> dict:
-    pinpoints = hf.get("image_grid_pinpoints") or DEFAULT_PINPOINTS
+    pinpoints = hf.get("image_grid_pinpoints")
+    if not pinpoints:  # transformers' default, the field's
+      return {}
     try:
       return {"image_grid_pinpoints": tuple((int(h), int(w)) for h, w in pinpoints)}
     except (TypeError, ValueError):
@@ -133,33 +168,62 @@ class LlavaNextConfig(LVLMConfig):
     return {**super().to_hf(), "image_grid_pinpoints": [list(p) for p in self.image_grid_pinpoints]}
 
 
-def image_feature_index(is_image: jax.Array, image_sizes: jax.Array, image_grids: jax.Array,
-                        num_tiles: int, side: int) -> jax.Array:
-  """Which tile feature each image token of a row takes.
+def _source_rows(out: jax.Array, size: jax.Array, out_size: jax.Array):
+  """Rows `out` of a grid shrunk from size to out_size rows (int [B, T] each) -> the two source
+  rows and their weights, as torch's bilinear interpolation (align_corners=False) takes them
+  (row `out` itself, weight 1, when nothing shrinks)."""
+  scale = size.astype(jnp.float32) / jnp.maximum(out_size, 1).astype(jnp.float32)
+  source = jnp.maximum(scale * (out.astype(jnp.float32) + 0.5) - 0.5, 0.0)
+  low = jnp.floor(source).astype(out.dtype)
+  frac = jnp.clip(source - low, 0.0, 1.0)
+  high = jnp.minimum(low + 1, jnp.maximum(size - 1, 0))
+  return (low, 1.0 - frac), (high, frac)
 
-  is_image: bool [B, T]; image_sizes, image_grids: int [B, N, 2] (see AnyResImages);
-  num_tiles: K, the tile slots per image; side: patches per tile side (P = side**2 features a
-  tile) -> index int [B, T] into a row's features [N * K * P], N * K * P for the newline.
+
+def image_feature_index(is_image: jax.Array, image_sizes: jax.Array, image_grids: jax.Array,
+                        num_tiles: int, side: int,
+                        feature_grids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Which tile features each image token of a row blends.
+
+  is_image: bool [B, T]; image_sizes, image_grids, feature_grids: int [B, N, 2] (see
+  AnyResImages); num_tiles: K, the tile slots per image; side: patches per tile side (P = side**2
+  features a tile) -> (index int [B, T, C] into a row's features [N * K * P], N * K * P for the
+  newline; weight float32 [B, T, C]): C = 1 without feature_grids, else the 4 bilinear corners.
   The k-th image token of a row belongs to the first image whose token runs reach past k: the
   row's images take their tokens in order, padded slots (after them) none.
   """
   tokens = side * side
   top, left, rows, cols = unpadded_grid(image_sizes, image_grids, side)     # [B, N] each
-  counts = tokens + rows * (cols + 1)                                        # [B, N]
+  out_rows, out_cols = (rows, cols) if feature_grids is None else (feature_grids[..., 0],
+                                                                   feature_grids[..., 1])
+  counts = tokens + out_rows * (out_cols + 1)                                # [B, N]
   ends = jnp.cumsum(counts, axis=1)
   ordinal = jnp.cumsum(is_image, axis=1) - 1                                 # [B, T]
   slot = jnp.minimum(jnp.sum(ordinal[..., None] >= ends[:, None, :], axis=-1), ends.shape[1] - 1)
   per_slot = lambda x: jnp.take_along_axis(x, slot, axis=1)                  # [B, N] -> [B, T]
   k = ordinal - per_slot(ends - counts)
-  width = per_slot(cols) + 1
+  width = per_slot(out_cols) + 1
   row, col = (k - tokens) // width, (k - tokens) % width
-  r, c = row + per_slot(top), col + per_slot(left)
-  tile = 1 + (r // side) * per_slot(image_grids[..., 1]) + c // side
-  feature = jnp.where(k < tokens, k, tile * tokens + (r % side) * side + c % side)
+  if feature_grids is None:
+    corners = [((row, 1.0), (col, 1.0))]
+  else:
+    ys = _source_rows(row, per_slot(rows), per_slot(out_rows))
+    xs = _source_rows(col, per_slot(cols), per_slot(out_cols))
+    corners = [(y, x) for y in ys for x in xs]
   newline = (k >= tokens) & (col == width - 1)
   num_features = image_sizes.shape[1] * num_tiles * tokens
-  index = jnp.where(newline, num_features, slot * num_tiles * tokens + feature)
-  return jnp.clip(index, 0, num_features)
+  indices, weights = [], []
+  for (r, wr), (c, wc) in corners:
+    r, c = r + per_slot(top), c + per_slot(left)
+    tile = 1 + (r // side) * per_slot(image_grids[..., 1]) + c // side
+    feature = jnp.where(k < tokens, k, tile * tokens + (r % side) * side + c % side)
+    index = jnp.where(newline, num_features, slot * num_tiles * tokens + feature)
+    indices.append(jnp.clip(index, 0, num_features))
+    # The base's features and the newline are taken whole, from the first corner.
+    whole, first = (k < tokens) | newline, not weights
+    weights.append(jnp.where(whole, 1.0 if first else 0.0,
+                             jnp.broadcast_to(jnp.asarray(wr * wc, jnp.float32), k.shape)))
+  return jnp.stack(indices, -1), jnp.stack(weights, -1)
 
 
 class AnyResImages(NamedTuple):
@@ -168,18 +232,21 @@ class AnyResImages(NamedTuple):
 
   pixel_values: float32 [B, N, K, S, S, 3], each image's views (data.anyres.AnyResProcessing:
   the base first, then its tiles, padded to K); image_sizes: int [B, N, 2] each image's original
-  (height, width); image_grids: int [B, N, 2] its tile (rows, cols) (`LlavaNextConfig.image_grid`).
-  Padded image slots (after a row's images) are never read.
+  (height, width); image_grids: int [B, N, 2] its tile (rows, cols) (`LlavaNextConfig.image_grid`);
+  feature_grids: int [B, N, 2] the (rows, cols) of tile features it keeps
+  (`LlavaNextConfig.feature_grid`), which LLaVA-OneVision needs and LLaVA-NeXT computes itself
+  (None). Padded image slots (after a row's images) are never read.
   """
   pixel_values: jax.Array
   image_sizes: jax.Array
   image_grids: jax.Array
+  feature_grids: jax.Array | None = None
 
 
 class LlavaNext(LVLM):
-  """LLaVA-NeXT: the LVLM with AnyRes tiles and the learned `image_newline` embedding. Its
-  `pixel_values` are `AnyResImages`; each image's tokens are `config.image_tokens(H, W)` copies
-  of the image token."""
+  """LLaVA-NeXT and LLaVA-OneVision: the LVLM with AnyRes tiles and the learned `image_newline`
+  embedding. Its `pixel_values` are `AnyResImages`; each image's tokens are
+  `config.image_tokens(H, W)` copies of the image token."""
 
   def __init__(self, config: LlavaNextConfig, *, rngs: nnx.Rngs):
     super().__init__(config, rngs=rngs)
@@ -196,6 +263,10 @@ class LlavaNext(LVLM):
     if not isinstance(pixel_values, AnyResImages):
       raise TypeError("a LLaVA-NeXT model takes AnyResImages (views, image sizes and grids), "
                       f"got {type(pixel_values).__name__}")
+    if self.config.max_feature_tiles is not None and pixel_values.feature_grids is None:
+      raise ValueError("a LLaVA-OneVision model takes AnyResImages with feature_grids "
+                       "(LlavaNextConfig.feature_grid of each image)")
+    feature_grids = None if self.config.max_feature_tiles is None else pixel_values.feature_grids
     views = pixel_values.pixel_values
     b, n, k = views.shape[:3]
     features = self.embed_images(views.reshape(b, n * k, *views.shape[3:]))
@@ -203,7 +274,55 @@ class LlavaNext(LVLM):
     newline = jnp.broadcast_to(self.image_newline[...].astype(text_embeds.dtype),
                                (b, 1, features.shape[-1]))
     features = jnp.concatenate([features, newline], axis=1)                  # [B, N*K*P + 1, D]
-    index = image_feature_index(is_image, pixel_values.image_sizes, pixel_values.image_grids,
-                                   k, self.config.patches_per_side)
-    gathered = jnp.take_along_axis(features, index[..., None], axis=1)
-    return jnp.where(is_image[..., None], gathered, text_embeds)
+    index, weight = image_feature_index(is_image, pixel_values.image_sizes,
+                                        pixel_values.image_grids, k, self.config.patches_per_side,
+                                        feature_grids)
+    c = index.shape[-1]
+    gathered = jnp.take_along_axis(features, index.reshape(b, -1, 1), axis=1)  # [B, T * C, D]
+    gathered = gathered.reshape(*index.shape, -1)
+    if c == 1:  # LLaVA-NeXT: a copy
+      blended = gathered[:, :, 0]
+    else:
+      # Elementwise, not a dot: accelerators' default matmul precision would round the weights.
+      blended = jnp.sum(weight[..., None].astype(gathered.dtype) * gathered, axis=2)
+    return jnp.where(is_image[..., None], blended, text_embeds)
+
+
+# transformers' LlavaOnevisionConfig default: 384 px tiles, 1 to 6 of them a side.
+ONEVISION_PINPOINTS = tuple((384 * rows, 384 * cols) for rows in range(1, 7) for cols in range(1, 7))
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaOnevisionConfig(LlavaNextConfig):
+  """A LLaVA-OneVision model (SigLIP + Qwen2 in the released ones); reads and writes an HF
+  `LlavaOnevisionForConditionalGeneration` config: LLaVA-NeXT's AnyRes with the feature cap of
+  `vision_aspect_ratio` anyres_max_N.
+
+  Every image is tiled: transformers' processor takes a row with several images as base views
+  only (tile_tokens + 1 tokens each, its `batch_num_images`), which this model does not do; it
+  computes what transformers' model computes without `batch_num_images`. Videos are not read.
+  """
+  image_grid_pinpoints: tuple[tuple[int, int], ...] = ONEVISION_PINPOINTS
+  max_feature_tiles: int | None = 9
+
+  MODEL_TYPE: ClassVar[str] = "llava_onevision"
+  ARCHITECTURE: ClassVar[str] = "LlavaOnevisionForConditionalGeneration"
+
+  @classmethod
+  def from_hf(cls, hf: dict, **dtype_overrides) -> "LlavaOnevisionConfig":
+    # transformers' LlavaOnevisionConfig defaults, which differ from LLaVA's.
+    defaults = {"vision_feature_layer": -1, "vision_feature_select_strategy": "full",
+                "image_token_index": 151646}
+    return super().from_hf({**defaults, **hf}, **dtype_overrides)
+
+  @classmethod
+  def _family_fields_from_hf(cls, hf: dict) -> dict:
+    aspect = hf.get("vision_aspect_ratio", "anyres_max_9")
+    match = re.fullmatch(r"anyres_max_([1-9]\d*)", str(aspect))
+    if match is None:
+      raise UserError(f"vision_aspect_ratio {aspect!r} is not supported; LLaVA-OneVision takes "
+                      "anyres_max_N (transformers' only kind)")
+    return {**super()._family_fields_from_hf(hf), "max_feature_tiles": int(match.group(1))}
+
+  def to_hf(self) -> dict:
+    return {**super().to_hf(), "vision_aspect_ratio": f"anyres_max_{self.max_feature_tiles}"}
