@@ -150,7 +150,7 @@ class CLIPTextTower(nnx.Module):
     return x, jnp.take_along_axis(x, eos_index[:, None, None], axis=1)[:, 0]
 
 
-def _unit(x: jax.Array) -> jax.Array:
+def unit_norm(x: jax.Array) -> jax.Array:
   """[..., E] -> float32 [..., E] with unit L2 norm on the last axis."""
   x = x.astype(jnp.float32)
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
@@ -185,13 +185,13 @@ class CLIPModel(nnx.Module):
   def __call__(self, pixel_values: jax.Array, input_ids: jax.Array,
                attention_mask: jax.Array | None = None) -> jax.Array:
     """-> float32 logits_per_image [B_img, B_txt] = exp(logit_scale) * cosine similarity."""
-    image = _unit(self.image_embeds(pixel_values))
-    text = _unit(self.text_embeds(input_ids, attention_mask))
+    image = unit_norm(self.image_embeds(pixel_values))
+    text = unit_norm(self.text_embeds(input_ids, attention_mask))
     return jnp.exp(self.logit_scale[...].astype(jnp.float32)) * image @ text.T
 
   def score(self, pixel_values: jax.Array, input_ids: jax.Array,
             attention_mask: jax.Array | None = None) -> jax.Array:
     """Image i against text i: float32 [B] = exp(logit_scale) * cos (about 100 * cos for trained CLIP)."""
-    image = _unit(self.image_embeds(pixel_values))
-    text = _unit(self.text_embeds(input_ids, attention_mask))
+    image = unit_norm(self.image_embeds(pixel_values))
+    text = unit_norm(self.text_embeds(input_ids, attention_mask))
     return jnp.exp(self.logit_scale[...].astype(jnp.float32)) * jnp.sum(image * text, axis=-1)

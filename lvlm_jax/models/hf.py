@@ -33,7 +33,7 @@ from lvlm_jax.models.llava_next import LlavaNext, LlavaNextConfig, LlavaOnevisio
 from lvlm_jax.models.llm import LLM, LLMConfig
 from lvlm_jax.models.lora import linear_layers
 from lvlm_jax.models.lvlm import LVLM, LVLMConfig
-from lvlm_jax.models.siglip import SiglipVisionConfig, SiglipVisionTower
+from lvlm_jax.models.siglip import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionTower
 from lvlm_jax.models.vision import CLIPVisionConfig, CLIPVisionTower
 from lvlm_jax.sharding import variable_sharding
 
@@ -67,6 +67,16 @@ CLIP_TEXT_RULES = CLIP_ENCODER_RULES + [
     (r"position_embedding", r"embeddings.position_embedding.weight"),
     (r"final_norm\.(weight|bias)", r"final_layer_norm.\1"),
 ]
+SIGLIP_TEXT_RULES = CLIP_TEXT_RULES + [(r"head\.(weight|bias)", r"head.\1")]
+# SigLIP's attention-pooling head: torch's nn.MultiheadAttention packs q, k, v in one projection.
+SIGLIP_HEAD_RULES = [
+    (r"probe", r"head.probe"),
+    (r"in_proj\.(weight|bias)", r"head.attention.in_proj_\1"),
+    (r"out_proj\.(weight|bias)", r"head.attention.out_proj.\1"),
+    (r"norm\.(weight|bias)", r"head.layernorm.\1"),
+    (r"mlp\.(fc1|fc2)\.(weight|bias)", r"head.mlp.\1.\2"),
+]
+SIGLIP_MODEL_RULES = [(r"(logit_scale|logit_bias)", r"\1")]
 DINOV2_RULES = [
     (r"layers\.(\d+)\.norm(1|2)\.(weight|bias)", r"encoder.layer.\1.norm\2.\3"),
     (r"layers\.(\d+)\.attn\.q_proj\.(weight|bias)", r"encoder.layer.\1.attention.attention.query.\2"),
@@ -143,6 +153,20 @@ def clip_names(path: str) -> list[str]:
   if head == "text":
     return _prefixed(("text_model.",), CLIP_TEXT_RULES, _hf_path(rest))
   name = _apply_rules(CLIP_MODEL_RULES, _hf_path(path))
+  return [] if name is None else [name]
+
+
+def siglip_names(path: str) -> list[str]:
+  """A SiglipModel's tensors: CLIPModel's layout with the text head, the vision pooling head and
+  the logit bias."""
+  head, _, rest = path.partition(".")
+  prefixed = {"vision": ("vision_model.", CLIP_VISION_RULES),
+              "vision_head": ("vision_model.", SIGLIP_HEAD_RULES),
+              "text": ("text_model.", SIGLIP_TEXT_RULES)}
+  if head in prefixed:
+    prefix, rules = prefixed[head]
+    return _prefixed((prefix,), rules, _hf_path(rest))
+  name = _apply_rules(SIGLIP_MODEL_RULES, _hf_path(path))
   return [] if name is None else [name]
 
 
@@ -364,6 +388,11 @@ def load_clip(directory: str, **kwargs) -> CLIPModel:
   return _load_expecting(CLIPModel, directory, **kwargs)
 
 
+def load_siglip(directory: str, **kwargs) -> SiglipModel:
+  """An HF SiglipModel directory -> SiglipModel (an image-text scorer, as `load_clip`)."""
+  return _load_expecting(SiglipModel, directory, **kwargs)
+
+
 def load_clip_vision(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
                      allow_unused: str | None = None, **config_overrides) -> CLIPVisionTower:
   """The vision tower of an HF CLIPModel or CLIPVisionModel directory (a CLIPModel's text tower
@@ -405,6 +434,7 @@ FAMILIES = {
                         lambda config: functools.partial(llava_names,
                                                          vision_type=config.vision.MODEL_TYPE)),
     "clip": (CLIPModel, CLIPConfig, _fixed(clip_names)),
+    "siglip": (SiglipModel, SiglipConfig, _fixed(siglip_names)),
     "clip_vision_model": (CLIPVisionTower, CLIPVisionConfig, _fixed(clip_vision_names)),
     "siglip_vision_model": (SiglipVisionTower, SiglipVisionConfig, _fixed(clip_vision_names)),
     "dinov2": (DINOv2Tower, DINOv2Config, _fixed(dinov2_names)),
@@ -442,7 +472,7 @@ def build_model(hf_config: dict, *, rngs: nnx.Rngs | None = None, **config_overr
 
 def load_model(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
                allow_unused: str | None = None, **config_overrides) -> nnx.Module:
-  """Any supported HF directory (LLaVA, LLaVA-NeXT, LLaVA-OneVision, CLIP, a CLIP, SigLIP or DINOv2 vision tower,
+  """Any supported HF directory (LLaVA, LLaVA-NeXT, LLaVA-OneVision, CLIP, SigLIP, a CLIP, SigLIP or DINOv2 vision tower,
   Llama/Mistral/Qwen2).
 
   The config is checked before any tensor is read: what we cannot compute as transformers does
@@ -464,6 +494,8 @@ def load_model(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool =
 
 def _unread_by_design(hf_config: dict) -> list[str]:
   """Patterns of the tensors the config describes but no model here reads (UNREAD_BY_DESIGN)."""
+  if hf_config.get("model_type") == "siglip":  # the image-text model reads its pooling head
+    return []
   vision = hf_config.get("vision_config", hf_config)
   key, pattern = UNREAD_BY_DESIGN.get(vision.get("model_type"), (None, None))
   # Both keys default to true in transformers.
