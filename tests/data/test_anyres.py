@@ -88,3 +88,22 @@ def test_a_batch_of_mixed_image_sizes_gives_transformers_logits(tmp_path):
   real = mask.astype(bool)
   diff = np.abs(np.asarray(logits)[real] - expected[real]).max()
   assert diff <= 1e-4 * np.abs(expected[real]).max(), diff
+
+
+def test_onevision_token_counts_are_transformers_processor_at_its_real_geometry():
+  """LLaVA-OneVision's 384 px SigLIP tiles (27 x 27 patches), its 36 default pinpoints and the
+  anyres_max_9 cap: our counts equal the processor's own for random and square image sizes."""
+  from lvlm_jax.models.llava_next import ONEVISION_PINPOINTS, feature_grid
+  processor = object.__new__(transformers.LlavaOnevisionProcessor)  # its video processor needs
+  processor.num_image_tokens, processor.vision_aspect_ratio = 729, "anyres_max_9"  # torchvision
+  processor.image_processor = transformers.LlavaOnevisionImageProcessorPil()
+  ours = AnyResProcessing(tile=ImageProcessing(size=384), pinpoints=ONEVISION_PINPOINTS,
+                          patch_size=14, tile_tokens=729, max_feature_tiles=9)
+  rng = np.random.default_rng(1)
+  sizes = [tuple(map(int, hw)) for hw in rng.integers(1, 3000, (300, 2))]
+  sizes += [(s, s) for s in range(100, 3000, 97)]
+  capped = 0
+  for h, w in sizes:
+    assert ours.image_tokens(h, w) == processor._get_number_of_features(h, w, 384, 384), (h, w)
+    capped += ours.feature_grid(h, w) != feature_grid(h, w, ours.grid(h, w), 27)
+  assert capped > 100  # most of these sizes are shrunk by the cap
