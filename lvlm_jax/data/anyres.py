@@ -13,8 +13,8 @@ import math
 import numpy as np
 
 from lvlm_jax.data.images import ImageProcessing, resize
-from lvlm_jax.models.llava_next import (LlavaNextConfig, anyres_tokens, feature_grid,
-                                       select_best_resolution)
+from lvlm_jax.models.llava_next import (UNTILED_FEATURES, UNTILED_GRID, LlavaNextConfig,
+                                       anyres_tokens, feature_grid, select_best_resolution)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,28 +48,49 @@ class AnyResProcessing:
     """Views of the largest image: the base + the most tiles of any pinpoint."""
     return 1 + max(h // self.tile.size * (w // self.tile.size) for h, w in self.pinpoints)
 
-  def grid(self, height: int, width: int) -> tuple[int, int]:
-    """The (rows, cols) of tiles of an image of height x width pixels."""
+  def _check_tiled(self, tiled: bool) -> None:
+    if not tiled and self.max_feature_tiles is None:
+      raise ValueError("LLaVA-NeXT tiles every image; only LLaVA-OneVision takes untiled ones")
+
+  def grid(self, height: int, width: int, tiled: bool = True) -> tuple[int, int]:
+    """The (rows, cols) of tiles of an image of height x width pixels
+    (`LlavaNextConfig.image_grid`); tiled=False: LLaVA-OneVision's image in a row of several."""
+    self._check_tiled(tiled)
+    if not tiled:
+      return UNTILED_GRID
     h, w = select_best_resolution(height, width, self.pinpoints)
     return h // self.tile.size, w // self.tile.size
 
-  def feature_grid(self, height: int, width: int) -> tuple[int, int]:
+  def feature_grid(self, height: int, width: int, tiled: bool = True) -> tuple[int, int]:
     """The (rows, cols) of tile features an image of height x width pixels keeps
     (`LlavaNextConfig.feature_grid`, `AnyResImages.feature_grids`)."""
+    if not tiled:
+      self._check_tiled(tiled)
+      return UNTILED_FEATURES
     return feature_grid(height, width, self.grid(height, width), self.tile.size // self.patch_size,
                         self.max_feature_tiles)
 
-  def image_tokens(self, height: int, width: int) -> int:
+  def image_tokens(self, height: int, width: int, tiled: bool = True) -> int:
     """The image tokens of an image of height x width pixels (`LlavaNextConfig.image_tokens`)."""
+    if not tiled:
+      self._check_tiled(tiled)
+      return self.tile_tokens + 1
     return anyres_tokens(height, width, self.grid(height, width),
                          self.tile.size // self.patch_size, self.tile_tokens,
                          self.max_feature_tiles)
 
-  def views(self, image: np.ndarray, num_tiles: int | None = None) -> np.ndarray:
+  def views(self, image: np.ndarray, num_tiles: int | None = None,
+            tiled: bool = True) -> np.ndarray:
     """`uint8 [H, W, 3]` -> `uint8 [K, S, S, 3]`: the base, then the tiles row by row, then
-    zero views up to num_tiles (K = 1 + rows * cols when None)."""
+    zero views up to num_tiles (K = 1 + rows * cols when None). tiled=False (LLaVA-OneVision's
+    image in a row of several): the base alone, padded to a square in the mean colour first, as
+    transformers' LlavaOnevisionImageProcessor."""
     height, width, _ = image.shape
     size, resample = self.tile.size, self.tile.resample
+    if not tiled:
+      self._check_tiled(tiled)
+      base = dataclasses.replace(self.tile, pad_to_square=True).resize(image)[None]
+      return np.concatenate([base, np.zeros(((num_tiles or 1) - 1, size, size, 3), np.uint8)])
     target_h, target_w = select_best_resolution(height, width, self.pinpoints)
     # transformers' get_patch_output_size: the limiting side exactly, the other rounded up.
     if target_w / width < target_h / height:
@@ -88,7 +109,8 @@ class AnyResProcessing:
       views.append(np.zeros((num_tiles - 1 - len(views[1]), size, size, 3), np.uint8))
     return np.concatenate(views)
 
-  def __call__(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+  def __call__(self, image: np.ndarray,
+               tiled: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
     """`uint8 [H, W, 3]` -> (`float32 [max_tiles, S, S, 3]` normalised views, the tile grid)."""
-    return (self.tile.normalize(self.views(image, self.max_tiles)),
-            self.grid(*image.shape[:2]))
+    return (self.tile.normalize(self.views(image, self.max_tiles, tiled)),
+            self.grid(*image.shape[:2], tiled))

@@ -36,6 +36,9 @@ from lvlm_jax.models.lvlm import LVLM, LVLMConfig
 
 # transformers' LlavaNextConfig default (LLaVA-1.6 at 336 px tiles).
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+# LLaVA-OneVision's image in a row of several (transformers' batch_num_images > 1): its base view
+# alone (padded to a square), then one newline: no tiles, a feature grid of one row of none.
+UNTILED_GRID, UNTILED_FEATURES = (0, 0), (1, 0)
 
 
 def select_best_resolution(height: int, width: int,
@@ -138,18 +141,34 @@ class LlavaNextConfig(LVLMConfig):
   def patches_per_side(self) -> int:
     return self.vision.image_size // self.vision.patch_size
 
-  def image_grid(self, height: int, width: int) -> tuple[int, int]:
-    """The (rows, cols) of tiles an image of height x width pixels is cut into."""
+  def _check_tiled(self, tiled: bool) -> None:
+    if not tiled and self.max_feature_tiles is None:
+      raise ValueError("LLaVA-NeXT tiles every image; only LLaVA-OneVision takes untiled ones")
+
+  def image_grid(self, height: int, width: int, tiled: bool = True) -> tuple[int, int]:
+    """The (rows, cols) of tiles an image of height x width pixels is cut into; tiled=False:
+    LLaVA-OneVision's image in a row of several (UNTILED_GRID)."""
+    self._check_tiled(tiled)
+    if not tiled:
+      return UNTILED_GRID
     h, w = select_best_resolution(height, width, self.image_grid_pinpoints)
     return h // self.vision.image_size, w // self.vision.image_size
 
-  def feature_grid(self, height: int, width: int) -> tuple[int, int]:
-    """The (rows, cols) of tile features an image of height x width pixels keeps (`feature_grid`)."""
+  def feature_grid(self, height: int, width: int, tiled: bool = True) -> tuple[int, int]:
+    """The (rows, cols) of tile features an image of height x width pixels keeps (`feature_grid`;
+    UNTILED_FEATURES when not tiled)."""
+    self._check_tiled(tiled)
+    if not tiled:
+      return UNTILED_FEATURES
     return feature_grid(height, width, self.image_grid(height, width), self.patches_per_side,
                         self.max_feature_tiles)
 
-  def image_tokens(self, height: int, width: int) -> int:
-    """The image tokens of an image of height x width pixels (`anyres_tokens`)."""
+  def image_tokens(self, height: int, width: int, tiled: bool = True) -> int:
+    """The image tokens of an image of height x width pixels (`anyres_tokens`; the base and a
+    newline when not tiled)."""
+    self._check_tiled(tiled)
+    if not tiled:
+      return self.tokens_per_tile + 1
     return anyres_tokens(height, width, self.image_grid(height, width), self.patches_per_side,
                          self.tokens_per_tile, self.max_feature_tiles)
 
@@ -234,8 +253,9 @@ class AnyResImages(NamedTuple):
   the base first, then its tiles, padded to K); image_sizes: int [B, N, 2] each image's original
   (height, width); image_grids: int [B, N, 2] its tile (rows, cols) (`LlavaNextConfig.image_grid`);
   feature_grids: int [B, N, 2] the (rows, cols) of tile features it keeps
-  (`LlavaNextConfig.feature_grid`), which LLaVA-OneVision needs and LLaVA-NeXT computes itself
-  (None). Padded image slots (after a row's images) are never read.
+  (`LlavaNextConfig.feature_grid`; UNTILED_FEATURES for an untiled image, whose grid is
+  UNTILED_GRID), which LLaVA-OneVision needs and LLaVA-NeXT computes itself (None). Padded image
+  slots (after a row's images) are never read.
   """
   pixel_values: jax.Array
   image_sizes: jax.Array
@@ -298,9 +318,9 @@ class LlavaOnevisionConfig(LlavaNextConfig):
   `LlavaOnevisionForConditionalGeneration` config: LLaVA-NeXT's AnyRes with the feature cap of
   `vision_aspect_ratio` anyres_max_N.
 
-  Every image is tiled: transformers' processor takes a row with several images as base views
-  only (tile_tokens + 1 tokens each, its `batch_num_images`), which this model does not do; it
-  computes what transformers' model computes without `batch_num_images`. Videos are not read.
+  transformers' processor takes the images of a row with several as base views only, padded to
+  a square (its `batch_num_images`): here those are the untiled images (`image_tokens(...,
+  tiled=False)`, `AnyResProcessing.views(..., tiled=False)`). Videos are not read.
   """
   image_grid_pinpoints: tuple[tuple[int, int], ...] = ONEVISION_PINPOINTS
   max_feature_tiles: int | None = 9

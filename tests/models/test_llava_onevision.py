@@ -172,3 +172,41 @@ def test_greedy_generation_matches_transformers_generate(onevision):
   np.testing.assert_allclose(np.asarray(out.logprobs),
                              np.take_along_axis(logp, tokens[..., None], -1)[..., 0],
                              atol=1e-4, rtol=0)
+
+
+def test_a_row_of_several_images_takes_them_untiled_as_transformers(onevision):
+  """transformers' processor takes the images of a row with several as base views only (padded
+  to a square in the mean colour, tile_tokens + 1 tokens each; its batch_num_images): row 0 holds
+  both images so, row 1 the capped one tiled."""
+  _, ref, model = onevision
+  config = model.config
+  big, small = _images()
+  untiled = config.image_tokens(*SIZES[0], tiled=False)
+  assert untiled == config.image_tokens(*SIZES[1], tiled=False) == 16 + 1
+  rows = [[5] + [IMAGE_TOKEN] * untiled + [6] + [IMAGE_TOKEN] * untiled + [7, 8],
+          [9] + [IMAGE_TOKEN] * config.image_tokens(*SIZES[0]) + [10]]
+  ids = np.zeros((2, max(map(len, rows))), np.int32)
+  mask = np.zeros_like(ids)
+  for i, row in enumerate(rows):
+    ids[i, :len(row)], mask[i, :len(row)] = row, 1
+  ours = AnyResProcessing.for_config(config, ImageProcessing(size=28))
+  pixels = np.zeros((2, 2, ours.max_tiles, 28, 28, 3), np.float32)
+  sizes, grids, feature_grids = (np.zeros((2, 2, 2), np.int32) for _ in range(3))
+  for (b, n, tiled), image in zip([(0, 0, False), (0, 1, False), (1, 0, True)], [big, small, big]):
+    pixels[b, n], grids[b, n] = ours(image, tiled)
+    sizes[b, n] = image.shape[:2]
+    feature_grids[b, n] = ours.feature_grid(*image.shape[:2], tiled)
+  theirs = _image_processor()([[big, small], [big]], return_tensors="pt")
+  assert theirs["batch_num_images"].tolist() == [2, 1]
+  np.testing.assert_allclose(pixels[0, :, 0], theirs["pixel_values"][:2, 0].numpy()
+                             .transpose(0, 2, 3, 1), atol=1e-5)
+  with torch.no_grad():
+    expected = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                   pixel_values=theirs["pixel_values"], image_sizes=theirs["image_sizes"],
+                   batch_num_images=theirs["batch_num_images"]).logits.numpy()
+  images = AnyResImages(pixels, sizes, grids, feature_grids)
+  _assert_logits_close(forward(model, ids, attention_mask=mask, pixel_values=images)[0],
+                       expected, mask)
+  with pytest.raises(ValueError, match="tiles every image"):
+    AnyResProcessing(tile=ours.tile, pinpoints=ours.pinpoints, patch_size=7,
+                     tile_tokens=16).image_tokens(20, 45, tiled=False)
