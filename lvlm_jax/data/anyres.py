@@ -22,7 +22,7 @@ class AnyResProcessing:
   """How an image becomes a LLaVA-NeXT model's views and how many image tokens it takes.
 
   tile: the size, normalisation and resampling of every view (its pad_to_square is unused:
-  AnyRes pads to the pinpoint instead); pinpoints: (height, width) resolutions, multiples of
+  AnyRes pads to the pinpoint, an untiled OneVision view always to a square); pinpoints: (height, width) resolutions, multiples of
   tile.size; patch_size: the vision tower's; tile_tokens: the image tokens of one view
   (`LVLMConfig.tokens_per_tile`); max_feature_tiles: LLaVA-OneVision's feature cap (None for
   LLaVA-NeXT). `for_config` fills them from the model's config.
@@ -64,16 +64,16 @@ class AnyResProcessing:
   def feature_grid(self, height: int, width: int, tiled: bool = True) -> tuple[int, int]:
     """The (rows, cols) of tile features an image of height x width pixels keeps
     (`LlavaNextConfig.feature_grid`, `AnyResImages.feature_grids`)."""
+    self._check_tiled(tiled)
     if not tiled:
-      self._check_tiled(tiled)
       return UNTILED_FEATURES
     return feature_grid(height, width, self.grid(height, width), self.tile.size // self.patch_size,
                         self.max_feature_tiles)
 
   def image_tokens(self, height: int, width: int, tiled: bool = True) -> int:
     """The image tokens of an image of height x width pixels (`LlavaNextConfig.image_tokens`)."""
+    self._check_tiled(tiled)
     if not tiled:
-      self._check_tiled(tiled)
       return self.tile_tokens + 1
     return anyres_tokens(height, width, self.grid(height, width),
                          self.tile.size // self.patch_size, self.tile_tokens,
@@ -87,8 +87,8 @@ class AnyResProcessing:
     transformers' LlavaOnevisionImageProcessor."""
     height, width, _ = image.shape
     size, resample = self.tile.size, self.tile.resample
+    self._check_tiled(tiled)
     if not tiled:
-      self._check_tiled(tiled)
       base = dataclasses.replace(self.tile, pad_to_square=True).resize(image)[None]
       return np.concatenate([base, np.zeros(((num_tiles or 1) - 1, size, size, 3), np.uint8)])
     target_h, target_w = select_best_resolution(height, width, self.pinpoints)
