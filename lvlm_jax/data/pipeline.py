@@ -25,6 +25,8 @@ from lvlm_jax.data.text import (TEMPLATES, BadConversation, BoxFormat, ensure_im
                                 fit_to_length, image_token_id, tokenize_conversation)
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
+from lvlm_jax.models.llava_next import LlavaNextConfig
+from lvlm_jax.models.lvlm import LVLM
 
 KINDS = ("sft", "preference", "grounding")
 _NEEDS = {"sft": ("conversations",), "preference": ("prompt", "chosen", "rejected"),
@@ -109,6 +111,28 @@ class DataConfig:
   def max_length(self) -> int:
     return self.length_buckets[-1]
 
+  def for_model(self, model, hf_dir: str) -> "DataConfig":
+    """This config with the image fields `model` decides: its tower's image processing (the HF
+    directory's preprocessor config when `hf_dir` has one), its tokens per image and, for a
+    LLaVA-NeXT model, AnyRes tiling at its `image_grid_pinpoints`. A text-only model: unchanged."""
+    if not isinstance(model, LVLM):
+      return self
+    image = ImageProcessing.for_model(hf_dir, model)
+    if isinstance(model.config, LlavaNextConfig):
+      # tokens_per_image is unread with AnyRes (each image's size gives its count); the base
+      # view's count keeps it valid.
+      return dataclasses.replace(self, image=image, tokens_per_image=model.config.tokens_per_tile,
+                                 anyres=AnyResProcessing.for_config(model.config, image))
+    return dataclasses.replace(self, image=image, tokens_per_image=model.config.tokens_per_image,
+                               anyres=None)
+
+  def image_tokens(self, images: Sequence[np.ndarray]) -> int | list[int]:
+    """The image-token count of `images` (uint8 [H, W, 3] each) for `text.tokenize`:
+    tokens_per_image for every one, or with AnyRes each image's own (from its size)."""
+    if self.anyres is None:
+      return self.tokens_per_image
+    return [self.anyres.image_tokens(*image.shape[:2]) for image in images]
+
 
 @dataclasses.dataclass(frozen=True)
 class Skipped:
@@ -158,8 +182,7 @@ class Preprocess:
     # Tokens first: an example too long to use never loads its images, unless the token counts
     # follow the image sizes (AnyRes).
     loaded = self._load(images, where) if cfg.anyres is not None else None
-    counts = (cfg.tokens_per_image if loaded is None
-              else [cfg.anyres.image_tokens(*image.shape[:2]) for image in loaded])
+    counts = cfg.tokens_per_image if loaded is None else cfg.image_tokens(loaded)
     example = {}
     if cfg.kind == "sft":
       example.update(self._tokens("", record["conversations"], len(images), counts, where))
