@@ -411,3 +411,101 @@ def test_lora_export_of_a_dinov2_llava_names_the_towers_modules(tmp_path):
   assert sorted(modules) == ["language_model.model.layers.0.self_attn.q_proj",
                              "vision_tower.encoder.layer.0.attention.attention.query"]
   assert all(m + ".weight" in exported for m in modules)
+
+
+NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+
+
+@pytest.fixture(scope="module")
+def shapes_llava_next_dir(tmp_path_factory):
+  """A tiny HF LLaVA-NeXT (16 px tiles of 2 x 2 patches, up to 2 x 2 tiles) whose vocabulary is
+  the shapes tokenizer's (image token <image> = 4)."""
+  import torch
+  import transformers
+  from lvlm_jax.data.pipeline import DataConfig
+  from lvlm_jax.data.tokenizer import load_tokenizer
+  from lvlm_jax.models.building import ModelConfig
+  torch.manual_seed(0)
+  vocab = len(load_tokenizer(ModelConfig(), (DataConfig().grounding_prompt,)))
+  config = transformers.LlavaNextConfig(
+      vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48,
+                                                  num_hidden_layers=2, num_attention_heads=2,
+                                                  image_size=16, patch_size=8),
+      text_config=transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2, max_position_embeddings=128),
+      image_token_id=4, vision_feature_layer=-2, image_grid_pinpoints=NEXT_PINPOINTS)
+  directory = tmp_path_factory.mktemp("shapes_llava_next")
+  transformers.LlavaNextForConditionalGeneration(config).eval().save_pretrained(str(directory))
+  return str(directory)
+
+
+def test_llava_next_run_from_hf_trains_and_exports(shapes_llava_next_dir, tmp_path, monkeypatch,
+                                                   capsys):
+  """SFT from an HF LLaVA-NeXT: the derived data config tiles at the model's pinpoints, two
+  steps train on AnyRes batches, and the export reloads in transformers with our logits and
+  loads with AutoProcessor as a LlavaNextProcessor that counts each image's tokens as we do."""
+  import torch
+  import transformers
+  from PIL import Image
+  from lvlm_jax.data.anyres import AnyResProcessing
+  from lvlm_jax.data.images import ImageProcessing
+  from lvlm_jax.models import hf
+  from lvlm_jax.models.llava_next import AnyResImages
+  from training_fixtures import logits_of
+  settings = {"train.num_steps": 2, "checkpoint.every_steps": 2,
+              "model.hf_dir": shapes_llava_next_dir, "data.pipeline.length_buckets": (64,),
+              "checkpoint.export_hf": True}
+  assert run(tmp_path, **settings)["status"] == "done"
+  losses = train_losses(tmp_path)
+  assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
+  hf_dir = str(tmp_path / "export" / "hf")
+  ours = hf.load_model(hf_dir)
+  theirs = transformers.LlavaNextForConditionalGeneration.from_pretrained(hf_dir).eval()
+  base = transformers.LlavaNextForConditionalGeneration.from_pretrained(shapes_llava_next_dir)
+  trained = theirs.model.language_model.layers[0].mlp.down_proj.weight
+  assert not torch.equal(trained, base.model.language_model.layers[0].mlp.down_proj.weight)
+
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  processor = transformers.AutoProcessor.from_pretrained(hf_dir)
+  assert type(processor).__name__ == "LlavaNextProcessor"
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((10, 30), (30, 12), (20, 24))]
+  inputs = processor(images=[Image.fromarray(i) for i in images],
+                     text=["<image> a <image> b <image>"], return_tensors="pt")
+  counts = [ours.config.image_tokens(*i.shape[:2]) for i in images]
+  assert (inputs["input_ids"] == 4).sum() == sum(counts)
+  assert len(set(counts)) == 3  # each size its own count
+  with torch.no_grad():
+    expected = theirs(**inputs).logits.numpy()
+  anyres = AnyResProcessing.for_config(ours.config,
+                                       ImageProcessing.from_hf_preprocessor_config(hf_dir))
+  views, grids = zip(*(anyres(i) for i in images))
+  ids = inputs["input_ids"].numpy().astype(np.int32)
+  batch = {"input_ids": ids, "positions": np.arange(ids.shape[1], dtype=np.int32)[None],
+           "attention_mask": np.ones_like(ids),
+           "pixel_values": AnyResImages(np.stack(views)[None],
+                                        np.asarray([i.shape[:2] for i in images], np.int32)[None],
+                                        np.asarray(grids, np.int32)[None])}
+  got = np.asarray(logits_of(ours, batch))
+  assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+  # The generate CLI on the export: a prompt alone and in a JSONL batch with an image of another
+  # size (another token count, so other padding) gives the same greedy answer.
+  from lvlm_jax import generate
+  for name, image in zip(("a.png", "b.png"), images):
+    Image.fromarray(image).save(tmp_path / name)
+  flags = ["--model", hf_dir, "--max_new_tokens", "6", "--min_new_tokens", "6",
+           "--batch_size", "2", "--pad_to_multiple", "16"]
+  records = [{"prompt": "is there a red circle?", "image": name} for name in ("a.png", "b.png")]
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  printed = []
+  for argv in (["--prompt", "is there a red circle?", "--image", str(tmp_path / "a.png")],
+               ["--input_jsonl", str(tmp_path / "in.jsonl"),
+                "--output_jsonl", str(tmp_path / "out.jsonl")]):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+      generate.main(flags + argv)
+    printed.append(capsys.readouterr())
+    assert exit_info.value.code == 0, printed[-1].err
+  answers = [json.loads(line)["response"] for line in open(tmp_path / "out.jsonl")]
+  assert len(answers) == 2 and printed[0].out == answers[0] + "\n"
