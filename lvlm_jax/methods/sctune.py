@@ -121,8 +121,7 @@ SECTIONS = {"model": building.ModelConfig, "data": SCTuneData, "sctune": SCTuneS
             "checkpoint": checkpoint.CheckpointConfig, "mesh": MeshConfig,
             "eval": ShapesEvalConfig, "pipeline": PipelineConfig}
 # The phases set the learning rate and its (constant) schedule.
-EXCLUDED = {"data": ("pipeline.kind", "pipeline.batch_size", "pipeline.tokens_per_image",
-                     "pipeline.image"),
+EXCLUDED = {"data": training_sources.DERIVED_PIPELINE_FIELDS,
             "optim": ("lr", "lr_groups", "schedule", "warmup_ratio", "final_lr_ratio")}
 
 
