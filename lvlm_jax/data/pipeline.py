@@ -133,6 +133,27 @@ class DataConfig:
       return self.tokens_per_image
     return [self.anyres.image_tokens(*image.shape[:2]) for image in images]
 
+  def image_arrays(self, images: Sequence[Sequence[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each row's images (uint8 [H, W, 3]) in N slots, N the most of any row, as a batch holds
+    them (`Collate`): pixel_values float32 [B, N, S, S, 3], or with AnyRes [B, N, K, S, S, 3]
+    views and image_sizes, image_grids int32 [B, N, 2]. Empty slots are zeros, never read."""
+    rows, slots = len(images), max(map(len, images))
+    if self.anyres is None:
+      size = self.image.size
+      pixels = np.zeros((rows, slots, size, size, 3), np.float32)
+      for i, row in enumerate(images):
+        for j, image in enumerate(row):
+          pixels[i, j] = self.image(image)
+      return {"pixel_values": pixels}
+    size = self.anyres.tile.size
+    views = np.zeros((rows, slots, self.anyres.max_tiles, size, size, 3), np.float32)
+    sizes, grids = np.zeros((2, rows, slots, 2), np.int32)
+    for i, row in enumerate(images):
+      for j, image in enumerate(row):
+        views[i, j], grids[i, j] = self.anyres(image)
+        sizes[i, j] = image.shape[:2]
+    return {"pixel_values": views, "image_sizes": sizes, "image_grids": grids}
+
 
 @dataclasses.dataclass(frozen=True)
 class Skipped:

@@ -28,7 +28,7 @@ from lvlm_jax.data.pipeline import DataConfig
 from lvlm_jax.data.text import ensure_image_placeholders, tokenize_conversation
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
-from lvlm_jax.models.llava_next import AnyResImages
+from lvlm_jax.models.llava_next import batch_images
 from lvlm_jax.models.lvlm import LVLM
 from lvlm_jax.sampling import beam as beam_search
 from lvlm_jax.sampling.decode import (Generation, Prefix, SamplingConfig, branch, decode,
@@ -202,33 +202,12 @@ class GenerationService:
     pixels = None
     images = [p.images for p in prompts] + [prompts[0].images] * (self.batch_size - len(prompts))
     if self.is_lvlm and max(len(i) for i in images):
-      pixels = self._pixels(images)
+      pixels = batch_images(self.data.image_arrays(images))
     sharding = batch_sharding(self.mesh)
     ids, attention = place((ids, attention), (sharding, sharding))
     if pixels is not None:
       pixels = place(pixels, jax.tree.map(lambda _: sharding, pixels))
     return ids, attention, pixels
-
-  def _pixels(self, images: Sequence[Sequence[np.ndarray]]):
-    """Each row's images (uint8 [H, W, 3]) in N slots, N the most of any row: float32
-    [B, N, S, S, 3], or with AnyRes `AnyResImages` (each image's views, size and tile grid;
-    the pipeline's layout). Empty slots are zeros, never read."""
-    slots, anyres = max(len(i) for i in images), self.data.anyres
-    if anyres is None:
-      size = self.data.image.size
-      pixels = np.zeros((len(images), slots, size, size, 3), np.float32)
-      for i, row_images in enumerate(images):
-        for j, image in enumerate(row_images):
-          pixels[i, j] = self.data.image(image)
-      return pixels
-    size = anyres.tile.size
-    views = np.zeros((len(images), slots, anyres.max_tiles, size, size, 3), np.float32)
-    sizes, grids = np.zeros((2, len(images), slots, 2), np.int32)
-    for i, row_images in enumerate(images):
-      for j, image in enumerate(row_images):
-        views[i, j], grids[i, j] = anyres(image)
-        sizes[i, j] = image.shape[:2]
-    return AnyResImages(views, sizes, grids)
 
   def _chunks(self, items: Sequence, desc: str):
     bar = tqdm.tqdm(total=len(items), desc=desc, dynamic_ncols=True,

@@ -10,19 +10,10 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from lvlm_jax.models.llava_next import AnyResImages
+from lvlm_jax.models.llava_next import batch_images
 from lvlm_jax.models.llm import LLM, default_positions
 from lvlm_jax.models.lvlm import LVLM
 from lvlm_jax.sharding import constrain
-
-
-def batch_images(batch: Mapping[str, jax.Array]):
-  """The batch's images as the model takes them: `pixel_values`, or with AnyRes (the batch has
-  `image_sizes` and `image_grids`, data.pipeline.Collate) the three as `AnyResImages`."""
-  pixels = batch.get("pixel_values")
-  if pixels is None or "image_sizes" not in batch:
-    return pixels
-  return AnyResImages(pixels, batch["image_sizes"], batch["image_grids"])
 
 
 def hidden_states(model: LLM | LVLM, batch: Mapping[str, jax.Array]) -> jax.Array:

@@ -443,7 +443,7 @@ def shapes_llava_next_dir(tmp_path_factory):
 def test_llava_next_run_from_hf_trains_and_exports(shapes_llava_next_dir, tmp_path, monkeypatch,
                                                    capsys):
   """SFT from an HF LLaVA-NeXT: the derived data config tiles at the model's pinpoints, two
-  steps train on AnyRes batches, and the export reloads in transformers with our logits and
+  steps train on AnyRes batches, the evaluator runs before and after, and the export reloads in transformers with our logits and
   loads with AutoProcessor as a LlavaNextProcessor that counts each image's tokens as we do."""
   import torch
   import transformers
@@ -455,8 +455,14 @@ def test_llava_next_run_from_hf_trains_and_exports(shapes_llava_next_dir, tmp_pa
   from training_fixtures import logits_of
   settings = {"train.num_steps": 2, "checkpoint.every_steps": 2,
               "model.hf_dir": shapes_llava_next_dir, "data.pipeline.length_buckets": (64,),
-              "checkpoint.export_hf": True}
-  assert run(tmp_path, **settings)["status"] == "done"
+              "checkpoint.export_hf": True, "eval.yes_no": 4, "eval.grounding": 2,
+              "eval.batch_size": 4}
+  summary = run(tmp_path, **settings)
+  assert summary["status"] == "done"
+  # The evaluator scores (teacher-forced yes/no) and generates (grounding) on AnyRes images.
+  for name in ("base", "sft"):
+    assert 0 <= summary["eval"][name]["yes_no_accuracy"] <= 1
+    assert 0 <= summary["eval"][name]["grounding_acc50"] <= 1
   losses = train_losses(tmp_path)
   assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
   hf_dir = str(tmp_path / "export" / "hf")
