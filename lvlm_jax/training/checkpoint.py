@@ -155,8 +155,9 @@ def export_hf(model: nnx.Module, directory: str, dtype: str = "float32", tokeniz
   template-reading caller (`generate --template auto`, `apply_chat_template`) renders the training
   prompt; for a LLaVA model it also writes `preprocessor_config.json` (a CLIPImageProcessor with
   the run's size and normalisation; LLaVA-NeXT: a LlavaNextImageProcessor with its pinpoints) and
-  `processor_config.json`, so `AutoProcessor` loads a `LlavaProcessor` (`LlavaNextProcessor`). CLIP's processor cannot pad to square: lvlm_jax reads the file back with
-  LLaVA's padding (ImageProcessing.pad_to_square), transformers resizes and crops.
+  `processor_config.json`, so `AutoProcessor` loads a `LlavaProcessor` (`LlavaNextProcessor`).
+  CLIP's processor cannot pad to square: lvlm_jax reads the file back with LLaVA's padding
+  (ImageProcessing.pad_to_square), transformers resizes and crops.
   """
   hf.save_hf(model, directory, dtype=dtype)
   if jax.process_index() != 0:

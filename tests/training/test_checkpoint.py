@@ -413,38 +413,12 @@ def test_lora_export_of_a_dinov2_llava_names_the_towers_modules(tmp_path):
   assert all(m + ".weight" in exported for m in modules)
 
 
-NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32]]
-
-
-@pytest.fixture(scope="module")
-def shapes_llava_next_dir(tmp_path_factory):
-  """A tiny HF LLaVA-NeXT (16 px tiles of 2 x 2 patches, up to 2 x 2 tiles) whose vocabulary is
-  the shapes tokenizer's (image token <image> = 4)."""
-  import torch
-  import transformers
-  from lvlm_jax.data.pipeline import DataConfig
-  from lvlm_jax.data.tokenizer import load_tokenizer
-  from lvlm_jax.models.building import ModelConfig
-  torch.manual_seed(0)
-  vocab = len(load_tokenizer(ModelConfig(), (DataConfig().grounding_prompt,)))
-  config = transformers.LlavaNextConfig(
-      vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48,
-                                                  num_hidden_layers=2, num_attention_heads=2,
-                                                  image_size=16, patch_size=8),
-      text_config=transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=2, num_attention_heads=4,
-                                           num_key_value_heads=2, max_position_embeddings=128),
-      image_token_id=4, vision_feature_layer=-2, image_grid_pinpoints=NEXT_PINPOINTS)
-  directory = tmp_path_factory.mktemp("shapes_llava_next")
-  transformers.LlavaNextForConditionalGeneration(config).eval().save_pretrained(str(directory))
-  return str(directory)
-
-
 def test_llava_next_run_from_hf_trains_and_exports(shapes_llava_next_dir, tmp_path, monkeypatch,
                                                    capsys):
   """SFT from an HF LLaVA-NeXT: the derived data config tiles at the model's pinpoints, two
-  steps train on AnyRes batches, the evaluator runs before and after, and the export reloads in transformers with our logits and
-  loads with AutoProcessor as a LlavaNextProcessor that counts each image's tokens as we do."""
+  steps train on AnyRes batches, the evaluator runs before and after, and the export reloads in
+  transformers with our logits and loads with AutoProcessor as a LlavaNextProcessor that counts
+  each image's tokens as we do."""
   import torch
   import transformers
   from PIL import Image
@@ -454,7 +428,8 @@ def test_llava_next_run_from_hf_trains_and_exports(shapes_llava_next_dir, tmp_pa
   from lvlm_jax.models.llava_next import AnyResImages
   from training_fixtures import logits_of
   settings = {"train.num_steps": 2, "checkpoint.every_steps": 2,
-              "model.hf_dir": shapes_llava_next_dir, "data.pipeline.length_buckets": (64,),
+              "model.hf_dir": shapes_llava_next_dir, "model.tokenizer": "",
+              "data.pipeline.length_buckets": (64,),
               "checkpoint.export_hf": True, "eval.yes_no": 4, "eval.grounding": 2,
               "eval.batch_size": 4}
   summary = run(tmp_path, **settings)
@@ -476,7 +451,8 @@ def test_llava_next_run_from_hf_trains_and_exports(shapes_llava_next_dir, tmp_pa
   processor = transformers.AutoProcessor.from_pretrained(hf_dir)
   assert type(processor).__name__ == "LlavaNextProcessor"
   rng = np.random.default_rng(0)
-  images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((10, 30), (30, 12), (20, 24))]
+  images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            for h, w in ((10, 30), (30, 12), (20, 24))]
   inputs = processor(images=[Image.fromarray(i) for i in images],
                      text=["<image> a <image> b <image>"], return_tensors="pt")
   counts = [ours.config.image_tokens(*i.shape[:2]) for i in images]
