@@ -104,9 +104,9 @@ class LlavaNextConfig(LVLMConfig):
   @property
   def tokens_per_image(self) -> int:
     raise UserError("a LLaVA-NeXT model's image token count depends on each image's size "
-                    "(LlavaNextConfig.image_tokens); SFT, the shapes evaluator, the generation "
-                    "service and the generate CLI count it per image, SC-Tune and STIC take a "
-                    "fixed count per image so far")
+                    "(LlavaNextConfig.image_tokens); SFT, SC-Tune, the shapes evaluator and the "
+                    "generation service count it per image, STIC's DPO data takes a fixed count "
+                    "per image so far")
 
   @property
   def patches_per_side(self) -> int:
