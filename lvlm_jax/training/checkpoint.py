@@ -179,7 +179,7 @@ def _write_processor(model: LVLM, data: DataConfig, directory: str) -> None:
   config = model.config
   # LLaVA-NeXT's processors tile at the model's pinpoints and count each image's tokens by size.
   anyres = isinstance(config, LlavaNextConfig)
-  image = data.anyres.tile if anyres and data.anyres is not None else data.image
+  image = data.image if data.anyres is None else data.anyres.tile
   kind = "LlavaNextProcessor" if anyres else "LlavaProcessor"
   preprocessor = {
       "image_processor_type": "LlavaNextImageProcessor" if anyres else "CLIPImageProcessor",
