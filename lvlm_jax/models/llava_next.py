@@ -14,6 +14,7 @@ decimals computes), run inside the jitted forward from `image_sizes` and `image_
 """
 
 import dataclasses
+from collections.abc import Mapping
 from typing import ClassVar, NamedTuple
 
 import jax
@@ -103,8 +104,9 @@ class LlavaNextConfig(LVLMConfig):
   @property
   def tokens_per_image(self) -> int:
     raise UserError("a LLaVA-NeXT model's image token count depends on each image's size "
-                    "(LlavaNextConfig.image_tokens); training and the generation service take "
-                    "a fixed count per image so far (convert supports it)")
+                    "(LlavaNextConfig.image_tokens); SFT, SC-Tune, the shapes evaluator and the "
+                    "generation service count it per image, STIC's DPO data takes a fixed count "
+                    "per image so far")
 
   @property
   def patches_per_side(self) -> int:
@@ -174,6 +176,15 @@ class AnyResImages(NamedTuple):
   pixel_values: jax.Array
   image_sizes: jax.Array
   image_grids: jax.Array
+
+
+def batch_images(batch: Mapping[str, jax.Array]) -> jax.Array | AnyResImages | None:
+  """The batch's images as the model takes them: `pixel_values`, or with AnyRes (the batch has
+  `image_sizes` and `image_grids`, data.pipeline.Collate) the three as `AnyResImages`."""
+  pixels = batch.get("pixel_values")
+  if pixels is None or "image_sizes" not in batch:
+    return pixels
+  return AnyResImages(pixels, batch["image_sizes"], batch["image_grids"])
 
 
 class LlavaNext(LVLM):
