@@ -5,7 +5,14 @@
 Each entry is one run of the STIC pipeline with these overrides (config keys as on the command
 line). "recipe" is the paper's recipe at toy scale; "oracle" trains DPO only on the pairs whose
 chosen answer is truly better against the scene's ground truth: an upper bound no real run has.
+"plain_detailed" asks for the chosen answer with the caption prompt the base was trained on
+("Describe the image in detail.", configs/stic_prompts_plain_detailed/) instead of the shapes
+prompt set's three-sentence one.
 """
+
+import os
+
+_PLAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stic_prompts_plain_detailed")
 
 ABLATIONS = {
     "recipe": {},
@@ -17,4 +24,6 @@ ABLATIONS = {
     "dpo_epochs_3": {"stic.dpo_epochs": 3.0},
     "noisy_rejected": {"dpo.noisy_rejected": True},
     "oracle": {"stic.pair_filter": "oracle"},
+    "plain_detailed": {"stic.prompts": _PLAIN},
+    "plain_detailed_corruption_only": {"stic.prompts": _PLAIN, "stic.misleading_prob": 0.0},
 }

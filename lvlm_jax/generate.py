@@ -19,7 +19,6 @@ Prompts are rendered by the generation service exactly as training renders the s
 
 import argparse
 import codecs
-import dataclasses
 import json
 import os
 import sys
@@ -161,7 +160,7 @@ def generation_service(model_dir: str, model, template: str = "auto", system: st
                        batch_size: int = 8, pad_to: int = 32):
   """The generation service for the model in `model_dir`: its tokenizer, `template` ('auto':
   the tokenizer's own if it has one, else vicuna_v1) and `system` prompt, the model's image
-  processing and image-token count."""
+  processing and image-token counts (`DataConfig.for_model`: AnyRes for LLaVA-NeXT)."""
   from transformers import AutoTokenizer
 
   from lvlm_jax.data.pipeline import DataConfig
@@ -175,14 +174,11 @@ def generation_service(model_dir: str, model, template: str = "auto", system: st
                     "next to the weights") from None
   if template == "auto":
     template = "tokenizer" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
+  if isinstance(model, LVLM) and text.image_token_id(tokenizer) != model.config.image_token_id:
+    raise UserError(f"{model_dir}: the tokenizer's <image> id differs from the model's "
+                    f"image_token_id {model.config.image_token_id}")
   data = DataConfig(template="vicuna_v1" if template == "none" else template,
-                    system_prompt=system)
-  if isinstance(model, LVLM):
-    if text.image_token_id(tokenizer) != model.config.image_token_id:
-      raise UserError(f"{model_dir}: the tokenizer's <image> id differs from the model's "
-                      f"image_token_id {model.config.image_token_id}")
-    data = dataclasses.replace(data, tokens_per_image=model.config.tokens_per_image,
-                               image=images_lib.ImageProcessing.for_model(model_dir, model))
+                    system_prompt=system).for_model(model, model_dir)
   mesh = make_mesh()
   # Rows are split over the mesh's batch axes: the batch rounds up to a multiple of them.
   size = -(-batch_size // batch_shards(mesh)) * batch_shards(mesh)

@@ -126,6 +126,37 @@ def tiny_llava_dir(tmp_path_factory):
   return save_tiny(model, tmp_path_factory.mktemp("llava"))
 
 
+NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+
+
+@pytest.fixture(scope="session")
+def shapes_llava_next_dir(tmp_path_factory):
+  """A tiny HF LLaVA-NeXT (16 px tiles of 2 x 2 patches, up to 2 x 2 tiles) with the shapes
+  tokenizer that knows the grounding and SC-Tune describer prompts (image token <image> = 4)."""
+  import torch
+  import transformers
+  from lvlm_jax.data.pipeline import DataConfig
+  from lvlm_jax.data.tokenizer import load_tokenizer
+  from lvlm_jax.methods.sctune import SCTuneSettings
+  from lvlm_jax.models.building import ModelConfig
+  torch.manual_seed(0)
+  tokenizer = load_tokenizer(ModelConfig(), (DataConfig().grounding_prompt,
+                                             SCTuneSettings().describer_prompt))
+  vocab = len(tokenizer)
+  config = transformers.LlavaNextConfig(
+      vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48,
+                                                  num_hidden_layers=2, num_attention_heads=2,
+                                                  image_size=16, patch_size=8),
+      text_config=transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2, max_position_embeddings=128),
+      image_token_id=4, vision_feature_layer=-2, image_grid_pinpoints=NEXT_PINPOINTS)
+  directory = tmp_path_factory.mktemp("shapes_llava_next")
+  transformers.LlavaNextForConditionalGeneration(config).eval().save_pretrained(str(directory))
+  tokenizer.save_pretrained(str(directory))
+  return str(directory)
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

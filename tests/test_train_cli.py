@@ -23,6 +23,20 @@ def test_help_lists_every_config_key_with_its_help(capsys):
   assert len(lines) > 60 and all(": " in l for l in lines), [l for l in lines if ": " not in l]
 
 
+@pytest.mark.parametrize("method", ["sft", "sctune", "stic"])
+def test_fields_the_run_derives_are_no_config_keys(method):
+  """The pipeline fields set from the model and the run (image processing, AnyRes, ...) are
+  neither in a method's defaults nor in its help."""
+  import importlib
+  from lvlm_jax.data.training_sources import DERIVED_PIPELINE_FIELDS
+  module = importlib.import_module(f"lvlm_jax.methods.{method}")
+  pipeline = module.default_config().data.pipeline
+  help_keys = [l.split()[0] for l in module.config_help()]
+  for field in DERIVED_PIPELINE_FIELDS:
+    assert field.removeprefix("pipeline.") not in pipeline, field
+    assert not any(k.endswith("data." + field) for k in help_keys), field
+
+
 def test_misspelled_key_is_one_line_exit_2():
   proc = subprocess.run([sys.executable, "-m", "lvlm_jax.train", "--config", QUICKSTART,
                          "--config.optim.lrr=1e-3"], cwd=REPO, capture_output=True, text=True,

@@ -25,6 +25,8 @@ from lvlm_jax.data.text import (TEMPLATES, BadConversation, BoxFormat, ensure_im
                                 fit_to_length, image_token_id, tokenize_conversation)
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
+from lvlm_jax.models.llava_next import LlavaNextConfig
+from lvlm_jax.models.lvlm import LVLM
 
 KINDS = ("sft", "preference", "grounding")
 _NEEDS = {"sft": ("conversations",), "preference": ("prompt", "chosen", "rejected"),
@@ -109,6 +111,49 @@ class DataConfig:
   def max_length(self) -> int:
     return self.length_buckets[-1]
 
+  def for_model(self, model, hf_dir: str) -> "DataConfig":
+    """This config with the image fields `model` decides: its tower's image processing (the HF
+    directory's preprocessor config when `hf_dir` has one), its tokens per image and, for a
+    LLaVA-NeXT model, AnyRes tiling at its `image_grid_pinpoints`. A text-only model: unchanged."""
+    if not isinstance(model, LVLM):
+      return self
+    image = ImageProcessing.for_model(hf_dir, model)
+    if isinstance(model.config, LlavaNextConfig):
+      # tokens_per_image is unread with AnyRes (each image's size gives its count); the base
+      # view's count keeps it valid.
+      return dataclasses.replace(self, image=image, tokens_per_image=model.config.tokens_per_tile,
+                                 anyres=AnyResProcessing.for_config(model.config, image))
+    return dataclasses.replace(self, image=image, tokens_per_image=model.config.tokens_per_image,
+                               anyres=None)
+
+  def image_tokens(self, images: Sequence[np.ndarray]) -> int | list[int]:
+    """The image-token count of `images` (uint8 [H, W, 3] each) for `text.tokenize`:
+    tokens_per_image for every one, or with AnyRes each image's own (from its size)."""
+    if self.anyres is None:
+      return self.tokens_per_image
+    return [self.anyres.image_tokens(*image.shape[:2]) for image in images]
+
+  def image_arrays(self, images: Sequence[Sequence[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each row's images (uint8 [H, W, 3]) in N slots, N the most of any row, as a batch holds
+    them (`Collate`): pixel_values float32 [B, N, S, S, 3], or with AnyRes [B, N, K, S, S, 3]
+    views and image_sizes, image_grids int32 [B, N, 2]. Empty slots are zeros, never read."""
+    rows, slots = len(images), max(map(len, images))
+    if self.anyres is None:
+      size = self.image.size
+      pixels = np.zeros((rows, slots, size, size, 3), np.float32)
+      for i, row in enumerate(images):
+        for j, image in enumerate(row):
+          pixels[i, j] = self.image(image)
+      return {"pixel_values": pixels}
+    size = self.anyres.tile.size
+    views = np.zeros((rows, slots, self.anyres.max_tiles, size, size, 3), np.float32)
+    sizes, grids = np.zeros((2, rows, slots, 2), np.int32)
+    for i, row in enumerate(images):
+      for j, image in enumerate(row):
+        views[i, j], grids[i, j] = self.anyres(image)
+        sizes[i, j] = image.shape[:2]
+    return {"pixel_values": views, "image_sizes": sizes, "image_grids": grids}
+
 
 @dataclasses.dataclass(frozen=True)
 class Skipped:
@@ -158,8 +203,7 @@ class Preprocess:
     # Tokens first: an example too long to use never loads its images, unless the token counts
     # follow the image sizes (AnyRes).
     loaded = self._load(images, where) if cfg.anyres is not None else None
-    counts = (cfg.tokens_per_image if loaded is None
-              else [cfg.anyres.image_tokens(*image.shape[:2]) for image in loaded])
+    counts = cfg.tokens_per_image if loaded is None else cfg.image_tokens(loaded)
     example = {}
     if cfg.kind == "sft":
       example.update(self._tokens("", record["conversations"], len(images), counts, where))

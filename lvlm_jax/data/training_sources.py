@@ -10,7 +10,7 @@ import dataclasses
 from flax import nnx
 
 from lvlm_jax.data import sources as data_sources
-from lvlm_jax.data.images import BadImage, ImageProcessing
+from lvlm_jax.data.images import BadImage
 from lvlm_jax.data.pipeline import DataConfig, make_dataset
 from lvlm_jax.data.shapes import SFT_TASKS, ShapesConfig, ShapesSource
 from lvlm_jax.data.text import BoxFormat
@@ -88,11 +88,10 @@ def pipeline_config(config: DataSources, model: nnx.Module, hf_dir: str,
                     per_process_batch: int) -> DataConfig:
   """The data layer's config with the fields the run decides filled in (`hf_dir`: the model's
   HF directory, whose preprocessor config sets the image processing; '' for a new model)."""
-  tokens = model.config.tokens_per_image if isinstance(model, LVLM) else 1
   text = model.config.text if isinstance(model, LVLM) else model.config
-  return dataclasses.replace(config.pipeline, kind="sft", batch_size=per_process_batch,
-                             tokens_per_image=tokens, context_length=text.max_position_embeddings,
-                             image=ImageProcessing.for_model(hf_dir, model))
+  return dataclasses.replace(config.pipeline.for_model(model, hf_dir), kind="sft",
+                             batch_size=per_process_batch,
+                             context_length=text.max_position_embeddings)
 
 
 def training_batches(config: DataSources, tokenizer, data_config: DataConfig):

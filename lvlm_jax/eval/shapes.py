@@ -58,12 +58,13 @@ class ShapesEvalConfig:
     return bool(self.yes_no or self.grounding or self.captions or self.self_consistency)
 
 
-def _rows(tokenizer, data: DataConfig, turns_list):
-  """(input_ids, loss_mask) int32 [L] of each conversation, rendered and tokenized as in training."""
+def _rows(tokenizer, data: DataConfig, turns_list, images_list):
+  """(input_ids, loss_mask) int32 [L] of each conversation with its images, rendered and
+  tokenized as in training."""
   return [tokenize_conversation(turns, tokenizer, data.template, system=data.system_prompt,
                                 image_token=data.image_token,
-                                tokens_per_image=data.tokens_per_image)
-          for turns in turns_list]
+                                tokens_per_image=data.image_tokens(images))
+          for turns, images in zip(turns_list, images_list)]
 
 
 def _pad(rows, pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -107,10 +108,6 @@ class ShapesEvaluator:
     self.regions = list(ShapesSource(world, "region", config.self_consistency,
                                      box_format=data.box_format)) if config.self_consistency else []
 
-  def _pixels(self, records) -> np.ndarray:
-    """float32 [B, 1, S, S, 3] of the records' (single) images."""
-    return np.stack([self.data.image(r["images"][0]) for r in records])[:, None]
-
   def _put(self, tree):
     if self.mesh is None:
       return jax.tree.map(jnp.asarray, tree)
@@ -120,13 +117,14 @@ class ShapesEvaluator:
     correct = 0
     for chunk, n in _batches(self.yes_no, self.config.batch_size):
       question = [r["conversations"][0] for r in chunk]
+      images = [r["images"][:1] for r in chunk]
       scores = []
       for answer in ("yes", "no"):
         turns = [[q, {"from": "gpt", "value": answer}] for q in question]
-        ids, loss, attention = _pad(_rows(self.tokenizer, self.data, turns), self.pad_id,
-                                    left=False)
+        ids, loss, attention = _pad(_rows(self.tokenizer, self.data, turns, images),
+                                    self.pad_id, left=False)
         batch = self._put({"input_ids": ids, "loss_mask": loss, "attention_mask": attention,
-                           "pixel_values": self._pixels(chunk)})
+                           **self.data.image_arrays(images)})
         scores.append(np.asarray(_answer_logprobs(graphdef, state, batch)))
       predicted = np.where(scores[0] > scores[1], "yes", "no")[:n]
       correct += int(np.sum(predicted == np.asarray([r["answer"] for r in chunk[:n]])))

@@ -7,7 +7,6 @@ through the one training-run helper (methods/training_run.py, which gives the wo
 import dataclasses
 import math
 
-from lvlm_jax.data.images import ImageProcessing
 from lvlm_jax.data.pipeline import DataConfig, make_dataset
 from lvlm_jax.data.sources import PreferenceSource
 from lvlm_jax.methods import training_run
@@ -33,10 +32,9 @@ def run(*, model: building.ModelConfig, tokenizer, preferences: str, image_roots
 
   def batches(built):
     data = dataclasses.replace(
-        pipeline, kind="preference", batch_size=built.local_batch, with_ref_logps=not in_step,
-        tokens_per_image=built.abstract_model.config.tokens_per_image,
-        context_length=built.abstract_model.config.text.max_position_embeddings,
-        image=ImageProcessing.for_model(model.hf_dir, built.abstract_model))
+        pipeline.for_model(built.abstract_model, model.hf_dir), kind="preference",
+        batch_size=built.local_batch, with_ref_logps=not in_step,
+        context_length=built.abstract_model.config.text.max_position_embeddings)
     return (iter(make_dataset(PreferenceSource(preferences, image_roots or None), tokenizer,
                               data)), data)
 

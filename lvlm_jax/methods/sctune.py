@@ -121,8 +121,7 @@ SECTIONS = {"model": building.ModelConfig, "data": SCTuneData, "sctune": SCTuneS
             "checkpoint": checkpoint.CheckpointConfig, "mesh": MeshConfig,
             "eval": ShapesEvalConfig, "pipeline": PipelineConfig}
 # The phases set the learning rate and its (constant) schedule.
-EXCLUDED = {"data": ("pipeline.kind", "pipeline.batch_size", "pipeline.tokens_per_image",
-                     "pipeline.image"),
+EXCLUDED = {"data": training_sources.DERIVED_PIPELINE_FIELDS,
             "optim": ("lr", "lr_groups", "schedule", "warmup_ratio", "final_lr_ratio")}
 
 
@@ -247,8 +246,9 @@ class Rollouts:
       ids[i, :len(row)], attention[i, :len(row)] = row, 1
     return ids, attention, np.asarray([len(p) for p in prompts_ids])
 
-  def _pixels(self, records) -> np.ndarray:
-    return np.stack([self.data.image(r["image"]) for r in records])[:, None]
+  def _images(self, records) -> dict[str, np.ndarray]:
+    """The records' images as a batch holds them (`DataConfig.image_arrays`)."""
+    return self.data.image_arrays([[r["image"]] for r in records])
 
   def describer_batch(self, state, batches) -> dict[str, np.ndarray]:
     """A PPO batch: the policy's sampled descriptions of the boxes, rewarded by the snapshot."""
@@ -268,7 +268,7 @@ class Rollouts:
     mask = eos_inclusive_mask(ids, start, self.tokenizer.eos_token_id)
     mask *= np.arange(ids.shape[1])[None] <= ends[:, None]
     batch = {"input_ids": ids, "attention_mask": attention, "loss_mask": mask,
-             "pixel_values": self._pixels(records)}
+             **self._images(records)}
     graphdef = self.built.graphdef
     with jax.set_mesh(self.built.mesh):
       placed = jax.tree.map(jnp.asarray, batch)
@@ -294,13 +294,13 @@ class Rollouts:
       ids, _ = tokenize_conversation(turns, self.tokenizer, self.data.template,
                                      system=self.data.system_prompt,
                                      image_token=self.data.image_token,
-                                     tokens_per_image=self.data.tokens_per_image)
+                                     tokens_per_image=self.data.image_tokens([record["image"]]))
       rows.append(ids)
     ids, attention, _ = self._sequences(rows, [np.zeros(0, np.int32)] * len(rows))
     mask = locator_loss_mask(ids, self.box_open_id, self.tokenizer.eos_token_id) * attention
     return self._share({"input_ids": ids, "attention_mask": attention,
                         "loss_mask": mask.astype(np.float32),
-                        "pixel_values": self._pixels(records)})
+                        **self._images(records)})
 
 
 def _phases(config: SCTuneConfig, built: training_run.Built, rollouts: Rollouts):

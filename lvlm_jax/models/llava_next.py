@@ -23,6 +23,7 @@ shrunk grid comes from the host as `AnyResImages.feature_grids`.
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from typing import ClassVar, NamedTuple
 
 import jax
@@ -134,8 +135,9 @@ class LlavaNextConfig(LVLMConfig):
   @property
   def tokens_per_image(self) -> int:
     raise UserError(f"a {self.MODEL_TYPE} model's image token count depends on each image's size "
-                    "(LlavaNextConfig.image_tokens); training and the generation service take "
-                    "a fixed count per image so far (convert supports it)")
+                    "(LlavaNextConfig.image_tokens); SFT, SC-Tune, the shapes evaluator and the "
+                    "generation service count it per image, STIC's DPO data takes a fixed count "
+                    "per image so far")
 
   @property
   def patches_per_side(self) -> int:
@@ -261,6 +263,17 @@ class AnyResImages(NamedTuple):
   image_sizes: jax.Array
   image_grids: jax.Array
   feature_grids: jax.Array | None = None
+
+
+def batch_images(batch: Mapping[str, jax.Array]) -> jax.Array | AnyResImages | None:
+  """The batch's images as the model takes them: `pixel_values`, or with AnyRes (the batch has
+  `image_sizes` and `image_grids`, data.pipeline.Collate; LLaVA-OneVision's also
+  `feature_grids`) those as `AnyResImages`."""
+  pixels = batch.get("pixel_values")
+  if pixels is None or "image_sizes" not in batch:
+    return pixels
+  return AnyResImages(pixels, batch["image_sizes"], batch["image_grids"],
+                      batch.get("feature_grids"))
 
 
 class LlavaNext(LVLM):

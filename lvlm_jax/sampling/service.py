@@ -28,6 +28,7 @@ from lvlm_jax.data.pipeline import DataConfig
 from lvlm_jax.data.text import ensure_image_placeholders, tokenize_conversation
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
+from lvlm_jax.models.llava_next import batch_images
 from lvlm_jax.models.lvlm import LVLM
 from lvlm_jax.sampling import beam as beam_search
 from lvlm_jax.sampling.decode import (Generation, Prefix, SamplingConfig, branch, decode,
@@ -109,7 +110,7 @@ def prompt_ids(prompt: Prompt, tokenizer, data: DataConfig) -> np.ndarray:
   turns = ensure_image_placeholders(list(prompt.turns), len(prompt.images), data.image_token)
   system = data.system_prompt if prompt.system is None else prompt.system
   render = dict(system=system, image_token=data.image_token,
-                tokens_per_image=data.tokens_per_image)
+                tokens_per_image=data.image_tokens(prompt.images))
   if not prompt.answer_start:
     ids, _ = tokenize_conversation(turns, tokenizer, data.template, add_generation_prompt=True,
                                    **render)
@@ -188,9 +189,9 @@ class GenerationService:
     return ids
 
   def _batch(self, prompts: Sequence[Prompt], room: int) -> tuple:
-    """(ids, attention int32 [B, T] left-padded, pixels float32 [B, N, S, S, 3] or None) of a
-    full batch (the last rows repeat the first prompt), placed on the mesh; each prompt must
-    leave `room` new tokens in the context."""
+    """(ids, attention int32 [B, T] left-padded, pixels or None) of a full batch (the last rows
+    repeat the first prompt), placed on the mesh; each prompt must leave `room` new tokens in
+    the context. pixels: float32 [B, N, S, S, 3], or with AnyRes `AnyResImages`."""
     rows = [self.check_room(p, room) for p in prompts]
     rows += [rows[0]] * (self.batch_size - len(rows))
     length = -(-max(len(r) for r in rows) // self.pad_to) * self.pad_to
@@ -200,17 +201,12 @@ class GenerationService:
       ids[i, length - len(row):], attention[i, length - len(row):] = row, 1
     pixels = None
     images = [p.images for p in prompts] + [prompts[0].images] * (self.batch_size - len(prompts))
-    slots = max(len(i) for i in images)
-    if self.is_lvlm and slots:
-      size = self.data.image.size
-      pixels = np.zeros((self.batch_size, slots, size, size, 3), np.float32)
-      for i, row_images in enumerate(images):
-        for j, image in enumerate(row_images):
-          pixels[i, j] = self.data.image(image)
+    if self.is_lvlm and max(len(i) for i in images):
+      pixels = batch_images(self.data.image_arrays(images))
     sharding = batch_sharding(self.mesh)
     ids, attention = place((ids, attention), (sharding, sharding))
     if pixels is not None:
-      pixels = place(pixels, sharding)
+      pixels = place(pixels, jax.tree.map(lambda _: sharding, pixels))
     return ids, attention, pixels
 
   def _chunks(self, items: Sequence, desc: str):

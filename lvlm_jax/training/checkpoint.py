@@ -31,6 +31,7 @@ from lvlm_jax.data.pipeline import DataConfig
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models import hf
+from lvlm_jax.models.llava_next import LlavaNextConfig
 from lvlm_jax.models.lora import LoRA, linear_layers
 from lvlm_jax.models.lvlm import LVLM
 from lvlm_jax.output_paths import check_output_dir
@@ -153,9 +154,10 @@ def export_hf(model: nnx.Module, directory: str, dtype: str = "float32", tokeniz
   template becomes the training template and system prompt (`text.chat_template`), so a
   template-reading caller (`generate --template auto`, `apply_chat_template`) renders the training
   prompt; for a LLaVA model it also writes `preprocessor_config.json` (a CLIPImageProcessor with
-  the run's size and normalisation) and `processor_config.json`, so `AutoProcessor` loads a
-  `LlavaProcessor`. CLIP's processor cannot pad to square: lvlm_jax reads the file back with
-  LLaVA's padding (ImageProcessing.pad_to_square), transformers resizes and crops.
+  the run's size and normalisation; LLaVA-NeXT: a LlavaNextImageProcessor with its pinpoints) and
+  `processor_config.json`, so `AutoProcessor` loads a `LlavaProcessor` (`LlavaNextProcessor`).
+  CLIP's processor cannot pad to square: lvlm_jax reads the file back with LLaVA's padding
+  (ImageProcessing.pad_to_square), transformers resizes and crops.
   """
   hf.save_hf(model, directory, dtype=dtype)
   if jax.process_index() != 0:
@@ -174,16 +176,24 @@ def export_hf(model: nnx.Module, directory: str, dtype: str = "float32", tokeniz
 
 
 def _write_processor(model: LVLM, data: DataConfig, directory: str) -> None:
-  image, config = data.image, model.config
+  config = model.config
+  # LLaVA-NeXT's processors tile at the model's pinpoints and count each image's tokens by size.
+  anyres = isinstance(config, LlavaNextConfig)
+  image = data.image if data.anyres is None else data.anyres.tile
+  kind = "LlavaNextProcessor" if anyres else "LlavaProcessor"
   preprocessor = {
-      "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
+      "image_processor_type": "LlavaNextImageProcessor" if anyres else "CLIPImageProcessor",
+      "processor_class": kind,
       "do_convert_rgb": True, "do_resize": True, "size": {"shortest_edge": image.size},
       "resample": int(image.resample), "do_center_crop": True,
       "crop_size": {"height": image.size, "width": image.size}, "do_rescale": True,
       "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(image.mean),
       "image_std": list(image.std)}
+  if anyres:
+    preprocessor.update(image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints],
+                        do_pad=True)
   processor = {
-      "processor_class": "LlavaProcessor", "image_token": data.image_token,
+      "processor_class": kind, "image_token": data.image_token,
       "patch_size": config.vision.patch_size,
       "vision_feature_select_strategy": config.vision_feature_select_strategy,
       # The tokens before the patches (CLIP's and DINOv2's class token, none in SigLIP).

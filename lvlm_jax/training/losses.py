@@ -10,17 +10,18 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from lvlm_jax.models.llava_next import batch_images
 from lvlm_jax.models.llm import LLM, default_positions
 from lvlm_jax.models.lvlm import LVLM
 from lvlm_jax.sharding import constrain
 
 
 def hidden_states(model: LLM | LVLM, batch: Mapping[str, jax.Array]) -> jax.Array:
-  """Final-normed hidden states [B, T, D] of `input_ids` (with `pixel_values` for a LVLM)."""
+  """Final-normed hidden states [B, T, D] of `input_ids` (with the batch's images for a LVLM)."""
   input_ids = batch["input_ids"]
   positions = default_positions(input_ids, batch.get("positions"), batch.get("attention_mask"))
   if isinstance(model, LVLM):
-    embeds, llm = model.embed(input_ids, batch.get("pixel_values")), model.llm
+    embeds, llm = model.embed(input_ids, batch_images(batch)), model.llm
   else:
     embeds, llm = model.embed(input_ids), model
   hidden, _ = llm.hidden(constrain(embeds, ("batch", "length", "embed")), positions)

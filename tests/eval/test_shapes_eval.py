@@ -53,7 +53,8 @@ def test_untrained_model_gives_metrics_in_range(tokenizer, evaluator):
 def test_yes_no_scores_only_the_answer_turn(tokenizer):
   turns = [[{"from": "human", "value": "<image>\nIs there a red circle in the image? Answer yes "
              "or no."}, {"from": "gpt", "value": answer}] for answer in ("yes", "no")]
-  ids, loss, attention = shapes_eval._pad(shapes_eval._rows(tokenizer, DATA, turns),
+  images = [[np.zeros((8, 8, 3), np.uint8)]] * 2
+  ids, loss, attention = shapes_eval._pad(shapes_eval._rows(tokenizer, DATA, turns, images),
                                           tokenizer.pad_token_id, left=False)
   assert ids.shape[1] % 16 == 0 and ids.shape == loss.shape == attention.shape
   assert [tokenizer.decode(row[mask > 0]) for row, mask in zip(ids, loss)] == [" yes</s>", " no</s>"]
@@ -103,10 +104,11 @@ def test_generation_prompt_is_the_training_context_of_the_answer(tokenizer):
   answer's first target (as in LLaVA's preprocess_v1); the generation service's grounding prompt
   ends where the training targets start."""
   question = DATA.grounding_prompt.format(expression="the red circle")
-  full = shapes_eval._rows(tokenizer, DATA, [[{"from": "human", "value": question},
-                                             {"from": "gpt", "value": "<box>(1,2),(3,4)</box>"}]])
-  ids, mask = full[0]
   image = np.zeros((8, 8, 3), np.uint8)
+  full = shapes_eval._rows(tokenizer, DATA, [[{"from": "human", "value": question},
+                                             {"from": "gpt", "value": "<box>(1,2),(3,4)</box>"}]],
+                           [[image]])
+  ids, mask = full[0]
   prompt = prompt_ids(Prompt.question(question, (image,), DATA.box_format.open), tokenizer, DATA)
   start = int(np.argmax(mask > 0))
   np.testing.assert_array_equal(prompt, ids[:start])

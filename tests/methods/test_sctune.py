@@ -16,7 +16,7 @@ from training_fixtures import CACHE_DIR  # noqa: E402,F401  (turns the compile c
 from lvlm_jax.methods import sctune  # noqa: E402
 
 
-def tiny_config(tiny_shapes_export: str):
+def tiny_config(tiny_shapes_export: str, num_steps: int = 5, length_buckets=None):
   config = sctune.default_config()
   config.model.hf_dir = tiny_shapes_export
   config.model.tokenizer = ""
@@ -24,6 +24,8 @@ def tiny_config(tiny_shapes_export: str):
   config.data.shapes.image_size = 32
   config.data.num_boxes = 32
   config.data.pipeline.system_prompt = ""
+  if length_buckets:
+    config.data.pipeline.length_buckets = length_buckets
   config.sctune.describer_steps = 2
   config.sctune.locator_steps = 1
   config.sctune.describer_lr = 1e-3
@@ -31,7 +33,7 @@ def tiny_config(tiny_shapes_export: str):
   config.sctune.max_description_tokens = 6
   config.sctune.max_box_tokens = 6
   config.optim.trainable = r"llm\..*|projector\..*"
-  config.train.num_steps = 5  # describer 1-2, locator 3, describer 4-5
+  config.train.num_steps = num_steps  # describer 1-2, locator 3, describer 4-5
   config.train.batch_size = 4
   config.train.log_every = 1
   config.train.progress_bar = False
@@ -79,6 +81,18 @@ def test_the_cycle_runs_and_reports_its_metrics(straight):
     assert np.isfinite(record["loss"])
   assert np.isfinite(log[3]["loss"]) and "reward" not in log[3]  # locator: SFT
   assert os.path.isdir(os.path.join(workdir, "sctune", "export", "hf"))
+
+
+def test_a_llava_next_cycle_trains_both_phases(shapes_llava_next_dir, tmp_path):
+  """From an HF LLaVA-NeXT: rollouts, PPO and locator batches carry AnyRes images with each
+  image's token count."""
+  config = tiny_config(shapes_llava_next_dir, num_steps=3, length_buckets=(128,))
+  summary = sctune.run(config, str(tmp_path))
+  assert summary["status"] == "done"
+  log = train_log(str(tmp_path))
+  assert [int(log[s]["phase"]) for s in (1, 2, 3)] == [0, 0, 1]
+  assert all(np.isfinite(log[s]["loss"]) for s in (1, 2, 3)) and 0 <= log[1]["reward"] <= 1
+  assert 0 <= summary["eval"]["sctune"]["self_consistency_acc50"] <= 1
 
 
 def test_stopped_mid_describer_phase_resumes_bitwise(tiny_shapes_export, straight, tmp_path):

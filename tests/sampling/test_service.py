@@ -17,7 +17,8 @@ import torch
 import transformers
 from flax import nnx
 
-from conftest import TINY_CLIP_VISION, bpe_tokenizer, save_tiny
+from conftest import (TINY_CLIP_VISION, TINY_PINPOINTS, anyres_images, bpe_tokenizer,
+                      llava_next_image_processor, save_tiny, tiny_llava_next)
 from lvlm_jax.data.images import ImageProcessing
 from lvlm_jax.data.pipeline import DataConfig
 from lvlm_jax.models import hf
@@ -221,3 +222,63 @@ def test_bfloat16_decoding_weights(llama, tokenizer):
   assert nnx.state(model, nnx.Param)["lm_head"]["kernel"][...].dtype == jnp.float32
   completion = service.generate([Prompt.question(SENTENCES[0])], greedy(tokenizer))[0]
   assert len(completion.token_ids) > 0 and np.all(np.isfinite(completion.logprobs))
+
+
+@pytest.fixture(scope="module")
+def llava_next(tokenizer, tmp_path_factory):
+  """A tiny LLaVA-NeXT HF directory with the tokenizer (no preprocessor config: the tower's CLIP
+  normalisation, as transformers' LlavaNextImageProcessor defaults)."""
+  directory = tiny_llava_next(tmp_path_factory.mktemp("llava_next"),
+                              tokenizer.convert_tokens_to_ids("<image>"),
+                              vocab_size=len(tokenizer), max_position_embeddings=256,
+                              bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+  tokenizer.save_pretrained(directory)
+  return (directory, hf.load_model(directory),
+          transformers.LlavaNextForConditionalGeneration.from_pretrained(directory).eval())
+
+
+def hf_next_greedy(model, ids, images):
+  """transformers' greedy continuation of one unpadded prompt with its LLaVA-NeXT images."""
+  pixels = llava_next_image_processor()(list(images), return_tensors="pt")
+  with torch.no_grad():
+    out = model.generate(input_ids=torch.tensor(ids[None], dtype=torch.long),
+                         attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                         pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"],
+                         do_sample=False, max_new_tokens=NEW)
+  return out[0, len(ids):].numpy()
+
+
+def test_llava_next_images_of_different_sizes_equal_transformers(llava_next, tokenizer):
+  """The generate CLI's service for a LLaVA-NeXT export: AnyRes from the model's pinpoints, each
+  image's token count from its size; a left-padded batch of a wide + tall image pair and a
+  square-ish image greedily decodes as transformers' generate of each prompt alone, and a
+  started, branched, extended prefix as transformers' generate of prompt + extension."""
+  from lvlm_jax.generate import generation_service
+  directory, model, reference = llava_next
+  service = generation_service(directory, model, "vicuna_v1", system="A chat.", batch_size=2,
+                               pad_to=16)
+  assert service.data.anyres is not None
+  assert service.data.anyres.pinpoints == tuple(map(tuple, TINY_PINPOINTS))
+  wide, tall, square = anyres_images()
+  prompts = [Prompt.question("Image 1: <image>\nImage 2: <image>\nWhat differs?", (wide, tall)),
+             Prompt.question("Describe the image.", (square,))]
+  completions = service.generate(prompts, greedy(tokenizer))
+  counts = [model.config.image_tokens(*i.shape[:2]) for i in (wide, tall, square)]
+  image_id = model.config.image_token_id
+  for prompt, completion, count in zip(prompts, completions, (counts[0] + counts[1], counts[2])):
+    ids = service.prompt_ids(prompt)
+    assert (ids == image_id).sum() == count
+    expected = hf_next_greedy(reference, ids, prompt.images)
+    np.testing.assert_array_equal(completion.token_ids, expected[:len(completion.token_ids)])
+    assert completion.stopped or len(completion.token_ids) == NEW
+
+  extensions = [tokenizer.encode(t, add_special_tokens=False)
+                for t in (" A red circle.", " The green one is")]
+  prefix, rows = service.start(prompts[:1], room=20 + NEW)
+  extended = service.extend(service.branch(prefix, 2), extensions + [[]] * 2)
+  for extension, completion in zip(extensions, service.complete(extended, 2, greedy(tokenizer))):
+    ids = np.concatenate([service.prompt_ids(prompts[0]), extension])
+    expected = hf_next_greedy(reference, ids, prompts[0].images)
+    np.testing.assert_array_equal(completion.token_ids, expected[:len(completion.token_ids)])

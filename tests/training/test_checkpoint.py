@@ -411,3 +411,83 @@ def test_lora_export_of_a_dinov2_llava_names_the_towers_modules(tmp_path):
   assert sorted(modules) == ["language_model.model.layers.0.self_attn.q_proj",
                              "vision_tower.encoder.layer.0.attention.attention.query"]
   assert all(m + ".weight" in exported for m in modules)
+
+
+def test_llava_next_run_from_hf_trains_and_exports(shapes_llava_next_dir, tmp_path, monkeypatch,
+                                                   capsys):
+  """SFT from an HF LLaVA-NeXT: the derived data config tiles at the model's pinpoints, two
+  steps train on AnyRes batches, the evaluator runs before and after, and the export reloads in
+  transformers with our logits and loads with AutoProcessor as a LlavaNextProcessor that counts
+  each image's tokens as we do."""
+  import torch
+  import transformers
+  from PIL import Image
+  from lvlm_jax.data.anyres import AnyResProcessing
+  from lvlm_jax.data.images import ImageProcessing
+  from lvlm_jax.models import hf
+  from lvlm_jax.models.llava_next import AnyResImages
+  from training_fixtures import logits_of
+  settings = {"train.num_steps": 2, "checkpoint.every_steps": 2,
+              "model.hf_dir": shapes_llava_next_dir, "model.tokenizer": "",
+              "data.pipeline.length_buckets": (64,),
+              "checkpoint.export_hf": True, "eval.yes_no": 4, "eval.grounding": 2,
+              "eval.batch_size": 4}
+  summary = run(tmp_path, **settings)
+  assert summary["status"] == "done"
+  # The evaluator scores (teacher-forced yes/no) and generates (grounding) on AnyRes images.
+  for name in ("base", "sft"):
+    assert 0 <= summary["eval"][name]["yes_no_accuracy"] <= 1
+    assert 0 <= summary["eval"][name]["grounding_acc50"] <= 1
+  losses = train_losses(tmp_path)
+  assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
+  hf_dir = str(tmp_path / "export" / "hf")
+  ours = hf.load_model(hf_dir)
+  theirs = transformers.LlavaNextForConditionalGeneration.from_pretrained(hf_dir).eval()
+  base = transformers.LlavaNextForConditionalGeneration.from_pretrained(shapes_llava_next_dir)
+  trained = theirs.model.language_model.layers[0].mlp.down_proj.weight
+  assert not torch.equal(trained, base.model.language_model.layers[0].mlp.down_proj.weight)
+
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  processor = transformers.AutoProcessor.from_pretrained(hf_dir)
+  assert type(processor).__name__ == "LlavaNextProcessor"
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            for h, w in ((10, 30), (30, 12), (20, 24))]
+  inputs = processor(images=[Image.fromarray(i) for i in images],
+                     text=["<image> a <image> b <image>"], return_tensors="pt")
+  counts = [ours.config.image_tokens(*i.shape[:2]) for i in images]
+  assert (inputs["input_ids"] == 4).sum() == sum(counts)
+  assert len(set(counts)) == 3  # each size its own count
+  with torch.no_grad():
+    expected = theirs(**inputs).logits.numpy()
+  anyres = AnyResProcessing.for_config(ours.config,
+                                       ImageProcessing.from_hf_preprocessor_config(hf_dir))
+  views, grids = zip(*(anyres(i) for i in images))
+  ids = inputs["input_ids"].numpy().astype(np.int32)
+  batch = {"input_ids": ids, "positions": np.arange(ids.shape[1], dtype=np.int32)[None],
+           "attention_mask": np.ones_like(ids),
+           "pixel_values": AnyResImages(np.stack(views)[None],
+                                        np.asarray([i.shape[:2] for i in images], np.int32)[None],
+                                        np.asarray(grids, np.int32)[None])}
+  got = np.asarray(logits_of(ours, batch))
+  assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+  # The generate CLI on the export: a prompt alone and in a JSONL batch with an image of another
+  # size (another token count, so other padding) gives the same greedy answer.
+  from lvlm_jax import generate
+  for name, image in zip(("a.png", "b.png"), images):
+    Image.fromarray(image).save(tmp_path / name)
+  flags = ["--model", hf_dir, "--max_new_tokens", "6", "--min_new_tokens", "6",
+           "--batch_size", "2", "--pad_to_multiple", "16"]
+  records = [{"prompt": "is there a red circle?", "image": name} for name in ("a.png", "b.png")]
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  printed = []
+  for argv in (["--prompt", "is there a red circle?", "--image", str(tmp_path / "a.png")],
+               ["--input_jsonl", str(tmp_path / "in.jsonl"),
+                "--output_jsonl", str(tmp_path / "out.jsonl")]):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+      generate.main(flags + argv)
+    printed.append(capsys.readouterr())
+    assert exit_info.value.code == 0, printed[-1].err
+  answers = [json.loads(line)["response"] for line in open(tmp_path / "out.jsonl")]
+  assert len(answers) == 2 and printed[0].out == answers[0] + "\n"
