@@ -19,12 +19,13 @@ from lvlm_jax.models.llava_next import (UNTILED_FEATURES, UNTILED_GRID, LlavaNex
 
 @dataclasses.dataclass(frozen=True)
 class AnyResProcessing:
-  """How an image becomes a LLaVA-NeXT model's views and how many image tokens it takes.
+  """How an image becomes a LLaVA-NeXT (or -OneVision) model's views and how many image tokens
+  it takes.
 
   tile: the size, normalisation and resampling of every view (its pad_to_square is unused:
-  AnyRes pads to the pinpoint, an untiled OneVision view always to a square); pinpoints: (height, width) resolutions, multiples of
-  tile.size; patch_size: the vision tower's; tile_tokens: the image tokens of one view
-  (`LVLMConfig.tokens_per_tile`); max_feature_tiles: LLaVA-OneVision's feature cap (None for
+  AnyRes pads to the pinpoint, an untiled OneVision view always to a square); pinpoints:
+  (height, width) resolutions, multiples of tile.size; patch_size: the vision tower's;
+  tile_tokens: the image tokens of one view (`LVLMConfig.tokens_per_tile`); max_feature_tiles: LLaVA-OneVision's feature cap (None for
   LLaVA-NeXT). `for_config` fills them from the model's config.
   """
 

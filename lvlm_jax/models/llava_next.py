@@ -322,7 +322,8 @@ class LlavaNext(LVLM):
 
 
 # transformers' LlavaOnevisionConfig default: 384 px tiles, 1 to 6 of them a side.
-ONEVISION_PINPOINTS = tuple((384 * rows, 384 * cols) for rows in range(1, 7) for cols in range(1, 7))
+ONEVISION_PINPOINTS = tuple((384 * rows, 384 * cols) for rows in range(1, 7)
+                            for cols in range(1, 7))
 
 
 @dataclasses.dataclass(frozen=True)

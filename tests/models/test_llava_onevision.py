@@ -111,7 +111,7 @@ def test_logits_match_transformers_with_a_capped_and_a_whole_image(onevision):
   expected = _torch_logits(ref, ids, mask, theirs)
   _assert_logits_close(forward(model, ids, attention_mask=mask, pixel_values=images)[0],
                        expected, mask)
-  # The cap is what shrinks row 0: without it (LLaVA-NeXT's reading) its features differ.
+  # Without feature_grids the shrunk grid is unknown inside jit: refused.
   with pytest.raises(ValueError, match="feature_grids"):
     forward(model, ids, attention_mask=mask, pixel_values=images._replace(feature_grids=None))
 
