@@ -7,7 +7,8 @@ line). "recipe" is the paper's recipe at toy scale; "oracle" trains DPO only on 
 chosen answer is truly better against the scene's ground truth: an upper bound no real run has.
 "plain_detailed" asks for the chosen answer with the caption prompt the base was trained on
 ("Describe the image in detail.", configs/stic_prompts_plain_detailed/) instead of the shapes
-prompt set's three-sentence one.
+prompt set's three-sentence one; the base then often gives the same answer to both prompts, and
+DPO skips such identical pairs (no preference in them), so these two runs tolerate more skips.
 """
 
 import os
@@ -24,6 +25,7 @@ ABLATIONS = {
     "dpo_epochs_3": {"stic.dpo_epochs": 3.0},
     "noisy_rejected": {"dpo.noisy_rejected": True},
     "oracle": {"stic.pair_filter": "oracle"},
-    "plain_detailed": {"stic.prompts": _PLAIN},
-    "plain_detailed_corruption_only": {"stic.prompts": _PLAIN, "stic.misleading_prob": 0.0},
+    "plain_detailed": {"stic.prompts": _PLAIN, "data.pipeline.max_skip_fraction": 0.3},
+    "plain_detailed_corruption_only": {"stic.prompts": _PLAIN, "stic.misleading_prob": 0.0,
+                                       "data.pipeline.max_skip_fraction": 0.3},
 }
