@@ -18,8 +18,8 @@ last command.
 
 The tower runs at 112 px (8 x 8 = 64 image tokens, DINOv2's 37 x 37 position table resized
 bicubically as HF does) instead of 224 px (256 tokens): the run must finish in 20 minutes on a
-2-core CPU, and a 135M decoder's step time grows with the sequence (9.5 s per step of 4 x 128
-tokens here; 224 px would need 4 x 320). The shapes images are 64 px, so 112 px loses nothing.
+2-core CPU, and a 135M decoder's step time grows with the sequence: 3.7-9.5 s per step of 4 x 128
+tokens on the shared machine, 22-25 s at 224 px (4 x 320). The shapes images are 64 px anyway.
 """
 
 from lvlm_jax.methods import sft
