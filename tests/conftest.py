@@ -93,7 +93,7 @@ ONEVISION_SIZES = [(100, 110), (20, 45)]
 
 
 def onevision_image_processor():
-  """transformers' LLaVA-OneVision image processor (PIL) for the tiny SigLIP, ONEVISION_PINPOINTS."""
+  """transformers' LLaVA-OneVision image processor (PIL): the tiny SigLIP, ONEVISION_PINPOINTS."""
   from transformers import LlavaOnevisionImageProcessorPil
   return LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28},
                                          image_grid_pinpoints=ONEVISION_PINPOINTS)

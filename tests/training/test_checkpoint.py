@@ -494,13 +494,13 @@ def test_llava_next_run_from_hf_trains_and_exports(shapes_llava_next_dir, tmp_pa
 
 
 def test_llava_onevision_run_from_hf_trains_and_exports(shapes_llava_onevision_dir, tmp_path,
-                                                        monkeypatch):
+                                                        monkeypatch, capsys):
   """SFT from an HF LLaVA-OneVision (anyres_max_1: its 2 x 2 tile images train on shrunk feature
   grids): two steps, the evaluator before and after, and an export that reloads in transformers
-  with our logits on a lone capped image and a row of two untiled ones. Its processor config is
-  LlavaOnevisionProcessor's: AutoProcessor itself needs torchvision for OneVision's video
-  processor (not installed), so the image processor loads through AutoImageProcessor and the
-  processor's own token count runs on the saved keys."""
+  with our logits on a lone capped image and a row of two untiled ones, and that the generate CLI
+  answers from. Its processor config is LlavaOnevisionProcessor's: AutoProcessor itself needs
+  torchvision for OneVision's video processor (not installed), so the image processor loads
+  through AutoImageProcessor and the processor's own token count runs on the saved keys."""
   import inspect
 
   import torch
@@ -561,3 +561,17 @@ def test_llava_onevision_run_from_hf_trains_and_exports(shapes_llava_onevision_d
            "pixel_values": batch_images(data.image_arrays(rows))}
   got = np.asarray(logits_of(ours, batch))
   assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+  # The generate CLI on the export: a JSONL row of both images (untiled) and one of the capped.
+  from lvlm_jax import generate
+  for name, image in zip(("a.png", "b.png"), (capped, small)):
+    Image.fromarray(image).save(tmp_path / name)
+  records = [{"prompt": "<image>\n<image>\nis there a red circle?", "images": ["a.png", "b.png"]},
+             {"prompt": "is there a red circle?", "image": "a.png"}]
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
+    generate.main(["--model", hf_dir, "--max_new_tokens", "4", "--min_new_tokens", "4",
+                   "--batch_size", "2", "--input_jsonl", str(tmp_path / "in.jsonl"),
+                   "--output_jsonl", str(tmp_path / "out.jsonl")])
+  assert exit_info.value.code == 0, capsys.readouterr().err
+  assert len([json.loads(line)["response"] for line in open(tmp_path / "out.jsonl")]) == 2
