@@ -85,6 +85,35 @@ def tiny_llava_next(directory, image_token_id=127, **text_overrides) -> str:
   return save_tiny(transformers.LlavaNextForConditionalGeneration(config), directory)
 
 
+# LLaVA-OneVision: 28 px tiles of a tiny SigLIP (16 features a tile, no class token), up to
+# 4 x 4 tiles; ONEVISION_SIZES (height, width): 100 x 110 fills 4 x 4 tiles and keeps 14 x 16
+# features, past anyres_max_9's cap (shrunk to 11 x 12); 20 x 45 is 1 x 2 tiles, kept whole.
+ONEVISION_PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56], [84, 84], [112, 112]]
+ONEVISION_SIZES = [(100, 110), (20, 45)]
+
+
+def onevision_image_processor():
+  """transformers' LLaVA-OneVision image processor (PIL): the tiny SigLIP, ONEVISION_PINPOINTS."""
+  from transformers import LlavaOnevisionImageProcessorPil
+  return LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28},
+                                         image_grid_pinpoints=ONEVISION_PINPOINTS)
+
+
+def tiny_llava_onevision(directory, image_token_id=127, **text_overrides) -> str:
+  """A tiny random LlavaOnevisionForConditionalGeneration (SigLIP + Qwen2, ONEVISION_PINPOINTS)
+  saved to directory with its image processor's preprocessor config."""
+  import torch
+  import transformers
+  torch.manual_seed(7)
+  config = transformers.LlavaOnevisionConfig(
+      vision_config=transformers.SiglipVisionConfig(**TINY_CLIP_VISION, vision_use_head=False),
+      text_config=transformers.Qwen2Config(**{**TINY_LLAMA, **text_overrides}),
+      image_token_index=image_token_id, image_grid_pinpoints=ONEVISION_PINPOINTS)
+  save_tiny(transformers.LlavaOnevisionForConditionalGeneration(config), directory)
+  onevision_image_processor().save_pretrained(str(directory))
+  return str(directory)
+
+
 def torch_llava_logits(model, ids, mask, images_nhwc):
   """transformers' LLaVA logits [B, T, V] for int [B, T] ids and mask and the batch's real images
   [M, H, W, C] in order."""
@@ -153,6 +182,36 @@ def shapes_llava_next_dir(tmp_path_factory):
       image_token_id=4, vision_feature_layer=-2, image_grid_pinpoints=NEXT_PINPOINTS)
   directory = tmp_path_factory.mktemp("shapes_llava_next")
   transformers.LlavaNextForConditionalGeneration(config).eval().save_pretrained(str(directory))
+  tokenizer.save_pretrained(str(directory))
+  return str(directory)
+
+
+@pytest.fixture(scope="session")
+def shapes_llava_onevision_dir(tmp_path_factory):
+  """A tiny HF LLaVA-OneVision (SigLIP 16 px tiles of 2 x 2 patches, up to 2 x 2 tiles, Qwen2)
+  with the shapes tokenizer (image token <image> = 4); anyres_max_1 caps every image of 2 x 2
+  tiles (4 x 4 features > 1.1 ** 2 * 4), so training sees shrunk feature grids too."""
+  import torch
+  import transformers
+  from lvlm_jax.data.pipeline import DataConfig
+  from lvlm_jax.data.tokenizer import load_tokenizer
+  from lvlm_jax.methods.sctune import SCTuneSettings
+  from lvlm_jax.models.building import ModelConfig
+  torch.manual_seed(0)
+  tokenizer = load_tokenizer(ModelConfig(), (DataConfig().grounding_prompt,
+                                             SCTuneSettings().describer_prompt))
+  config = transformers.LlavaOnevisionConfig(
+      vision_config=transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48,
+                                                    num_hidden_layers=2, num_attention_heads=2,
+                                                    image_size=16, patch_size=8,
+                                                    vision_use_head=False),
+      text_config=transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=32,
+                                           intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=128),
+      image_token_index=4, image_grid_pinpoints=NEXT_PINPOINTS, vision_aspect_ratio="anyres_max_1")
+  directory = tmp_path_factory.mktemp("shapes_llava_onevision")
+  transformers.LlavaOnevisionForConditionalGeneration(config).eval().save_pretrained(str(directory))
   tokenizer.save_pretrained(str(directory))
   return str(directory)
 

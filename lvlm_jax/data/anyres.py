@@ -49,6 +49,11 @@ class AnyResProcessing:
     """Views of the largest image: the base + the most tiles of any pinpoint."""
     return 1 + max(h // self.tile.size * (w // self.tile.size) for h, w in self.pinpoints)
 
+  def tiles_row(self, num_images: int) -> bool:
+    """Whether a row (one prompt or record) of num_images images tiles them: LLaVA-NeXT always,
+    LLaVA-OneVision only a lone image, as transformers' processor (its batch_num_images)."""
+    return self.max_feature_tiles is None or num_images == 1
+
   def _check_tiled(self, tiled: bool) -> None:
     if not tiled and self.max_feature_tiles is None:
       raise ValueError("LLaVA-NeXT tiles every image; only LLaVA-OneVision takes untiled ones")

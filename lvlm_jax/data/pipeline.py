@@ -114,7 +114,8 @@ class DataConfig:
   def for_model(self, model, hf_dir: str) -> "DataConfig":
     """This config with the image fields `model` decides: its tower's image processing (the HF
     directory's preprocessor config when `hf_dir` has one), its tokens per image and, for a
-    LLaVA-NeXT model, AnyRes tiling at its `image_grid_pinpoints`. A text-only model: unchanged."""
+    LLaVA-NeXT or -OneVision model, AnyRes tiling at its `image_grid_pinpoints` (and OneVision's
+    feature cap). A text-only model: unchanged."""
     if not isinstance(model, LVLM):
       return self
     image = ImageProcessing.for_model(hf_dir, model)
@@ -128,15 +129,18 @@ class DataConfig:
 
   def image_tokens(self, images: Sequence[np.ndarray]) -> int | list[int]:
     """The image-token count of `images` (uint8 [H, W, 3] each) for `text.tokenize`:
-    tokens_per_image for every one, or with AnyRes each image's own (from its size)."""
+    tokens_per_image for every one, or with AnyRes each image's own (from its size and, in
+    LLaVA-OneVision, whether the row tiles: `AnyResProcessing.tiles_row`)."""
     if self.anyres is None:
       return self.tokens_per_image
-    return [self.anyres.image_tokens(*image.shape[:2]) for image in images]
+    tiled = self.anyres.tiles_row(len(images))
+    return [self.anyres.image_tokens(*image.shape[:2], tiled) for image in images]
 
   def image_arrays(self, images: Sequence[Sequence[np.ndarray]]) -> dict[str, np.ndarray]:
     """Each row's images (uint8 [H, W, 3]) in N slots, N the most of any row, as a batch holds
     them (`Collate`): pixel_values float32 [B, N, S, S, 3], or with AnyRes [B, N, K, S, S, 3]
-    views and image_sizes, image_grids int32 [B, N, 2]. Empty slots are zeros, never read."""
+    views and image_sizes, image_grids, feature_grids int32 [B, N, 2]. Empty slots are zeros,
+    never read."""
     rows, slots = len(images), max(map(len, images))
     if self.anyres is None:
       size = self.image.size
@@ -147,12 +151,15 @@ class DataConfig:
       return {"pixel_values": pixels}
     size = self.anyres.tile.size
     views = np.zeros((rows, slots, self.anyres.max_tiles, size, size, 3), np.float32)
-    sizes, grids = np.zeros((2, rows, slots, 2), np.int32)
+    sizes, grids, features = np.zeros((3, rows, slots, 2), np.int32)
     for i, row in enumerate(images):
+      tiled = self.anyres.tiles_row(len(row))
       for j, image in enumerate(row):
-        views[i, j], grids[i, j] = self.anyres(image)
+        views[i, j], grids[i, j] = self.anyres(image, tiled)
         sizes[i, j] = image.shape[:2]
-    return {"pixel_values": views, "image_sizes": sizes, "image_grids": grids}
+        features[i, j] = self.anyres.feature_grid(*image.shape[:2], tiled)
+    return {"pixel_values": views, "image_sizes": sizes, "image_grids": grids,
+            "feature_grids": features}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +256,8 @@ class Preprocess:
 
   def _images(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
     """images: `uint8 [H, W, 3]` each -> {"images": `uint8 [n, S, S, 3]`}; with AnyRes
-    `uint8 [n, K, S, S, 3]` views and their "image_sizes", "image_grids" `int32 [n, 2]`."""
+    `uint8 [n, K, S, S, 3]` views and their "image_sizes", "image_grids", "feature_grids"
+    `int32 [n, 2]` (untiled in a LLaVA-OneVision record of several images)."""
     cfg = self.config
     if cfg.anyres is None:
       size = cfg.image.size
@@ -258,13 +266,17 @@ class Preprocess:
         out[i] = cfg.image.resize(image)
       return {"images": out}
     k, size = cfg.anyres.max_tiles, cfg.anyres.tile.size
+    tiled = cfg.anyres.tiles_row(len(images))
     out = np.zeros((len(images), k, size, size, 3), np.uint8)
     for i, image in enumerate(images):
-      out[i] = cfg.anyres.views(image, k)
+      out[i] = cfg.anyres.views(image, k, tiled)
     shapes = [image.shape[:2] for image in images]
+
+    def pairs(grid):
+      return np.asarray([grid(*hw, tiled) for hw in shapes], np.int32).reshape(-1, 2)
+
     return {"images": out, "image_sizes": np.asarray(shapes, np.int32).reshape(-1, 2),
-            "image_grids": np.asarray([cfg.anyres.grid(*hw) for hw in shapes],
-                                      np.int32).reshape(-1, 2)}
+            "image_grids": pairs(cfg.anyres.grid), "feature_grids": pairs(cfg.anyres.feature_grid)}
 
   def _tokens(self, prefix: str, turns, num_images: int, counts: int | list[int],
               where: str) -> dict:
@@ -295,7 +307,7 @@ class Collate:
   `pixel_values float32 [B, N, S, S, 3]`, `image_mask int32 [B, N]`; grounding: `boxes float32
   [B, 4]`; with ref log-probs: `ref_chosen_logp`, `ref_rejected_logp` float32 `[B]`. With AnyRes:
   `pixel_values float32 [B, N, K, S, S, 3]` (K views an image, the unused ones zero) and
-  `image_sizes`, `image_grids` int32 `[B, N, 2]` (the LlavaNext forward's).
+  `image_sizes`, `image_grids`, `feature_grids` int32 `[B, N, 2]` (the LlavaNext forward's).
   """
 
   def __init__(self, config: DataConfig, pad_id: int):
@@ -328,7 +340,7 @@ class Collate:
       if n:
         pixels[i, :n], image_mask[i, :n] = processing.normalize(e["images"]), 1
     batch.update(pixel_values=pixels, image_mask=image_mask)
-    for key in ("image_sizes", "image_grids") if views else ():
+    for key in ("image_sizes", "image_grids", "feature_grids") if views else ():
       batch[key] = np.zeros((batch_size, cfg.max_images, 2), np.int32)
       for i, e in enumerate(examples):
         batch[key][i, :len(e[key])] = e[key]

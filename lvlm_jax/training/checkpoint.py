@@ -31,7 +31,7 @@ from lvlm_jax.data.pipeline import DataConfig
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models import hf
-from lvlm_jax.models.llava_next import LlavaNextConfig
+from lvlm_jax.models.llava_next import LlavaNextConfig, LlavaOnevisionConfig
 from lvlm_jax.models.lora import LoRA, linear_layers
 from lvlm_jax.models.lvlm import LVLM
 from lvlm_jax.output_paths import check_output_dir
@@ -177,12 +177,16 @@ def export_hf(model: nnx.Module, directory: str, dtype: str = "float32", tokeniz
 
 def _write_processor(model: LVLM, data: DataConfig, directory: str) -> None:
   config = model.config
-  # LLaVA-NeXT's processors tile at the model's pinpoints and count each image's tokens by size.
+  # LLaVA-NeXT's processors tile at the model's pinpoints and count each image's tokens by size;
+  # LLaVA-OneVision's also cap the features (vision_aspect_ratio) and size tiles as height x width.
   anyres = isinstance(config, LlavaNextConfig)
+  onevision = isinstance(config, LlavaOnevisionConfig)
   image = data.image if data.anyres is None else data.anyres.tile
-  kind = "LlavaNextProcessor" if anyres else "LlavaProcessor"
+  kind = ("LlavaOnevisionProcessor" if onevision else
+          "LlavaNextProcessor" if anyres else "LlavaProcessor")
   preprocessor = {
-      "image_processor_type": "LlavaNextImageProcessor" if anyres else "CLIPImageProcessor",
+      "image_processor_type": ("LlavaOnevisionImageProcessor" if onevision else
+                               "LlavaNextImageProcessor" if anyres else "CLIPImageProcessor"),
       "processor_class": kind,
       "do_convert_rgb": True, "do_resize": True, "size": {"shortest_edge": image.size},
       "resample": int(image.resample), "do_center_crop": True,
@@ -192,12 +196,19 @@ def _write_processor(model: LVLM, data: DataConfig, directory: str) -> None:
   if anyres:
     preprocessor.update(image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints],
                         do_pad=True)
+  if onevision:
+    preprocessor.update(size={"height": image.size, "width": image.size}, do_center_crop=False,
+                        crop_size=None)
   processor = {
       "processor_class": kind, "image_token": data.image_token,
-      "patch_size": config.vision.patch_size,
-      "vision_feature_select_strategy": config.vision_feature_select_strategy,
-      # The tokens before the patches (CLIP's and DINOv2's class token, none in SigLIP).
-      "num_additional_image_tokens": config.vision.num_prefix_tokens}
+      "vision_feature_select_strategy": config.vision_feature_select_strategy}
+  if onevision:
+    processor.update(num_image_tokens=config.tokens_per_tile,
+                     vision_aspect_ratio=f"anyres_max_{config.max_feature_tiles}")
+  else:
+    # The tokens before the patches (CLIP's and DINOv2's class token, none in SigLIP).
+    processor.update(patch_size=config.vision.patch_size,
+                     num_additional_image_tokens=config.vision.num_prefix_tokens)
   for name, content in (("preprocessor_config.json", preprocessor),
                         ("processor_config.json", processor)):
     with open(os.path.join(directory, name), "w") as f:

@@ -175,7 +175,7 @@ def ppo_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.Gr
   adv = advantages(batch["rollout_logps"], batch["snapshot_logps"], mask, batch["reward"],
                    batch["baseline"], config)
   needed = ("input_ids", "attention_mask", "positions", "pixel_values", "image_sizes",
-            "image_grids", "rollout_logps")
+            "image_grids", "feature_grids", "rollout_logps")
   micro_inputs = {k: batch[k] for k in needed if k in batch}
   micro_inputs.update(loss_mask=mask, advantages=adv)
 

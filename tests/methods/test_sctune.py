@@ -83,10 +83,12 @@ def test_the_cycle_runs_and_reports_its_metrics(straight):
   assert os.path.isdir(os.path.join(workdir, "sctune", "export", "hf"))
 
 
-def test_a_llava_next_cycle_trains_both_phases(shapes_llava_next_dir, tmp_path):
-  """From an HF LLaVA-NeXT: rollouts, PPO and locator batches carry AnyRes images with each
-  image's token count."""
-  config = tiny_config(shapes_llava_next_dir, num_steps=3, length_buckets=(128,))
+@pytest.mark.parametrize("hf_dir", ["shapes_llava_next_dir", "shapes_llava_onevision_dir"])
+def test_an_anyres_cycle_trains_both_phases(hf_dir, request, tmp_path):
+  """From an HF LLaVA-NeXT or LLaVA-OneVision (its feature cap shrinking every 2 x 2 tile
+  image): rollouts, PPO and locator batches carry AnyRes images with each image's token count
+  (and OneVision's feature grids)."""
+  config = tiny_config(request.getfixturevalue(hf_dir), num_steps=3, length_buckets=(128,))
   summary = sctune.run(config, str(tmp_path))
   assert summary["status"] == "done"
   log = train_log(str(tmp_path))

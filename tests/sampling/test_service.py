@@ -17,8 +17,9 @@ import torch
 import transformers
 from flax import nnx
 
-from conftest import (TINY_CLIP_VISION, TINY_PINPOINTS, anyres_images, bpe_tokenizer,
-                      llava_next_image_processor, save_tiny, tiny_llava_next)
+from conftest import (ONEVISION_SIZES, TINY_CLIP_VISION, TINY_PINPOINTS, anyres_images,
+                      bpe_tokenizer, llava_next_image_processor, onevision_image_processor,
+                      save_tiny, tiny_llava_next, tiny_llava_onevision)
 from lvlm_jax.data.images import ImageProcessing
 from lvlm_jax.data.pipeline import DataConfig
 from lvlm_jax.models import hf
@@ -282,3 +283,52 @@ def test_llava_next_images_of_different_sizes_equal_transformers(llava_next, tok
     ids = np.concatenate([service.prompt_ids(prompts[0]), extension])
     expected = hf_next_greedy(reference, ids, prompts[0].images)
     np.testing.assert_array_equal(completion.token_ids, expected[:len(completion.token_ids)])
+
+
+@pytest.fixture(scope="module")
+def llava_onevision(tokenizer, tmp_path_factory):
+  """A tiny LLaVA-OneVision HF directory with the tokenizer and its image processor's config."""
+  directory = tiny_llava_onevision(tmp_path_factory.mktemp("llava_onevision"),
+                                   tokenizer.convert_tokens_to_ids("<image>"),
+                                   vocab_size=len(tokenizer), max_position_embeddings=512,
+                                   bos_token_id=tokenizer.bos_token_id,
+                                   eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id)
+  tokenizer.save_pretrained(directory)
+  return (directory, hf.load_model(directory),
+          transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(directory).eval())
+
+
+def test_llava_onevision_capped_whole_and_untiled_images_equal_transformers(llava_onevision,
+                                                                           tokenizer):
+  """The generate CLI's service for a LLaVA-OneVision export: a lone capped image (14 x 16
+  features shrunk to 11 x 12), a row of it beside a small one (both untiled, as transformers'
+  batch_num_images) and the small one alone (whole), in left-padded batches, greedily decode as
+  transformers' generate of each prompt alone with its processor's pixels."""
+  from lvlm_jax.generate import generation_service
+  directory, model, reference = llava_onevision
+  service = generation_service(directory, model, "vicuna_v1", system="A chat.", batch_size=2,
+                               pad_to=16)
+  assert service.data.anyres is not None and service.data.anyres.max_feature_tiles == 9
+  rng = np.random.default_rng(5)
+  capped, whole = (rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ONEVISION_SIZES)
+  prompts = [Prompt.question("Describe the image.", (capped,)),
+             Prompt.question("Image 1: <image>\nImage 2: <image>\nWhat differs?", (capped, whole)),
+             Prompt.question("Describe the image.", (whole,))]
+  counts = [16 + 11 * 13, 2 * (16 + 1), 16 + 4 * 9]
+  processor = onevision_image_processor()
+  for prompt, completion, count in zip(prompts, service.generate(prompts, greedy(tokenizer)),
+                                       counts):
+    ids = service.prompt_ids(prompt)
+    assert (ids == model.config.image_token_id).sum() == count
+    pixels = processor([list(prompt.images)], return_tensors="pt")
+    with torch.no_grad():
+      out = reference.generate(input_ids=torch.tensor(ids[None], dtype=torch.long),
+                               attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                               pixel_values=pixels["pixel_values"],
+                               image_sizes=pixels["image_sizes"],
+                               batch_num_images=pixels["batch_num_images"], do_sample=False,
+                               max_new_tokens=NEW)
+    expected = out[0, len(ids):].numpy()
+    np.testing.assert_array_equal(completion.token_ids, expected[:len(completion.token_ids)])
+    assert completion.stopped or len(completion.token_ids) == NEW

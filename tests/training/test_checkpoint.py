@@ -491,3 +491,87 @@ def test_llava_next_run_from_hf_trains_and_exports(shapes_llava_next_dir, tmp_pa
     assert exit_info.value.code == 0, printed[-1].err
   answers = [json.loads(line)["response"] for line in open(tmp_path / "out.jsonl")]
   assert len(answers) == 2 and printed[0].out == answers[0] + "\n"
+
+
+def test_llava_onevision_run_from_hf_trains_and_exports(shapes_llava_onevision_dir, tmp_path,
+                                                        monkeypatch, capsys):
+  """SFT from an HF LLaVA-OneVision (anyres_max_1: its 2 x 2 tile images train on shrunk feature
+  grids): two steps, the evaluator before and after, and an export that reloads in transformers
+  with our logits on a lone capped image and a row of two untiled ones, and that the generate CLI
+  answers from. Its processor config is LlavaOnevisionProcessor's: AutoProcessor itself needs
+  torchvision for OneVision's video processor (not installed), so the image processor loads
+  through AutoImageProcessor and the processor's own token count runs on the saved keys."""
+  import inspect
+
+  import torch
+  import transformers
+  from PIL import Image
+  from lvlm_jax.data.pipeline import DataConfig
+  from lvlm_jax.models import hf
+  from lvlm_jax.models.llava_next import batch_images
+  from training_fixtures import logits_of
+  settings = {"train.num_steps": 2, "checkpoint.every_steps": 2,
+              "model.hf_dir": shapes_llava_onevision_dir, "model.tokenizer": "",
+              "data.pipeline.length_buckets": (64,),
+              "checkpoint.export_hf": True, "eval.yes_no": 4, "eval.grounding": 2,
+              "eval.batch_size": 4}
+  summary = run(tmp_path, **settings)
+  assert summary["status"] == "done"
+  for name in ("base", "sft"):
+    assert 0 <= summary["eval"][name]["yes_no_accuracy"] <= 1
+  losses = train_losses(tmp_path)
+  assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
+  hf_dir = str(tmp_path / "export" / "hf")
+  ours = hf.load_model(hf_dir)
+  theirs = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(hf_dir).eval()
+  base = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(
+      shapes_llava_onevision_dir)
+  trained = theirs.model.language_model.layers[0].mlp.down_proj.weight
+  assert not torch.equal(trained, base.model.language_model.layers[0].mlp.down_proj.weight)
+  assert theirs.config.vision_aspect_ratio == "anyres_max_1"
+
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  image_processor = transformers.AutoImageProcessor.from_pretrained(hf_dir)
+  assert type(image_processor).__name__.startswith("LlavaOnevisionImageProcessor")
+  saved = json.load(open(os.path.join(hf_dir, "processor_config.json")))
+  assert saved["processor_class"] == "LlavaOnevisionProcessor"
+  accepted = inspect.signature(transformers.LlavaOnevisionProcessor.__init__).parameters
+  assert set(saved) - {"processor_class"} <= set(accepted)
+  processor = object.__new__(transformers.LlavaOnevisionProcessor)
+  processor.image_processor = image_processor
+  for key in ("image_token", "num_image_tokens", "vision_aspect_ratio",
+              "vision_feature_select_strategy"):
+    setattr(processor, key, saved[key])
+  data = DataConfig(max_images=2).for_model(ours, hf_dir)
+  rng = np.random.default_rng(0)
+  capped, small = (rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((30, 31), (8, 20)))
+  rows = [[capped], [capped, small]]
+  pixels = image_processor(rows, return_tensors="pt")
+  assert pixels["batch_num_images"].tolist() == [1, 2]
+  counts = [processor.replace_image_token(pixels, i).count("<image>") for i in range(3)]
+  assert counts == data.image_tokens(rows[0]) + data.image_tokens(rows[1])
+  assert counts[0] == 4 + 2 * 3 and counts[1:] == [4 + 1, 4 + 1]  # capped to 2 x 2 features
+  ids = np.full((2, 24), 5, np.int32)
+  ids[0, 2:2 + counts[0]] = 4
+  ids[1, 2:2 + counts[1]] = ids[1, 9:9 + counts[2]] = 4
+  with torch.no_grad():
+    expected = theirs(input_ids=torch.tensor(ids, dtype=torch.long), **pixels).logits.numpy()
+  batch = {"input_ids": ids, "positions": np.broadcast_to(np.arange(24, dtype=np.int32), ids.shape),
+           "attention_mask": np.ones_like(ids),
+           "pixel_values": batch_images(data.image_arrays(rows))}
+  got = np.asarray(logits_of(ours, batch))
+  assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+  # The generate CLI on the export: a JSONL row of both images (untiled) and one of the capped.
+  from lvlm_jax import generate
+  for name, image in zip(("a.png", "b.png"), (capped, small)):
+    Image.fromarray(image).save(tmp_path / name)
+  records = [{"prompt": "<image>\n<image>\nis there a red circle?", "images": ["a.png", "b.png"]},
+             {"prompt": "is there a red circle?", "image": "a.png"}]
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
+    generate.main(["--model", hf_dir, "--max_new_tokens", "4", "--min_new_tokens", "4",
+                   "--batch_size", "2", "--input_jsonl", str(tmp_path / "in.jsonl"),
+                   "--output_jsonl", str(tmp_path / "out.jsonl")])
+  assert exit_info.value.code == 0, capsys.readouterr().err
+  assert len([json.loads(line)["response"] for line in open(tmp_path / "out.jsonl")]) == 2

@@ -320,3 +320,36 @@ def test_eight_device_mesh_gives_the_same_losses():
   np.testing.assert_allclose(eight[:, 1], one[:, 1], rtol=1e-4,
                              atol=1e-6 * BETA * np.abs(one[:, 2:]).sum(1).max())
   assert abs(result["one"][2][1]) > 1e-4
+
+
+def test_llava_onevision_preference_batch_scores_as_each_side_alone(shapes_llava_onevision_dir):
+  """A LLaVA-OneVision preference batch from the data pipeline (a row of one capped image, tiled,
+  and a row of two, untiled, with their feature grids): the one forward over both sides gives
+  each side's own summed log-probs."""
+  import transformers
+  from lvlm_jax.data.pipeline import DataConfig, make_dataset
+  from lvlm_jax.models import hf
+  from lvlm_jax.models.llava_next import batch_images
+  model = hf.load_model(shapes_llava_onevision_dir)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(shapes_llava_onevision_dir)
+  data = DataConfig(kind="preference", batch_size=2, length_buckets=(64,), max_images=2,
+                    shuffle=False, num_epochs=1).for_model(model, shapes_llava_onevision_dir)
+  rng = np.random.default_rng(1)
+  big, small = (rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((30, 31), (8, 20)))
+  question = {"from": "human", "value": "<image>\nIs there a red circle?"}
+  records = [{"prompt": [question], "chosen": "yes", "rejected": "no", "images": [big]},
+             {"prompt": [{"from": "human", "value": "<image>\n<image>\nIs there a red circle?"}],
+              "chosen": "no", "rejected": "yes", "images": [big, small]}]
+  b = next(iter(make_dataset(records, tokenizer, data)))
+  # Row 0 capped (2 x 2 tiles' 4 x 4 features shrunk to 2 x 2), row 1 untiled (1, 0) each.
+  assert b["feature_grids"].tolist() == [[[2, 2], [0, 0]], [[1, 0], [1, 0]]]
+  assert (b["chosen_input_ids"] == 4).sum(1).tolist() == [4 + 2 * 3, 2 * (4 + 1)]
+  chosen, rejected = jax.jit(dpo.response_logps)(model, b)
+  for name, got in (("chosen", chosen), ("rejected", rejected)):
+    alone = {"input_ids": b[f"{name}_input_ids"], "positions": b[f"{name}_positions"],
+             "attention_mask": b[f"{name}_attention_mask"], "pixel_values": batch_images(b)}
+    logits = np.asarray(logits_of(model, alone), np.float64)[:, :-1]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, b[f"{name}_input_ids"][:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(got, (picked * b[f"{name}_loss_mask"][:, 1:]).sum(1), rtol=1e-5)
