@@ -21,11 +21,12 @@ XLA:CPU's buffer assignment stands in for the accelerator's, which fuses differe
 combination within ~10% of a capacity is marginal).
 
 XLA:CPU's temp figure overstates an accelerator's: it runs bf16 matrix products in f32, so every
-all-gathered bf16 weight gets a whole f32 copy, and with the 32 layers unrolled the copies made
-in the forward stay live for the backward. In sft_lora on fsdp8 (1 x 1024 tokens per device, full
-remat) 52 of the 76 GiB per device are such f32 copies of whole [4096, 11008]-like weight
-matrices (the memory-usage report of `XLA_FLAGS=--xla_dump_to=DIR`). TPU and GPU multiply bf16
-natively; scanned layers (issue 19) would also bound the gathered weights to about one layer's.
+all-gathered bf16 weight gets a whole f32 copy, and with the 32 layers unrolled the scheduler
+keeps many of them live at once. In sft_lora on fsdp8 (1 x 1024 tokens per device, full remat,
+76 GiB per device) the memory-usage report of `XLA_FLAGS=--xla_dump_to=DIR` lists 52 GiB of
+allocations that hold nothing but f32 copies of whole weight matrices ([4096, 11008] and the
+like). TPU and GPU multiply bf16 natively; scanned layers (issue 19) would also bound the
+gathered weights to about one layer's.
 
 FLOPs beside XLA's count (all devices): `expected` is train_step.py's MaxText-style count for
 the step's global batch: passes x 2 x (LLM + projector matmul parameters) x tokens + causal
