@@ -184,6 +184,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
+  from lvlm_jax.models.building import DTYPES
+  from lvlm_jax.models.llm import REMAT_POLICIES
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--steps", nargs="+", default=["sft_lora", "sft_full", "dpo_lora"],
@@ -196,10 +198,10 @@ def main() -> None:
                       "sequences, DPO rows are pairs (2 sequences each)")
   parser.add_argument("--seq", nargs="+", type=int, default=[1024],
                       help="sequence lengths (576 of them are image tokens)")
-  parser.add_argument("--remat", nargs="+", default=["full"],
-                      help="decoder-layer remat policies (none, full, dots, dots_no_batch)")
-  parser.add_argument("--dtype", default="bfloat16", help="compute dtype")
-  parser.add_argument("--param_dtype", default="bfloat16",
+  parser.add_argument("--remat", nargs="+", default=["full"], choices=list(REMAT_POLICIES),
+                      help="decoder-layer remat policies")
+  parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="compute dtype")
+  parser.add_argument("--param_dtype", default="bfloat16", choices=DTYPES,
                       help="weights and Adam moments (LoRA adapters take their base's dtype)")
   parser.add_argument("--out", default="benchmarks/results", help="directory of aot_7b.json")
   args = parser.parse_args()
