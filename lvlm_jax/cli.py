@@ -74,6 +74,22 @@ def _exit(code: int) -> None:
   sys.exit(code)
 
 
+def device_line(tool: str) -> str:
+  """What JAX runs on, e.g. `lvlm_jax.train: JAX 0.10.2 on tpu, 8 devices (4 on this host, 2
+  processes)`: a CPU-only jaxlib on an accelerator host shows in the first line."""
+  import jax
+  return (f"{tool}: JAX {jax.__version__} on {jax.default_backend()}, {jax.device_count()} "
+          f"devices ({jax.local_device_count()} on this host, {jax.process_count()} processes)")
+
+
+def print_devices(tool: str) -> None:
+  """`device_line(tool)` on stderr, from process 0 only. Call it after multi-process start-up
+  (`sharding.initialize`), which must come before anything touches the devices."""
+  import jax
+  if jax.process_index() == 0:
+    print(device_line(tool), file=sys.stderr, flush=True)
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
   """Runs `main` and exits with its code (0 for None); failures as the module docstring says."""
   if not debugging():

@@ -26,7 +26,7 @@ import json
 import os
 import sys
 
-from lvlm_jax.cli import run_cli
+from lvlm_jax.cli import print_devices, run_cli
 from lvlm_jax.dataclass_config import load_config_file
 from lvlm_jax.errors import UserError
 
@@ -149,6 +149,7 @@ def evaluate(args) -> dict:
   output = args.output or (os.path.join(args.workdir, "eval.json") if args.workdir else None)
   if output:  # before the evaluation, not after it
     check_output_file(output, "--output")
+  print_devices("lvlm_jax.evaluate")
   mesh = make_mesh()
   prompts = (config.data.pipeline.grounding_prompt,)
   if args.workdir:

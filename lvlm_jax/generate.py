@@ -24,7 +24,7 @@ import os
 import sys
 
 
-from lvlm_jax.cli import run_cli
+from lvlm_jax.cli import print_devices, run_cli
 from lvlm_jax.data import images as images_lib
 from lvlm_jax.data import text
 from lvlm_jax.errors import UserError
@@ -251,6 +251,7 @@ def run(args: argparse.Namespace) -> None:
       raise UserError("--output_jsonl must not be --input_jsonl")
     check_output_file(args.output_jsonl, "--output_jsonl")
     records = read_records(args.input_jsonl)
+  print_devices("lvlm_jax.generate")
   model = _load_model(args.model, args.dtype, args.allow_pickle)
   service = generation_service(args.model, model, args.template, args.system, args.batch_size,
                                args.pad_to_multiple)

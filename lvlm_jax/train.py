@@ -19,7 +19,7 @@ import re
 import sys
 
 from lvlm_jax import preemption
-from lvlm_jax.cli import run_cli
+from lvlm_jax.cli import print_devices, run_cli
 from lvlm_jax.errors import UserError
 from lvlm_jax.output_paths import check_output_dir
 
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
   parsed = module.parse(config)
   check_output_dir(workdir, "--workdir")  # a read-only or misnamed workdir fails now, not at a save
   initialize(parsed.mesh)
+  print_devices("lvlm_jax.train")
   try:
     summary = module.run(parsed, workdir, raw_config=config)
   except preemption.Preempted:
