@@ -69,8 +69,6 @@ def grounding_file_records(path: str, image_root: str | None, limit: int) -> lis
   "expression" (None when absent)."""
   from lvlm_jax.data.images import load_image
   from lvlm_jax.data.sources import GroundingSource
-  if not os.path.exists(path):
-    raise UserError(f"--grounding_file {path}: no such file")
   source = GroundingSource(path, (image_root,) if image_root else None)
   count = min(limit or len(source), len(source))
   records = []
@@ -149,6 +147,8 @@ def evaluate(args) -> dict:
   output = args.output or (os.path.join(args.workdir, "eval.json") if args.workdir else None)
   if output:  # before the evaluation, not after it
     check_output_file(output, "--output")
+  if args.grounding_file and not os.path.exists(args.grounding_file):
+    raise UserError(f"--grounding_file {args.grounding_file}: no such file")
   print_devices("lvlm_jax.evaluate")
   mesh = make_mesh()
   prompts = (config.data.pipeline.grounding_prompt,)
