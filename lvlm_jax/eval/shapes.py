@@ -29,6 +29,7 @@ from lvlm_jax.data.shapes import (CAPTION_PROMPTS, REGION_PROMPT, Scene, ShapesC
                                   shares_kind)
 from lvlm_jax.data.text import box_iou, tokenize_conversation
 from lvlm_jax.dataclass_config import help_field
+from lvlm_jax.errors import UserError
 from lvlm_jax.eval.hallucination import hallucination_metrics
 from lvlm_jax.sampling.decode import SamplingConfig
 from lvlm_jax.sampling.service import GenerationService, Prompt
@@ -133,10 +134,9 @@ class ShapesEvaluator:
   def _generate(self, graphdef, state, records, questions, max_new_tokens: int,
                 answer_start: str) -> list[str]:
     """Greedy answers through the generation service; prompts end where training's context for
-    an answer beginning with `answer_start` ends."""
-    eos = self.tokenizer.eos_token_id
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
-                              eos_token_ids=(eos,) if eos is not None else ())
+    an answer beginning with `answer_start` ends. An answer stops at `max_new_tokens` or at the
+    model's context (max_position_embeddings), whichever comes first: a small model's evaluation
+    with the default budgets measures what fits, rather than failing or reading past it."""
     mesh = self.mesh if self.mesh is not None else make_mesh()
     # Rows split over the mesh's batch axes: the batch rounds up to a multiple of them.
     size = -(-self.config.batch_size // batch_shards(mesh)) * batch_shards(mesh)
@@ -144,6 +144,15 @@ class ShapesEvaluator:
                                 size)
     prompts = [Prompt.question(q, tuple(r["images"]), answer_start)
                for r, q in zip(records, questions)]
+    longest = max(-(-len(service.prompt_ids(p)) // service.pad_to) * service.pad_to
+                  for p in prompts)
+    room = min(max_new_tokens, service.context - longest)
+    if room < 1:
+      raise UserError(f"an evaluation prompt of {longest} tokens leaves no room for an answer in "
+                      f"the model's context of {service.context} (max_position_embeddings)")
+    eos = self.tokenizer.eos_token_id
+    sampling = SamplingConfig(max_new_tokens=room, pad_token_id=self.pad_id,
+                              eos_token_ids=(eos,) if eos is not None else ())
     return service.texts(prompts, sampling)
 
   def _ground(self, graphdef, state, records, expressions) -> tuple[np.ndarray, list]:
