@@ -38,7 +38,7 @@ from lvlm_jax.artifacts import JsonlWriter, read_json, read_jsonl, write_json, w
 from lvlm_jax.data import training_sources
 from lvlm_jax.data.images import color_jitter, load_image, low_resolution, resolve_image_path
 from lvlm_jax.data.pipeline import DataConfig
-from lvlm_jax.data.shapes import TASKS, Scene, ShapesConfig, ShapesSource, held_out_world
+from lvlm_jax.data.shapes import TASKS, ShapesConfig, ShapesSource, held_out_world, make_scene
 from lvlm_jax.data.sources import ConversationSource
 from lvlm_jax.data.tokenizer import load_tokenizer
 from lvlm_jax.dataclass_config import help_field, method_defaults, method_help, parse_method
@@ -370,11 +370,11 @@ def pair_quality_rows(config: STICConfig, inputs: Inputs, pairs: list[dict]) -> 
   """Each pair judged against its unlabeled scene (`eval/preference_quality.py`): id, the kind
   of rejected answer (misleading_prompt, low_resolution, color_jitter), both answers' counts and
   the verdict."""
-  source = ShapesSource(_world(config, _UNLABELED_WORLD), "unlabeled", len(inputs.unlabeled))
+  world = _world(config, _UNLABELED_WORLD)
   index = {name: i for i, name in enumerate(inputs.unlabeled)}
   rows = []
   for pair in pairs:
-    scene = Scene.from_json(source[index[pair["image"]]]["scene"])
+    scene = make_scene(world, index[pair["image"]])  # unlabeled record i shows scene i
     rows.append({"id": pair["id"], "kind": pair["corruption"] or pair["rejected_kind"],
                  **preference_quality.pair_quality(pair["chosen"], pair["rejected"], scene)})
   return rows
