@@ -29,6 +29,7 @@ import sys
 from lvlm_jax.cli import print_devices, run_cli
 from lvlm_jax.dataclass_config import load_config_file
 from lvlm_jax.errors import UserError
+from lvlm_jax.eval.benchmarks import BENCHMARKS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,14 +52,37 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--image_root", help="with --grounding_file: the folder its image paths are "
                  "relative to (default: the file's folder)")
   p.add_argument("--limit", type=int, default=0,
-                 help="with --grounding_file: evaluate its first N records (0: all)")
+                 help="with --grounding_file or --benchmark: evaluate its first N records or "
+                 "items (0: all)")
+  p.add_argument("--benchmark", choices=sorted(BENCHMARKS),
+                 help="a public benchmark to evaluate on, read from --data (see below)")
+  p.add_argument("--data", help="with --benchmark: its file or folder, in its published layout")
+  p.add_argument("--images", help="with --benchmark: the folder its image paths are relative "
+                 "to (default: the folder of --data)")
+  p.add_argument("--output_dir", help="with --benchmark: where predictions.jsonl (resumable: "
+                 "a rerun skips the items answered) and metrics.json go (default: "
+                 "eval_<benchmark>)")
+  p.add_argument("--batch_size", type=int, default=8,
+                 help="with --benchmark: prompts decoded together")
+  p.add_argument("--max_new_tokens", type=int,
+                 help="with --benchmark: most tokens an answer gets (default: the benchmark's)")
   p.add_argument("--output", help="JSON file for the metrics")
   p.add_argument("--allow_pickle", action="store_true",
                  help="with --model: accept pickled .bin/.pt weights; pickles can run code when "
                  "loaded, so use this only for files you trust")
   args = p.parse_args(argv)
-  if (args.image_root or args.limit) and not args.grounding_file:
-    p.error("--image_root and --limit go with --grounding_file")
+  if args.image_root and not args.grounding_file:
+    p.error("--image_root goes with --grounding_file")
+  if args.limit and not (args.grounding_file or args.benchmark):
+    p.error("--limit goes with --grounding_file or --benchmark")
+  if args.benchmark and args.grounding_file:
+    p.error("give --benchmark or --grounding_file, not both")
+  if bool(args.benchmark) != bool(args.data):
+    p.error("--benchmark and --data go together")
+  if (args.images or args.output_dir or args.max_new_tokens) and not args.benchmark:
+    p.error("--images, --output_dir and --max_new_tokens go with --benchmark")
+  if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
+    p.error("--batch_size and --max_new_tokens must be at least 1")
   if args.limit < 0:
     p.error("--limit must be >= 0")
   return args
@@ -132,25 +156,12 @@ def _model_from_workdir(config, workdir: str, tokenizer, mesh):
   return train_state.merge(graphdef, state), abstract_model, step
 
 
-def evaluate(args) -> dict:
-  import jax
-  from flax import nnx
-
-  from lvlm_jax.eval.shapes import ShapesEvaluator
+def _model(args, config, mesh):
+  """(model, the model whose config decides shapes, checkpoint step or None, tokenizer, the
+  data pipeline config its prompts are rendered with) of --workdir or --model."""
   from lvlm_jax.data import training_sources
-  from lvlm_jax.data.shapes import held_out_world
   from lvlm_jax.data.tokenizer import load_tokenizer
   from lvlm_jax.models import building, hf, params_io
-  from lvlm_jax.sharding import make_mesh
-  from lvlm_jax.output_paths import check_output_file
-  config = _config(args)
-  output = args.output or (os.path.join(args.workdir, "eval.json") if args.workdir else None)
-  if output:  # before the evaluation, not after it
-    check_output_file(output, "--output")
-  if args.grounding_file and not os.path.exists(args.grounding_file):
-    raise UserError(f"--grounding_file {args.grounding_file}: no such file")
-  print_devices("lvlm_jax.evaluate")
-  mesh = make_mesh()
   prompts = (config.data.pipeline.grounding_prompt,)
   if args.workdir:
     tokenizer = load_tokenizer(config.model, prompts)
@@ -170,19 +181,32 @@ def evaluate(args) -> dict:
     model_config = dataclasses.replace(config.model, hf_dir="" if is_ours else args.model)
   building.check_vocabulary(reference, tokenizer)
   data = training_sources.pipeline_config(config.data, reference, model_config.hf_dir, 1)
+  return model, reference, step, tokenizer, data
+
+
+def evaluate(args) -> dict:
+  import jax
+
+  from lvlm_jax.eval.shapes import ShapesEvaluator
+  from lvlm_jax.data.shapes import held_out_world
+  from lvlm_jax.sharding import make_mesh
+  from lvlm_jax.output_paths import check_output_file
+  config = _config(args)
+  if args.benchmark:
+    from lvlm_jax.eval.benchmarks import evaluation
+    return evaluation.run(args, config, _model)
+  output = args.output or (os.path.join(args.workdir, "eval.json") if args.workdir else None)
+  if output:  # before the evaluation, not after it
+    check_output_file(output, "--output")
+  if args.grounding_file and not os.path.exists(args.grounding_file):
+    raise UserError(f"--grounding_file {args.grounding_file}: no such file")
+  print_devices("lvlm_jax.evaluate")
+  mesh = make_mesh()
+  model, _, step, tokenizer, data = _model(args, config, mesh)
   if args.grounding_file:
     records = grounding_file_records(args.grounding_file, args.image_root, args.limit)
-    evaluator = ShapesEvaluator(tokenizer, data, held_out_world(config.data.shapes),
-                                dataclasses.replace(config.eval, yes_no=0, grounding=0, captions=0,
-                                                    self_consistency=0), mesh)
-    model.eval()
-    graphdef, state = nnx.split(model)
-    with jax.set_mesh(mesh):
-      referring = [r for r in records if r["expression"]]
-      metrics = {"records": len(records), "expressions": len(referring)}
-      if referring:
-        metrics.update(evaluator.grounding_metrics(graphdef, state, referring))
-      metrics.update(evaluator.self_consistency_metrics(graphdef, state, records, answer_start=""))
+    metrics = {"records": len(records), **grounding_file_metrics(
+        model, tokenizer, data, config, mesh, records)}
   else:
     evaluator = ShapesEvaluator(tokenizer, data, held_out_world(config.data.shapes),
                                 config.eval, mesh)
@@ -195,6 +219,28 @@ def evaluate(args) -> dict:
     with open(output, "w") as f:
       json.dump(result, f, indent=2)
   return result
+
+
+def grounding_file_metrics(model, tokenizer, data, config, mesh, records: list[dict]) -> dict:
+  """REC Acc@0.5 over the records with an expression and self-consistency Acc@0.5 over all,
+  with the config's prompts and box format (records: "images", "box", "expression")."""
+  import jax
+  from flax import nnx
+
+  from lvlm_jax.data.shapes import held_out_world
+  from lvlm_jax.eval.shapes import ShapesEvaluator
+  evaluator = ShapesEvaluator(tokenizer, data, held_out_world(config.data.shapes),
+                              dataclasses.replace(config.eval, yes_no=0, grounding=0, captions=0,
+                                                  self_consistency=0), mesh)
+  model.eval()
+  graphdef, state = nnx.split(model)
+  with jax.set_mesh(mesh):
+    referring = [r for r in records if r["expression"]]
+    metrics = {"expressions": len(referring)}
+    if referring:
+      metrics.update(evaluator.grounding_metrics(graphdef, state, referring))
+    metrics.update(evaluator.self_consistency_metrics(graphdef, state, records, answer_start=""))
+  return metrics
 
 
 def main(argv=None) -> None:

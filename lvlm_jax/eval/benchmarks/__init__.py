@@ -1,0 +1,13 @@
+"""Public benchmarks the four papers report, one module per family, one registry."""
+
+from lvlm_jax.eval.benchmarks import choices, mme, pope, vqa
+
+BENCHMARKS = {
+    "pope": pope.POPE,
+    "mme": mme.MME,
+    "gqa": vqa.GQA,
+    "textvqa": vqa.TEXTVQA,
+    "scienceqa": choices.SCIENCEQA,
+    "mmbench": choices.MMBENCH,
+    "seed": choices.SEED,
+}

@@ -1,0 +1,38 @@
+"""What a public benchmark is to the runner: items to answer, and a scorer of the answers.
+
+An `Item` is one prompt: a user turn (with one `<image>` per image, or none: the service then
+puts them in front, LLaVA's rule), its images, and what the scorer needs to know about it. A
+`Benchmark` loads its items from the files the benchmark publishes, in their own layout, and
+scores the answers the model gave (items whose image could not be read are left out and counted
+by the runner, never scored as wrong).
+"""
+
+import dataclasses
+from typing import Callable
+
+# LLaVA-1.5's prompt suffixes (its eval scripts' --single-pred-prompt and model_vqa_loader).
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """id: unique within the benchmark (predictions are keyed by it). question: the user turn.
+  images: each a path under the image folder, or the encoded bytes of an image (MMBench's TSV
+  carries its images). truth: JSON-able facts the scorer reads (answer, category, ...)."""
+  id: str
+  question: str
+  images: tuple = ()
+  truth: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+  """load(data, images) -> items: `data` the benchmark's file (or folder), `images` the folder
+  its image paths are relative to (None: the data's own folder). score(items, answers) ->
+  metrics, answers by item id for the items that were answered. max_new_tokens: the answer
+  budget LLaVA's scripts give it. files: what the benchmark reads, for --help and errors."""
+  load: Callable[[str, str | None], list[Item]]
+  score: Callable[[list[Item], dict[str, str]], dict]
+  max_new_tokens: int
+  files: str
