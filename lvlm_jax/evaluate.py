@@ -194,7 +194,7 @@ def evaluate(args) -> dict:
   config = _config(args)
   if args.benchmark:
     from lvlm_jax.eval.benchmarks import evaluation
-    return evaluation.run(args, config, _model)
+    return evaluation.run(args, config, _model, grounding_file_metrics)
   output = args.output or (os.path.join(args.workdir, "eval.json") if args.workdir else None)
   if output:  # before the evaluation, not after it
     check_output_file(output, "--output")

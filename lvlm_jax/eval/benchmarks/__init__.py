@@ -1,6 +1,6 @@
 """Public benchmarks the four papers report, one module per family, one registry."""
 
-from lvlm_jax.eval.benchmarks import choices, mme, pope, vqa
+from lvlm_jax.eval.benchmarks import chair, choices, mme, pope, refcoco, vqa
 
 BENCHMARKS = {
     "pope": pope.POPE,
@@ -10,4 +10,6 @@ BENCHMARKS = {
     "scienceqa": choices.SCIENCEQA,
     "mmbench": choices.MMBENCH,
     "seed": choices.SEED,
+    "chair": chair.CHAIR,
+    "refcoco": refcoco.REFCOCO,
 }

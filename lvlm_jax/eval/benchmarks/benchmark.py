@@ -31,8 +31,20 @@ class Benchmark:
   """load(data, images) -> items: `data` the benchmark's file (or folder), `images` the folder
   its image paths are relative to (None: the data's own folder). score(items, answers) ->
   metrics, answers by item id for the items that were answered. max_new_tokens: the answer
-  budget LLaVA's scripts give it. files: what the benchmark reads, for --help and errors."""
+  budget LLaVA's scripts give it. files: what the benchmark reads, for --help and errors.
+  default_limit: how many of the items (in load's order) are asked without --limit; 0: all."""
   load: Callable[[str, str | None], list[Item]]
   score: Callable[[list[Item], dict[str, str]], dict]
   max_new_tokens: int
   files: str
+  default_limit: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GroundingBenchmark:
+  """A benchmark of boxes, scored by the grounding-file evaluator rather than by answers:
+  records(data, images, limit) -> (grounding records: "images" (decoded), "box" normalised,
+  "expression"; the reasons of the records skipped)."""
+  records: Callable[[str, str | None, int], tuple[list[dict], list[str]]]
+  files: str
+  default_limit: int = 0

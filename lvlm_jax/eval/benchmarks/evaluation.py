@@ -13,29 +13,55 @@ from lvlm_jax.artifacts import write_json
 from lvlm_jax.cli import print_devices
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval.benchmarks import BENCHMARKS, files
+from lvlm_jax.eval.benchmarks.benchmark import GroundingBenchmark
 from lvlm_jax.eval.benchmarks.predictions import PredictionLog
 
 
-def run(args, config, load_model) -> dict:
-  """load_model(args, config, mesh) -> (model, reference, step, tokenizer, data config)."""
-  from lvlm_jax.eval.benchmarks import runner
+def run(args, config, load_model, grounding_metrics) -> dict:
+  """load_model(args, config, mesh) -> (model, reference, step, tokenizer, data config);
+  grounding_metrics(model, tokenizer, data, config, mesh, records) -> REC and self-consistency
+  metrics of grounding records (evaluate's grounding-file evaluator)."""
   from lvlm_jax.output_paths import check_output_file
-  from lvlm_jax.sampling.service import GenerationService
-  from lvlm_jax.sharding import batch_shards, make_mesh
+  from lvlm_jax.sharding import make_mesh
   benchmark = BENCHMARKS[args.benchmark]
   output_dir = args.output_dir or f"eval_{args.benchmark}"
   metrics_path = args.output or os.path.join(output_dir, "metrics.json")
   check_output_file(metrics_path, "--output")
   if not os.path.exists(args.data):
     raise UserError(f"--data {args.data}: no such file or folder ({benchmark.files})")
-  root = files.folder(args.images, args.data)
-  items = benchmark.load(args.data, args.images)
-  if args.limit:
-    items = items[:args.limit]
+  limit = args.limit or benchmark.default_limit
+  if isinstance(benchmark, GroundingBenchmark):
+    records, skipped = benchmark.records(args.data, args.images, limit)
+    items = len(records) + len(skipped)
+  else:
+    root = files.folder(args.images, args.data)
+    items = benchmark.load(args.data, args.images)
+    items = items[:limit] if limit else items
   print_devices("lvlm_jax.evaluate")
   mesh = make_mesh()
   model, _, step, tokenizer, data = load_model(args, config, mesh)
   model.eval()
+  if isinstance(benchmark, GroundingBenchmark):
+    scores = grounding_metrics(model, tokenizer, data, config, mesh, records) if records else {}
+    answered = len(records)
+  else:
+    answered, skipped, scores = _answered(args, benchmark, items, model, tokenizer, data, mesh,
+                                          root, output_dir)
+    items = len(items)
+  result = {"benchmark": args.benchmark, "model": args.workdir or args.model, "step": step,
+            "data": args.data, "items": items, "answered": answered, "skipped": len(skipped),
+            **({"first_skip": skipped[0]} if skipped else {}), **scores}
+  print(json.dumps(result, indent=2))
+  write_json(metrics_path, result)
+  return result
+
+
+def _answered(args, benchmark, items, model, tokenizer, data, mesh, root, output_dir):
+  """(items answered, reasons of the skips, metrics) of the model on the items, answered
+  through the prediction log in output_dir."""
+  from lvlm_jax.eval.benchmarks import runner
+  from lvlm_jax.sampling.service import GenerationService
+  from lvlm_jax.sharding import batch_shards
   # Rows are split over the mesh's batch axes: the batch rounds up to a multiple of them.
   size = -(-args.batch_size // batch_shards(mesh)) * batch_shards(mesh)
   service = GenerationService(model, tokenizer, data, mesh, size)
@@ -44,10 +70,5 @@ def run(args, config, load_model) -> dict:
                           args.max_new_tokens or benchmark.max_new_tokens, desc=args.benchmark)
   answered = [item for item in items if "answer" in records[item.id]]
   skipped = [records[item.id]["error"] for item in items if "answer" not in records[item.id]]
-  result = {"benchmark": args.benchmark, "model": args.workdir or args.model, "step": step,
-            "data": args.data, "items": len(items), "answered": len(answered),
-            "skipped": len(skipped), **({"first_skip": skipped[0]} if skipped else {}),
-            **benchmark.score(answered, {i.id: records[i.id]["answer"] for i in answered})}
-  print(json.dumps(result, indent=2))
-  write_json(metrics_path, result)
-  return result
+  scores = benchmark.score(answered, {i.id: records[i.id]["answer"] for i in answered})
+  return len(answered), skipped, scores
