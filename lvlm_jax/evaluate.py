@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "eval_<benchmark>)")
   p.add_argument("--batch_size", type=int, default=8,
                  help="with --benchmark: prompts decoded together")
+  p.add_argument("--judge", help="with --benchmark cadqa: the HF causal LM directory that rates "
+                 "the answers 0-5")
   p.add_argument("--max_new_tokens", type=int,
                  help="with --benchmark: most tokens an answer gets (default: the benchmark's)")
   p.add_argument("--output", help="JSON file for the metrics")

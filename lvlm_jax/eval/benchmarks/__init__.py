@@ -1,6 +1,6 @@
 """Public benchmarks the four papers report, one module per family, one registry."""
 
-from lvlm_jax.eval.benchmarks import chair, choices, mme, pope, refcoco, vqa
+from lvlm_jax.eval.benchmarks import cadvi, chair, choices, mme, pope, refcoco, vqa
 
 BENCHMARKS = {
     "pope": pope.POPE,
@@ -12,4 +12,10 @@ BENCHMARKS = {
     "seed": choices.SEED,
     "chair": chair.CHAIR,
     "refcoco": refcoco.REFCOCO,
+    "bison": cadvi.BISON,
+    "svo_probes": cadvi.SVO_PROBES,
+    "nlvr2": cadvi.NLVR2,
+    "eqben": cadvi.EQBEN,
+    "cola": cadvi.COLA,
+    "cadqa": cadvi.CADQA,
 }

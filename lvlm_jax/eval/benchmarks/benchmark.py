@@ -32,12 +32,15 @@ class Benchmark:
   its image paths are relative to (None: the data's own folder). score(items, answers) ->
   metrics, answers by item id for the items that were answered. max_new_tokens: the answer
   budget LLaVA's scripts give it. files: what the benchmark reads, for --help and errors.
-  default_limit: how many of the items (in load's order) are asked without --limit; 0: all."""
+  default_limit: how many of the items (in load's order) are asked without --limit; 0: all.
+  judge(items, answers) -> items: when set, the prompts (same ids, text only) a judge LLM
+  answers about the model's answers; score then receives the judge's answers."""
   load: Callable[[str, str | None], list[Item]]
   score: Callable[[list[Item], dict[str, str]], dict]
   max_new_tokens: int
   files: str
   default_limit: int = 0
+  judge: Callable[[list[Item], dict[str, str]], list[Item]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

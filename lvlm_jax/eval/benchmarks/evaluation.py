@@ -29,6 +29,14 @@ def run(args, config, load_model, grounding_metrics) -> dict:
   check_output_file(metrics_path, "--output")
   if not os.path.exists(args.data):
     raise UserError(f"--data {args.data}: no such file or folder ({benchmark.files})")
+  judged = getattr(benchmark, "judge", None) is not None
+  if judged and not args.judge:
+    raise UserError(f"--benchmark {args.benchmark} is rated by a judge LLM: give --judge DIR "
+                    "(a local HF causal LM)")
+  if args.judge and not judged:
+    raise UserError(f"--judge goes with a judged benchmark (cadqa), not {args.benchmark}")
+  if args.judge and not os.path.isdir(args.judge):
+    raise UserError(f"--judge {args.judge}: no such directory")
   limit = args.limit or benchmark.default_limit
   if isinstance(benchmark, GroundingBenchmark):
     records, skipped = benchmark.records(args.data, args.images, limit)
@@ -70,5 +78,25 @@ def _answered(args, benchmark, items, model, tokenizer, data, mesh, root, output
                           args.max_new_tokens or benchmark.max_new_tokens, desc=args.benchmark)
   answered = [item for item in items if "answer" in records[item.id]]
   skipped = [records[item.id]["error"] for item in items if "answer" not in records[item.id]]
-  scores = benchmark.score(answered, {i.id: records[i.id]["answer"] for i in answered})
-  return len(answered), skipped, scores
+  answers = {i.id: records[i.id]["answer"] for i in answered}
+  if benchmark.judge is not None:
+    del service  # the model's decoding copy of its weights, before the judge loads
+    answers = _judgements(args, benchmark.judge(answered, answers), mesh, output_dir)
+  return len(answered), skipped, benchmark.score(answered, answers)
+
+
+def _judgements(args, prompts, mesh, output_dir) -> dict[str, str]:
+  """The judge LLM's replies (greedy, resumable in judgements.jsonl) by item id; '' where the
+  prompt did not fit the judge's context."""
+  from lvlm_jax.eval.benchmarks import runner
+  from lvlm_jax.generate import generation_service
+  from lvlm_jax.models import hf
+  judge = hf.load_model(args.judge, mesh=mesh)
+  judge.eval()
+  service = generation_service(args.judge, judge, batch_size=args.batch_size, pad_to=16)
+  log = PredictionLog(os.path.join(output_dir, "judgements.jsonl"))
+  records = runner.answer(prompts, service, log, output_dir, _JUDGE_TOKENS, desc="judging")
+  return {i: r.get("answer", "") for i, r in records.items()}
+
+
+_JUDGE_TOKENS = 16  # the judge replies with one digit; room for a word or two around it

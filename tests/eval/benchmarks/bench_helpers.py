@@ -1,7 +1,25 @@
-"""Benchmark test helpers: tiny images, and a tiny model's answers to a benchmark's files."""
+"""Benchmark test helpers: one tiny model's generation service shared by every benchmark's
+tests (imported into each test module: a nested conftest.py would shadow the suite's
+`conftest` module that other tests import from), tiny images, and the model's answers to a
+benchmark's files."""
+
+import functools
 
 import numpy as np
+import pytest
 from PIL import Image
+
+
+@functools.cache
+def _service(model_dir: str):
+  from lvlm_jax.generate import generation_service
+  from lvlm_jax.models import hf
+  return generation_service(model_dir, hf.load_model(model_dir), batch_size=4, pad_to=16)
+
+
+@pytest.fixture
+def bench_service(tiny_shapes_export):
+  return _service(tiny_shapes_export)
 
 
 def save_image(path, value: int, size=(12, 10)) -> None:

@@ -8,7 +8,7 @@ import pytest
 from lvlm_jax.eval.benchmarks import chair
 from lvlm_jax.eval.benchmarks.benchmark import Item
 
-from bench_helpers import answered, save_image
+from bench_helpers import answered, bench_service, save_image  # noqa: F401 (a fixture)
 
 
 def test_the_table_covers_the_80_categories():

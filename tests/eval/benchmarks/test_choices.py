@@ -14,7 +14,7 @@ from lvlm_jax.errors import UserError
 from lvlm_jax.eval.benchmarks import choices
 from lvlm_jax.eval.benchmarks.benchmark import LETTER_ANSWER
 
-from bench_helpers import answered, save_image
+from bench_helpers import answered, bench_service, save_image  # noqa: F401 (a fixture)
 
 
 def test_letters_are_read_from_answers():

@@ -9,7 +9,7 @@ from lvlm_jax.eval.benchmarks import runner
 from lvlm_jax.eval.benchmarks.benchmark import Item
 from lvlm_jax.eval.benchmarks.predictions import PredictionLog
 
-from bench_helpers import save_image
+from bench_helpers import bench_service, save_image  # noqa: F401 (a fixture)
 
 
 def _items(tmp_path, count=5):

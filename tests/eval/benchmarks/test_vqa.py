@@ -9,7 +9,7 @@ from lvlm_jax.errors import UserError
 from lvlm_jax.eval.benchmarks import vqa, vqa_answers
 from lvlm_jax.eval.benchmarks.benchmark import Item
 
-from bench_helpers import answered, save_image
+from bench_helpers import answered, bench_service, save_image  # noqa: F401 (a fixture)
 
 
 @pytest.mark.parametrize("raw, want", [
