@@ -17,6 +17,14 @@ The metrics are printed and written as JSON (--output; default <workdir>/eval.js
 (grounding_acc50: the expression -> the model's box) over the records with an expression, and
 SC-Tune's self-consistency Acc@0.5 (self_consistency_acc50: the box -> the model's description
 -> the model's box) over all of them, with the config's prompts and box format.
+
+  python -m lvlm_jax.evaluate --model DIR --benchmark NAME --data PATH [--images DIR]
+
+--benchmark evaluates on a public benchmark read from its published files (POPE, MME, GQA,
+TextVQA, ScienceQA-IMG, MMBench-dev, SEED-Bench, CHAIR, RefCOCO-family REC, CaD-VI's two-image
+sets and CaD-QA with --judge; `lvlm_jax/eval/benchmarks/`, the README lists the files): greedy
+answers with LLaVA-1.5's prompt suffixes, written to <output_dir>/predictions.jsonl as they
+come (a rerun skips the items answered), metrics to <output_dir>/metrics.json.
 """
 
 import argparse
@@ -53,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "relative to (default: the file's folder)")
   p.add_argument("--limit", type=int, default=0,
                  help="with --grounding_file or --benchmark: evaluate its first N records or "
-                 "items (0: all)")
+                 "items (0: all; for CHAIR its default of 500 images)")
   p.add_argument("--benchmark", choices=sorted(BENCHMARKS),
                  help="a public benchmark to evaluate on, read from --data (see below)")
   p.add_argument("--data", help="with --benchmark: its file or folder, in its published layout")
@@ -81,8 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error("give --benchmark or --grounding_file, not both")
   if bool(args.benchmark) != bool(args.data):
     p.error("--benchmark and --data go together")
-  if (args.images or args.output_dir or args.max_new_tokens) and not args.benchmark:
-    p.error("--images, --output_dir and --max_new_tokens go with --benchmark")
+  if (args.images or args.output_dir or args.max_new_tokens or args.judge) and not args.benchmark:
+    p.error("--images, --output_dir, --max_new_tokens and --judge go with --benchmark")
   if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
     p.error("--batch_size and --max_new_tokens must be at least 1")
   if args.limit < 0:

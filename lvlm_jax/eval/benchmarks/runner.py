@@ -13,6 +13,7 @@ import sys
 
 import jax
 import tqdm
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from lvlm_jax.data.images import BadImage, load_image, resolve_image_path, to_rgb8
@@ -39,9 +40,9 @@ def load_images(item: Item, root: str) -> tuple:
   return tuple(out)
 
 
-def _prepared(service: GenerationService, item: Item, root: str, answer_start: str):
+def _prepared(service: GenerationService, item: Item, root: str):
   """(the item's Prompt, its length in padded tokens); a UserError when it cannot be asked."""
-  prompt = Prompt.question(item.question, load_images(item, root), answer_start)
+  prompt = Prompt.question(item.question, load_images(item, root))
   length = len(service.prompt_ids(prompt))
   padded = -(-length // service.pad_to) * service.pad_to
   if padded >= service.context:
@@ -51,7 +52,7 @@ def _prepared(service: GenerationService, item: Item, root: str, answer_start: s
 
 
 def answer(items: list[Item], service: GenerationService, log: PredictionLog, root: str,
-           max_new_tokens: int, answer_start: str = "", desc: str = "answering") -> dict[str, dict]:
+           max_new_tokens: int, desc: str = "answering") -> dict[str, dict]:
   """Every item's record (id, answer or error) by id, generating only those not in `log`.
   An answer stops at `max_new_tokens` or at the model's context, whichever comes first."""
   ids = [item.id for item in items]
@@ -59,6 +60,8 @@ def answer(items: list[Item], service: GenerationService, log: PredictionLog, ro
     duplicate = next(i for i in ids if ids.count(i) > 1)
     raise UserError(f"the benchmark has item id {duplicate!r} twice; ids must be unique")
   done = log.read()
+  if jax.process_count() > 1:  # every host reads the log before process 0 appends to it
+    multihost_utils.sync_global_devices("benchmark predictions read")
   todo = [item for item in items if item.id not in done]
   if done and todo:
     print(f"resuming {log.path}: {len(items) - len(todo)} of {len(items)} items already "
@@ -71,7 +74,7 @@ def answer(items: list[Item], service: GenerationService, log: PredictionLog, ro
       prompts, records = {}, {}
       for item in chunk:
         try:
-          prompts[item.id] = _prepared(service, item, root, answer_start)
+          prompts[item.id] = _prepared(service, item, root)
         except UserError as e:
           records[item.id] = {"id": item.id, "error": str(e)}
       if prompts:
@@ -80,8 +83,7 @@ def answer(items: list[Item], service: GenerationService, log: PredictionLog, ro
                                   eos_token_ids=(eos,) if eos is not None else ())
         texts = service.texts([p for p, _ in prompts.values()], sampling)
         for item_id, text in zip(prompts, texts):
-          records[item_id] = {"id": item_id, "answer": answer_start + text if answer_start
-                              else text}
+          records[item_id] = {"id": item_id, "answer": text}
       batch = [records[item.id] for item in chunk]
       log.append(batch)
       done.update((r["id"], r) for r in batch)

@@ -17,8 +17,8 @@ def mme_dir(tmp_path):
   for n in range(2):
     save_image(root / "existence" / f"{n:012d}.jpg", 50 * n)
     (root / "existence" / f"{n:012d}.txt").write_text(
-        f"Is there a dog in this image? Please answer yes or no.\tYes\n"
-        f"Is there a cat in this image? Please answer yes or no.\tNo\n")
+        "Is there a dog in this image? Please answer yes or no.\tYes\n"
+        "Is there a cat in this image? Please answer yes or no.\tNo\n")
     save_image(root / "artwork" / "images" / f"{10 + n}.jpg", 90 + n)
     (root / "artwork" / "questions_answers_YN").mkdir(parents=True, exist_ok=True)
     (root / "artwork" / "questions_answers_YN" / f"{10 + n}.txt").write_text(

@@ -69,8 +69,9 @@ def test_a_tiny_model_is_scored_per_split(pope_dir, bench_service, tmp_path):
 
 def test_a_bad_label_names_the_file_and_line(tmp_path):
   path = tmp_path / "coco_pope_popular.json"
-  path.write_text('{"question_id": 1, "image": "a.jpg", "text": "Is there a dog?", "label": "yes"}\n'
-                  '{"question_id": 2, "image": "b.jpg", "text": "Is there a cat?", "label": "maybe"}\n')
+  rows = [{"question_id": 1, "image": "a.jpg", "text": "Is there a dog?", "label": "yes"},
+          {"question_id": 2, "image": "b.jpg", "text": "Is there a cat?", "label": "maybe"}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   with pytest.raises(UserError, match=r"coco_pope_popular.json:2: label 'maybe'"):
     pope.load(str(path), None)
 
