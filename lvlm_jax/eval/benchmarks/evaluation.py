@@ -37,6 +37,8 @@ def run(args, config, load_model, grounding_metrics) -> dict:
     raise UserError(f"--judge goes with a judged benchmark (cadqa), not {args.benchmark}")
   if args.judge and not os.path.isdir(args.judge):
     raise UserError(f"--judge {args.judge}: no such directory")
+  _claim(output_dir, {"benchmark": args.benchmark, "model": os.path.abspath(
+      args.workdir or args.model), "data": os.path.abspath(args.data)})
   limit = args.limit or benchmark.default_limit
   if isinstance(benchmark, GroundingBenchmark):
     records, skipped = benchmark.records(args.data, args.images, limit)
@@ -62,6 +64,24 @@ def run(args, config, load_model, grounding_metrics) -> dict:
   print(json.dumps(result, indent=2))
   write_json(metrics_path, result)
   return result
+
+
+def _claim(output_dir: str, run: dict) -> None:
+  """Marks output_dir as this run's (run.json), or refuses it when it holds another run's
+  predictions, which a resume would otherwise mix into this run's metrics."""
+  path = os.path.join(output_dir, "run.json")
+  if os.path.exists(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        before = json.load(f)
+    except (OSError, ValueError):
+      before = None
+    if before != run:
+      raise UserError(f"--output_dir {output_dir} holds the predictions of another run "
+                      f"({path}: {before}); give another --output_dir, or delete it to start "
+                      "over")
+  else:
+    write_json(path, run)
 
 
 def _answered(args, benchmark, items, model, tokenizer, data, mesh, root, output_dir):

@@ -53,8 +53,9 @@ def _prepared(service: GenerationService, item: Item, root: str):
 
 def answer(items: list[Item], service: GenerationService, log: PredictionLog, root: str,
            max_new_tokens: int, desc: str = "answering") -> dict[str, dict]:
-  """Every item's record (id, answer or error) by id, generating only those not in `log`.
-  An answer stops at `max_new_tokens` or at the model's context, whichever comes first."""
+  """Every item's record (id, answer or error) by id, generating only those `log` holds no
+  answer for (a skip is tried again: its image may be there now). An answer stops at
+  `max_new_tokens` or at the model's context, whichever comes first."""
   ids = [item.id for item in items]
   if len(set(ids)) != len(ids):
     duplicate = next(i for i in ids if ids.count(i) > 1)
@@ -62,7 +63,7 @@ def answer(items: list[Item], service: GenerationService, log: PredictionLog, ro
   done = log.read()
   if jax.process_count() > 1:  # every host reads the log before process 0 appends to it
     multihost_utils.sync_global_devices("benchmark predictions read")
-  todo = [item for item in items if item.id not in done]
+  todo = [item for item in items if "answer" not in done.get(item.id, {})]
   if done and todo:
     print(f"resuming {log.path}: {len(items) - len(todo)} of {len(items)} items already "
           "answered", file=sys.stderr)

@@ -90,6 +90,12 @@ def test_the_command_writes_predictions_and_metrics(pope_dir, tiny_shapes_export
   assert set(metrics["random"]) >= {"accuracy", "precision", "recall", "f1", "yes_ratio"}
   predictions = [json.loads(line) for line in open(out / "predictions.jsonl")]
   assert [p["id"] for p in predictions] == ["random/1", "random/2", "random/3"]
+  # The same folder for another benchmark file would mix two runs' predictions: refused.
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate.main([*argv[:4], "--data", str(pope_dir / "coco_pope_adversarial.json"),
+                   *argv[6:]])
+  assert exit_info.value.code == 2
+  assert "holds the predictions of another run" in capsys.readouterr().err
 
 
 def test_missing_data_is_one_line_with_exit_2(tiny_shapes_export, tmp_path, capsys):

@@ -57,3 +57,12 @@ def test_a_damaged_middle_line_names_the_file_and_line(tmp_path):
   path.write_text('{"id": "a", "answer": "yes"}\nnot json\n{"id": "b", "answer": "no"}\n')
   with pytest.raises(UserError, match=r"p.jsonl:2: not valid JSON"):
     PredictionLog(str(path)).read()
+
+
+def test_a_skip_is_tried_again_once_its_image_exists(bench_service, tmp_path):
+  items = _items(tmp_path, 1) + [Item("late", "Is there a cat?", ("late.png",))]
+  log = PredictionLog(str(tmp_path / "p.jsonl"))
+  assert "error" in runner.answer(items, bench_service, log, str(tmp_path), 4)["late"]
+  save_image(tmp_path / "late.png", 99)
+  records = runner.answer(items, bench_service, log, str(tmp_path), 4)
+  assert "answer" in records["late"] and "error" not in records["late"]
