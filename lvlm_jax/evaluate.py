@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="with --benchmark: prompts decoded together")
   p.add_argument("--judge", help="with --benchmark cadqa: the HF causal LM directory that rates "
                  "the answers 0-5")
+  p.add_argument("--weights_dtype", choices=("float32", "bfloat16"),
+                 help="with --benchmark: the dtype decoding reads the weights in (bfloat16 "
+                 "halves what each step reads on an accelerator; default: as loaded)")
   p.add_argument("--max_new_tokens", type=int,
                  help="with --benchmark: most tokens an answer gets (default: the benchmark's)")
   p.add_argument("--output", help="JSON file for the metrics")
@@ -89,8 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error("give --benchmark or --grounding_file, not both")
   if bool(args.benchmark) != bool(args.data):
     p.error("--benchmark and --data go together")
-  if (args.images or args.output_dir or args.max_new_tokens or args.judge) and not args.benchmark:
-    p.error("--images, --output_dir, --max_new_tokens and --judge go with --benchmark")
+  if (args.images or args.output_dir or args.max_new_tokens or args.judge
+      or args.weights_dtype) and not args.benchmark:
+    p.error("--images, --output_dir, --max_new_tokens, --judge and --weights_dtype go with "
+            "--benchmark")
   if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
     p.error("--batch_size and --max_new_tokens must be at least 1")
   if args.limit < 0:

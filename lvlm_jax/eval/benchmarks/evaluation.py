@@ -92,7 +92,8 @@ def _answered(args, benchmark, items, model, tokenizer, data, mesh, root, output
   from lvlm_jax.sharding import batch_shards
   # Rows are split over the mesh's batch axes: the batch rounds up to a multiple of them.
   size = -(-args.batch_size // batch_shards(mesh)) * batch_shards(mesh)
-  service = GenerationService(model, tokenizer, data, mesh, size)
+  service = GenerationService(model, tokenizer, data, mesh, size,
+                              weights_dtype=args.weights_dtype)
   log = PredictionLog(os.path.join(output_dir, "predictions.jsonl"))
   records = runner.answer(items, service, log, root,
                           args.max_new_tokens or benchmark.max_new_tokens, desc=args.benchmark)

@@ -81,7 +81,8 @@ def test_the_command_writes_predictions_and_metrics(pope_dir, tiny_shapes_export
   out = tmp_path / "out"
   argv = ["--model", tiny_shapes_export, "--benchmark", "pope", "--data",
           str(pope_dir / "coco_pope_random.json"), "--images", str(pope_dir / "val2014"),
-          "--output_dir", str(out), "--batch_size", "2", "--max_new_tokens", "4"]
+          "--output_dir", str(out), "--batch_size", "2", "--max_new_tokens", "4",
+          "--weights_dtype", "float32"]
   with pytest.raises(SystemExit) as exit_info:
     evaluate.main(argv)
   assert exit_info.value.code == 0, capsys.readouterr().err
