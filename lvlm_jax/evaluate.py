@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="with --benchmark: prompts decoded together")
   p.add_argument("--judge", help="with --benchmark cadqa: the HF causal LM directory that rates "
                  "the answers 0-5")
+  p.add_argument("--max_skip_fraction", type=float, default=0.05,
+                 help="with --benchmark: largest share of items whose images are missing "
+                 "before the run stops (checked before the model loads)")
   p.add_argument("--weights_dtype", choices=("float32", "bfloat16"),
                  help="with --benchmark: the dtype decoding reads the weights in (bfloat16 "
                  "halves what each step reads on an accelerator; default: as loaded)")
@@ -96,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       or args.weights_dtype) and not args.benchmark:
     p.error("--images, --output_dir, --max_new_tokens, --judge and --weights_dtype go with "
             "--benchmark")
+  if not 0 <= args.max_skip_fraction <= 1:
+    p.error("--max_skip_fraction must be in [0, 1]")
   if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
     p.error("--batch_size and --max_new_tokens must be at least 1")
   if args.limit < 0:

@@ -42,11 +42,16 @@ def run(args, config, load_model, grounding_metrics) -> dict:
   limit = args.limit or benchmark.default_limit
   if isinstance(benchmark, GroundingBenchmark):
     records, skipped = benchmark.records(args.data, args.images, limit)
-    items = len(records) + len(skipped)
+    count, unusable = len(records) + len(skipped), skipped
   else:
     root = files.folder(args.images, args.data)
     items = benchmark.load(args.data, args.images)
     items = items[:limit] if limit else items
+    count = len(items)
+    unusable = [m for m in (_missing_image(item, root) for item in items) if m]
+  if len(unusable) > args.max_skip_fraction * count:
+    raise UserError(f"{len(unusable)} of {count} items have no usable image, more than "
+                    f"--max_skip_fraction={args.max_skip_fraction}; the first: {unusable[0]}")
   print_devices("lvlm_jax.evaluate")
   mesh = make_mesh()
   model, _, step, tokenizer, data = load_model(args, config, mesh)
@@ -57,13 +62,24 @@ def run(args, config, load_model, grounding_metrics) -> dict:
   else:
     answered, skipped, scores = _answered(args, benchmark, items, model, tokenizer, data, mesh,
                                           root, output_dir)
-    items = len(items)
   result = {"benchmark": args.benchmark, "model": args.workdir or args.model, "step": step,
-            "data": args.data, "items": items, "answered": answered, "skipped": len(skipped),
+            "data": args.data, "items": count, "answered": answered, "skipped": len(skipped),
             **({"first_skip": skipped[0]} if skipped else {}), **scores}
   print(json.dumps(result, indent=2))
   write_json(metrics_path, result)
   return result
+
+
+def _missing_image(item, root: str) -> str | None:
+  """Why one of the item's image files is missing or outside `root`, or None."""
+  from lvlm_jax.data.images import BadImage, resolve_image_path
+  try:
+    for image in item.images:
+      if not isinstance(image, bytes):
+        resolve_image_path(image, [root])
+  except BadImage as e:
+    return f"item {item.id}: {e}"
+  return None
 
 
 def _claim(output_dir: str, run: dict) -> None:

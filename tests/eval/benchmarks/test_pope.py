@@ -99,6 +99,23 @@ def test_the_command_writes_predictions_and_metrics(pope_dir, tiny_shapes_export
   assert "holds the predictions of another run" in capsys.readouterr().err
 
 
+def test_a_missing_image_is_counted_and_too_many_stop_the_run(pope_dir, tiny_shapes_export,
+                                                              tmp_path, capsys):
+  argv = ["--model", tiny_shapes_export, "--benchmark", "pope", "--data",
+          str(pope_dir / "coco_pope_adversarial.json"), "--images", str(pope_dir / "val2014"),
+          "--output_dir", str(tmp_path / "out"), "--max_new_tokens", "2"]
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate.main(argv)  # 1 of 3 images missing: over the default 5%
+  assert exit_info.value.code == 2
+  assert "1 of 3 items have no usable image" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate.main([*argv, "--max_skip_fraction", "0.5"])
+  assert exit_info.value.code == 0
+  metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+  assert metrics["skipped"] == 1 and "COCO_val2014_999999999999.jpg" in metrics["first_skip"]
+  assert metrics["adversarial"]["questions"] == 2
+
+
 def test_missing_data_is_one_line_with_exit_2(tiny_shapes_export, tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
     evaluate.main(["--model", tiny_shapes_export, "--benchmark", "pope", "--data",

@@ -47,10 +47,19 @@ def test_the_command_reports_rec_and_self_consistency(rec_file, tiny_shapes_expo
   out = tmp_path / "out"
   with pytest.raises(SystemExit) as exit_info:
     evaluate.main(["--model", tiny_shapes_export, "--benchmark", "refcoco", "--data",
-                   str(rec_file), "--output_dir", str(out)])
+                   str(rec_file), "--output_dir", str(out), "--max_skip_fraction", "0.5"])
   assert exit_info.value.code == 0, capsys.readouterr().err
   metrics = json.loads((out / "metrics.json").read_text())
   assert metrics["items"] == 3 and metrics["answered"] == 2 and metrics["skipped"] == 1
   assert metrics["expressions"] == 2
   for key in ("grounding_acc50", "grounding_mean_iou", "self_consistency_acc50"):
     assert 0.0 <= metrics[key] <= 1.0
+
+
+def test_more_missing_images_than_tolerated_stop_before_loading(rec_file, tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:  # --model is no model: it is never loaded
+    evaluate.main(["--model", str(tmp_path), "--benchmark", "refcoco", "--data", str(rec_file),
+                   "--output_dir", str(tmp_path / "out"), "--max_skip_fraction", "0.2"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert "1 of 3 items have no usable image" in err and "refcoco_testA.jsonl:3" in err
