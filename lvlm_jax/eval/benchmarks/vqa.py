@@ -8,11 +8,15 @@ accuracy_normalized compares both after the VQA normalisation.
 
 TextVQA files: `TextVQA_0.5.1_val.json` ({"data": [{question_id, image_id, question, answers
 (ten)}]}); --images the `train_images/` folder (val images are in it, `{image_id}.jpg`).
-Scored with VQA accuracy (`vqa_answers`), as LLaVA's m4c evaluator does. LLaVA-1.5 adds
-"Reference OCR token: ..." lines from its own OCR file; this prompt has the question alone.
+Scored with VQA accuracy (`vqa_answers`), as LLaVA's m4c evaluator does. The prompt is the
+question with LLaVA-1.5's short-answer suffix; when LLaVA's `llava_textvqa_val_v051_ocr.jsonl`
+(LLaVA's `playground/data/eval/textvqa`) lies beside the file, its prompts are used instead
+(the question, "Reference OCR token: ..." and the suffix), as LLaVA-1.5's reported number does.
 
-Both questions get LLaVA-1.5's short-answer suffix.
+GQA questions get the short-answer suffix.
 """
+
+import os
 
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval.benchmarks import files, vqa_answers
@@ -54,8 +58,22 @@ def score_gqa(items: list[Item], answers: dict[str, str]) -> dict:
           "by_structural_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())}}
 
 
+LLAVA_OCR_PROMPTS = "llava_textvqa_val_v051_ocr.jsonl"
+
+
+def _ocr_prompts(data: str) -> dict[str, str]:
+  """question id -> LLaVA's prompt with OCR tokens, from the file beside `data` (or none)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(data)), LLAVA_OCR_PROMPTS)
+  if not os.path.exists(path):
+    return {}
+  return {str(files.field(row, "question_id", f"{path}:{n}", (int, str))):
+          files.field(row, "text", f"{path}:{n}")
+          for n, row in files.read_jsonl(path, "LLaVA's TextVQA prompts")}
+
+
 def load_textvqa(data: str, images: str | None) -> list[Item]:
   raw = files.read_json(data, "TextVQA's TextVQA_0.5.1_val.json")
+  ocr = _ocr_prompts(data)
   rows = raw.get("data") if isinstance(raw, dict) else None
   if not isinstance(rows, list):
     raise UserError(f"{data}: expected an object with a 'data' list (TextVQA's layout)")
@@ -67,9 +85,10 @@ def load_textvqa(data: str, images: str | None) -> list[Item]:
     references = files.field(row, "answers", where, list)
     if not references or not all(isinstance(a, str) for a in references):
       raise UserError(f"{where}: 'answers' must be a non-empty list of strings")
-    items.append(Item(str(files.field(row, "question_id", where, (int, str))),
-                      files.field(row, "question", where) + "\n" + SHORT_ANSWER,
-                      (files.field(row, "image_id", where) + ".jpg",), {"answers": references}))
+    qid = str(files.field(row, "question_id", where, (int, str)))
+    question = ocr.get(qid, files.field(row, "question", where) + "\n" + SHORT_ANSWER)
+    items.append(Item(qid, question, (files.field(row, "image_id", where) + ".jpg",),
+                      {"answers": references}))
   return items
 
 

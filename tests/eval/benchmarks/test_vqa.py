@@ -7,7 +7,7 @@ import pytest
 
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval.benchmarks import vqa, vqa_answers
-from lvlm_jax.eval.benchmarks.benchmark import Item
+from lvlm_jax.eval.benchmarks.benchmark import SHORT_ANSWER, Item
 
 from bench_helpers import answered, bench_service, save_image  # noqa: F401 (a fixture)
 
@@ -91,6 +91,15 @@ def test_textvqa_on_a_tiny_model(textvqa_file, bench_service, tmp_path):
   assert len(answers) == 2
   want = [vqa_answers.accuracy(answers[i.id], i.truth["answers"]) for i in items]
   assert metrics["vqa_accuracy"] == pytest.approx(sum(want) / 2)
+
+
+def test_textvqa_takes_llavas_ocr_prompts_when_they_are_beside_it(textvqa_file):
+  ocr = "what does the sign say?\nReference OCR token: STOP, 24\n" + SHORT_ANSWER
+  (textvqa_file.parent / vqa.LLAVA_OCR_PROMPTS).write_text(json.dumps(
+      {"question_id": 34602, "image": "0000000000000000.jpg", "text": ocr}) + "\n")
+  items = vqa.load_textvqa(str(textvqa_file), None)
+  assert items[0].question == ocr
+  assert items[1].question == "what brand is it?\n" + SHORT_ANSWER  # not in LLaVA's file
 
 
 def test_textvqa_scores_a_known_answer():
