@@ -126,6 +126,20 @@ def test_export_reloads_in_transformers_with_equal_logits(qwen, tmp_path):
     assert sorted(ours.keys()) == sorted(theirs_file.keys())
 
 
+def test_training_logprobs_turn_by_mrope(qwen):
+  """The training losses' teacher-forced log-probs read a batch's patch_grids and run M-RoPE."""
+  from lvlm_jax.training.losses import token_logprobs
+  _, ref, model = qwen
+  ids, mask, images, theirs = _batch(left_padding=False)
+  batch = dict(input_ids=ids, attention_mask=mask, pixel_values=images.patches,
+               patch_grids=images.grids)
+  ours = np.asarray(token_logprobs(model, batch))
+  logp = torch.log_softmax(torch.tensor(_torch_logits(ref, ids, mask, theirs)), -1).numpy()
+  expected = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
+  real = mask[:, 1:].astype(bool)
+  np.testing.assert_allclose(ours[:, 1:][real], expected[real], atol=1e-4, rtol=0)
+
+
 def test_greedy_generation_matches_transformers_generate(qwen):
   """Left-padded prompts with images of two sizes (two in one row) decode greedily as
   transformers' generate: M-RoPE positions after the prompt continue from the rope deltas."""
