@@ -33,7 +33,7 @@ from lvlm_jax.models.llava_next import LlavaNext, LlavaNextConfig, LlavaOnevisio
 from lvlm_jax.models.llm import LLM, LLMConfig
 from lvlm_jax.models.lora import linear_layers
 from lvlm_jax.models.lvlm import LVLM, LVLMConfig
-from lvlm_jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
+from lvlm_jax.models.qwen2_vl import Qwen25VLConfig, Qwen2VL, Qwen2VLConfig
 from lvlm_jax.models.siglip import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionTower
 from lvlm_jax.models.vision import CLIPVisionConfig, CLIPVisionTower
 from lvlm_jax.sharding import variable_sharding
@@ -91,13 +91,14 @@ DINOV2_RULES = [
     (r"position_embeddings", r"embeddings.position_embeddings"),
     (r"final_norm\.(weight|bias)", r"layernorm.\1"),
 ]
-# Qwen2-VL's tower: our names are transformers' but for the Conv3d patch embedding and the
+# Qwen2-VL's and Qwen2.5-VL's tower: our names are transformers' but for the Conv3d patch embedding and the
 # merger MLP's nn.Sequential indices.
 QWEN2VL_VISION_RULES = [
     (r"patch_proj\.weight", r"patch_embed.proj.weight"),
     (r"blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)", r"blocks.\1.\2.\3"),
     (r"blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
-    (r"blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
+    (r"blocks\.(\d+)\.mlp\.(fc1|fc2|gate_proj|up_proj|down_proj)\.(weight|bias)",
+     r"blocks.\1.mlp.\2.\3"),
     (r"merger\.ln_q\.(weight|bias)", r"merger.ln_q.\1"),
     (r"merger\.fc1\.(weight|bias)", r"merger.mlp.0.\1"),
     (r"merger\.fc2\.(weight|bias)", r"merger.mlp.2.\1"),
@@ -468,6 +469,7 @@ FAMILIES = {
                         lambda config: functools.partial(llava_names,
                                                          vision_type=config.vision.MODEL_TYPE)),
     "qwen2_vl": (Qwen2VL, Qwen2VLConfig, _fixed(qwen2_vl_names)),
+    "qwen2_5_vl": (Qwen2VL, Qwen25VLConfig, _fixed(qwen2_vl_names)),
     "clip": (CLIPModel, CLIPConfig, _fixed(clip_names)),
     "siglip": (SiglipModel, SiglipConfig, _fixed(siglip_names)),
     "clip_vision_model": (CLIPVisionTower, CLIPVisionConfig, _fixed(clip_vision_names)),
@@ -507,7 +509,7 @@ def build_model(hf_config: dict, *, rngs: nnx.Rngs | None = None, **config_overr
 
 def load_model(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
                allow_unused: str | None = None, **config_overrides) -> nnx.Module:
-  """Any supported HF directory (LLaVA, LLaVA-NeXT, LLaVA-OneVision, CLIP, SigLIP, a CLIP,
+  """Any supported HF directory (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, CLIP, SigLIP, a CLIP,
   SigLIP or DINOv2 vision tower, Llama/Mistral/Qwen2).
 
   The config is checked before any tensor is read: what we cannot compute as transformers does

@@ -1,4 +1,5 @@
-"""Qwen2-VL: the native-resolution vision tower (qwen2_vl_vision.py) and a Qwen2 LLM with M-RoPE.
+"""Qwen2-VL and Qwen2.5-VL: a native-resolution vision tower (qwen2_vl_vision.py) and a Qwen2 LLM
+with M-RoPE.
 
 An image of a grid of rows x cols patches is (rows / m) * (cols / m) image tokens
 (`Qwen2VLConfig.image_tokens`; m = spatial_merge_size), between `<|vision_start|>` and
@@ -20,8 +21,8 @@ from flax import nnx
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.llm import LLM, KVCache, LLMConfig, default_positions
 from lvlm_jax.models.lvlm import LVLM, merge_image_features
-from lvlm_jax.models.qwen2_vl_vision import (Qwen2VLImages, Qwen2VLVisionConfig, Qwen2VLVisionTower,
-                                             slot_of)
+from lvlm_jax.models.qwen2_vl_vision import (Qwen25VLVisionConfig, Qwen2VLImages,
+                                             Qwen2VLVisionConfig, Qwen2VLVisionTower, slot_of)
 
 # transformers' Qwen2VLTextConfig defaults where a checkpoint leaves them out.
 DEFAULT_MROPE_SECTION = (16, 24, 24)
@@ -111,6 +112,18 @@ class Qwen2VLConfig:
         "vision_end_token_id": self.vision_end_token_id,
         "tie_word_embeddings": self.text.tie_word_embeddings,
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLConfig(Qwen2VLConfig):
+  """A Qwen2.5-VL model (Qwen2-VL's LLM and M-RoPE, `Qwen25VLVisionConfig`'s tower); reads and
+  writes an HF Qwen2_5_VLForConditionalGeneration config."""
+  vision: Qwen25VLVisionConfig
+
+  MODEL_TYPE: ClassVar[str] = "qwen2_5_vl"
+  ARCHITECTURE: ClassVar[str] = "Qwen2_5_VLForConditionalGeneration"
+  TEXT_MODEL_TYPE: ClassVar[str] = "qwen2_5_vl_text"
+  VISION_CONFIG: ClassVar[type] = Qwen25VLVisionConfig
 
 
 def rope_index(input_ids: jax.Array, attention_mask: jax.Array, grids: jax.Array,

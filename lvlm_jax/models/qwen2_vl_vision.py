@@ -1,4 +1,5 @@
-"""Qwen2-VL's vision transformer: native-resolution patches with 2D RoPE, merged 2x2 into tokens.
+"""Qwen2-VL's and Qwen2.5-VL's vision transformers: native-resolution patches with 2D RoPE,
+merged 2x2 into tokens (Qwen2.5-VL: RMSNorm, SwiGLU, window attention in most blocks).
 
 An image of H x W pixels (multiples of patch_size * spatial_merge_size) is cut into a grid of
 (H / p) x (W / p) patches, each `temporal_patch_size` frames deep (a still image repeats itself),
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lvlm_jax.errors import UserError
-from lvlm_jax.models.layers import LayerNorm, activation, dot_product_attention
+from lvlm_jax.models.layers import LayerNorm, RMSNorm, activation, dot_product_attention
 from lvlm_jax.models.llm import apply_rope
 from lvlm_jax.models.lora import Linear
 from lvlm_jax.models.vision import MLP
@@ -107,6 +108,56 @@ class Qwen2VLVisionConfig:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLVisionConfig(Qwen2VLVisionConfig):
+  """Qwen2.5-VL's tower: RMSNorm and a biased SwiGLU MLP of intermediate_size, attention within
+  windows of window_size pixels a side except in the fullatt_block_indexes blocks. HF calls the
+  tower's width hidden_size and the merged tokens' out_hidden_size (our embed_dim, hidden_size).
+  """
+  embed_dim: int = 1280
+  hidden_size: int = 3584
+  intermediate_size: int = 3420
+  hidden_act: str = "silu"
+  window_size: int = 112
+  fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+
+  MODEL_TYPE: ClassVar[str] = "qwen2_5_vl_vision"
+  MODEL_TYPES: ClassVar[tuple[str, ...]] = ("qwen2_5_vl_vision", "qwen2_5_vl")
+
+  @property
+  def window_blocks(self) -> int:
+    """A window's side in merge blocks (transformers' vit_merger_window_size)."""
+    return self.window_size // self.spatial_merge_size // self.patch_size
+
+  @classmethod
+  def from_hf(cls, hf: dict, **overrides) -> "Qwen25VLVisionConfig":
+    defaults = cls()
+    renamed = {**hf, "embed_dim": hf.get("hidden_size", defaults.embed_dim),
+               "hidden_size": hf.get("out_hidden_size", defaults.hidden_size)}
+    base = super().from_hf(renamed)
+    fields = dict(
+        intermediate_size=hf.get("intermediate_size", defaults.intermediate_size),
+        window_size=hf.get("window_size", defaults.window_size),
+        fullatt_block_indexes=tuple(hf.get("fullatt_block_indexes",
+                                           defaults.fullatt_block_indexes)),
+    )
+    config = dataclasses.replace(base, **fields, **overrides)
+    if config.window_blocks < 1:
+      raise UserError(f"window_size {config.window_size} must span at least one merge block "
+                      f"({config.patch_size * config.spatial_merge_size} pixels)")
+    if any(not 0 <= i < config.depth for i in config.fullatt_block_indexes):
+      raise UserError(f"fullatt_block_indexes {list(config.fullatt_block_indexes)} must be blocks "
+                      f"of the {config.depth}")
+    return config
+
+  def to_hf(self) -> dict:
+    hf = super().to_hf()
+    del hf["embed_dim"], hf["mlp_ratio"]
+    return {**hf, "hidden_size": self.embed_dim, "out_hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "window_size": self.window_size,
+            "fullatt_block_indexes": list(self.fullatt_block_indexes)}
+
+
 class Qwen2VLImages(NamedTuple):
   """A batch's images as Qwen2-VL takes them (a pytree, through jit and the sampling code).
 
@@ -129,8 +180,9 @@ def patch_layout(grids: jax.Array, num_patches: int, merge: int) -> tuple[jax.Ar
   """grids: int [B, N, 3]; num_patches: P -> (segment int [B, P], rows/cols int [B, P, 2]).
 
   segment: the frame (counted over the row's images) each patch belongs to, -1 for padding;
-  patches attend within their segment. rows/cols: each patch's 2D RoPE position in its image,
-  from the processor's merge-block layout (transformers' `get_vision_position_ids`).
+  patches attend within their segment. rows/cols: each patch's row and column in its image,
+  its 2D RoPE position, from the processor's merge-block layout (transformers'
+  `get_vision_position_ids`).
   """
   frames, rows, cols = grids[..., 0], grids[..., 1], grids[..., 2]
   per_frame = rows * cols
@@ -179,17 +231,41 @@ class VisionAttention(nnx.Module):
     return self.proj(out.reshape(b, p, e))
 
 
+class SwiGLU(nnx.Module):
+  """Qwen2.5-VL's vision MLP: down(act(gate(x)) * up(x)), every projection biased."""
+
+  def __init__(self, dim: int, hidden: int, *, hidden_act: str, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = Linear(dim, hidden, axes=("embed", "mlp"), **kw)
+    self.up_proj = Linear(dim, hidden, axes=("embed", "mlp"), **kw)
+    self.down_proj = Linear(hidden, dim, axes=("mlp", "embed"), **kw)
+    self.act = activation(hidden_act)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _norm(config: Qwen2VLVisionConfig, rngs: nnx.Rngs) -> LayerNorm | RMSNorm:
+  """Qwen2-VL's LayerNorm or Qwen2.5-VL's RMSNorm, both at eps 1e-6."""
+  kind = RMSNorm if isinstance(config, Qwen25VLVisionConfig) else LayerNorm
+  return kind(config.embed_dim, eps=1e-6, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
+
+
 class VisionBlock(nnx.Module):
-  """x + attn(norm1(x)), then x + mlp(norm2(x)), LayerNorms at eps 1e-6."""
+  """x + attn(norm1(x)), then x + mlp(norm2(x)): Qwen2-VL's fc1/fc2 MLP or Qwen2.5-VL's SwiGLU."""
 
   def __init__(self, config: Qwen2VLVisionConfig, *, rngs: nnx.Rngs):
     dt, pdt = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     e = config.embed_dim
-    self.norm1 = LayerNorm(e, eps=1e-6, param_dtype=pdt, rngs=rngs)
+    self.norm1 = _norm(config, rngs)
     self.attn = VisionAttention(e, config.num_heads, dtype=dt, param_dtype=pdt, rngs=rngs)
-    self.norm2 = LayerNorm(e, eps=1e-6, param_dtype=pdt, rngs=rngs)
-    self.mlp = MLP(e, e * config.mlp_ratio, hidden_act=config.hidden_act, dtype=dt,
-                   param_dtype=pdt, rngs=rngs)
+    self.norm2 = _norm(config, rngs)
+    kw = dict(hidden_act=config.hidden_act, dtype=dt, param_dtype=pdt, rngs=rngs)
+    if isinstance(config, Qwen25VLVisionConfig):
+      self.mlp = SwiGLU(e, config.intermediate_size, **kw)
+    else:
+      self.mlp = MLP(e, e * config.mlp_ratio, **kw)
 
   def __call__(self, x: jax.Array, angles: jax.Array, mask: jax.Array) -> jax.Array:
     x = x + self.attn(self.norm1(x), angles, mask)
@@ -202,7 +278,7 @@ class PatchMerger(nnx.Module):
   def __init__(self, config: Qwen2VLVisionConfig, *, rngs: nnx.Rngs):
     dt, pdt = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     e, merged = config.embed_dim, config.embed_dim * config.spatial_merge_size ** 2
-    self.ln_q = LayerNorm(e, eps=1e-6, param_dtype=pdt, rngs=rngs)
+    self.ln_q = _norm(config, rngs)
     kw = dict(use_bias=True, dtype=dt, param_dtype=pdt, rngs=rngs)
     self.fc1 = Linear(merged, merged, axes=("embed", "mlp"), **kw)
     self.fc2 = Linear(merged, config.hidden_size, axes=("mlp", "embed"), **kw)
@@ -234,8 +310,17 @@ class Qwen2VLVisionTower(nnx.Module):
                        f"{cfg.spatial_merge_size ** 2}, got {patches.shape}")
     segment, rows_cols = patch_layout(images.grids, patches.shape[1], cfg.spatial_merge_size)
     angles = vision_rope_angles(rows_cols, cfg.head_dim, cfg.rope_theta)
-    mask = ((segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0))[:, None]
+    same = lambda x: x[:, :, None] == x[:, None, :]
+    full = (same(segment) & (segment[:, :, None] >= 0))[:, None]                  # [B, 1, P, P]
+    masks = [full] * len(self.blocks)
+    if isinstance(cfg, Qwen25VLVisionConfig):
+      # transformers reorders the patches window by window and attends within each; attention
+      # does not depend on the order, so a mask keeps each window to itself instead.
+      window = rows_cols // (cfg.window_blocks * cfg.spatial_merge_size)
+      windowed = full & (same(window[..., 0]) & same(window[..., 1]))[:, None]
+      masks = [full if i in cfg.fullatt_block_indexes else windowed
+               for i in range(len(self.blocks))]
     x = self.patch_proj(patches)
-    for block in self.blocks:
+    for block, mask in zip(self.blocks, masks):
       x = block(x, angles, mask)
     return self.merger(x)

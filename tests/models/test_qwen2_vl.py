@@ -1,4 +1,4 @@
-"""Qwen2-VL against transformers: M-RoPE positions, logits, export, greedy decoding, refusals."""
+"""Qwen2-VL and Qwen2.5-VL against transformers: M-RoPE positions, logits, export, greedy decoding, refusals."""
 
 import json
 
@@ -9,7 +9,7 @@ import transformers
 
 from lvlm_jax.errors import UserError
 from lvlm_jax.models import hf
-from lvlm_jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, rope_index
+from lvlm_jax.models.qwen2_vl import Qwen2VL, rope_index
 from lvlm_jax.models.qwen2_vl_vision import Qwen2VLImages
 
 TOL = 1e-4  # of the logits' magnitude
@@ -19,24 +19,38 @@ GRIDS = [(1, 4, 4), (1, 4, 6), (1, 6, 4)]
 PATCH_DIM = 3 * 2 * 14 * 14
 
 
-def tiny_config(**text):
-  return transformers.Qwen2VLConfig(
+# Qwen2.5-VL's windows are 56 pixels (2 x 2 merge blocks) a side: the 4 x 6 and 6 x 4 patch
+# images span 2 windows; block 0 attends within windows, block 1 over the whole image.
+VISION = {
+    "qwen2_vl": dict(embed_dim=32, hidden_size=64, mlp_ratio=2),
+    "qwen2_5_vl": dict(hidden_size=32, out_hidden_size=64, intermediate_size=48, window_size=56,
+                       fullatt_block_indexes=[1]),
+}
+CLASSES = {
+    "qwen2_vl": (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration),
+    "qwen2_5_vl": (transformers.Qwen2_5_VLConfig,
+                   transformers.Qwen2_5_VLForConditionalGeneration),
+}
+
+
+def tiny_config(family):
+  return CLASSES[family][0](
       text_config=dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
                                         "rope_theta": 10000.0},
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0, **text),
-      vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2,
-                         patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0),
+      vision_config=dict(depth=2, num_heads=4, patch_size=14, spatial_merge_size=2,
+                         temporal_patch_size=2, **VISION[family]),
       image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START,
       vision_end_token_id=END)
 
 
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
+@pytest.fixture(scope="module", params=list(CLASSES))
+def qwen(request, tmp_path_factory):
   torch.manual_seed(0)
-  ref = transformers.Qwen2VLForConditionalGeneration(tiny_config()).eval()
-  directory = str(tmp_path_factory.mktemp("qwen2_vl"))
+  ref = CLASSES[request.param][1](tiny_config(request.param)).eval()
+  directory = str(tmp_path_factory.mktemp(request.param))
   ref.save_pretrained(directory)
   return directory, ref, hf.load_lvlm(directory)
 
@@ -113,9 +127,9 @@ def test_export_reloads_in_transformers_with_equal_logits(qwen, tmp_path):
   directory, ref, model = qwen
   hf.save_hf(model, str(tmp_path))
   config = json.load(open(tmp_path / "config.json"))
-  assert config["model_type"] == "qwen2_vl"
+  assert config["model_type"] == ref.config.model_type
   assert config["text_config"]["rope_parameters"]["mrope_section"] == [2, 3, 3]
-  reloaded = transformers.Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+  reloaded = type(ref).from_pretrained(str(tmp_path)).eval()
   ids, mask, images, theirs = _batch(left_padding=True)
   logits, _ = model(ids, attention_mask=mask, pixel_values=images)
   assert_logits_close(np.asarray(logits), _torch_logits(reloaded, ids, mask, theirs), mask)
@@ -170,29 +184,33 @@ def test_flat_transformers4_config_reads_as_the_nested_one(qwen):
   config = qwen[2].config
   nested = config.to_hf()
   flat = {**{k: v for k, v in nested.items() if k != "text_config"}, **nested["text_config"],
-          "model_type": "qwen2_vl"}
+          "model_type": config.MODEL_TYPE}
   rope = flat.pop("rope_parameters")
   flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
   flat["rope_theta"] = rope["rope_theta"]
-  flat["vision_config"] = {**flat["vision_config"], "model_type": "qwen2_vl"}
-  assert Qwen2VLConfig.from_hf(flat) == config
+  flat["vision_config"] = {**flat["vision_config"], "model_type": config.MODEL_TYPE}
+  assert type(config).from_hf(flat) == config
 
 
 def test_refusals(qwen):
   config = qwen[2].config.to_hf()
+  read = type(qwen[2].config).from_hf
 
   def with_text(**changes):
     return {**config, "text_config": {**config["text_config"], **changes}}
 
   rope = config["text_config"]["rope_parameters"]
   with pytest.raises(UserError, match="rope_type 'linear' is not supported"):
-    Qwen2VLConfig.from_hf(with_text(rope_parameters={**rope, "rope_type": "linear", "factor": 2}))
+    read(with_text(rope_parameters={**rope, "rope_type": "linear", "factor": 2}))
   with pytest.raises(UserError, match=r"mrope_section \[2, 3, 4\] must be 3 sizes adding up to "
                                       r"head_dim / 2 = 8"):
-    Qwen2VLConfig.from_hf(with_text(rope_parameters={**rope, "mrope_section": [2, 3, 4]}))
+    read(with_text(rope_parameters={**rope, "mrope_section": [2, 3, 4]}))
   with pytest.raises(UserError, match="vision_config.rope_parameters.rope_type 'default'"):
-    Qwen2VLConfig.from_hf({**config, "vision_config": {
+    read({**config, "vision_config": {
         **config["vision_config"], "rope_parameters": {"rope_type": "default"}}})
-  with pytest.raises(UserError, match="vision_config.hidden_size 32 must equal"):
-    Qwen2VLConfig.from_hf({**config, "vision_config": {**config["vision_config"],
-                                                       "hidden_size": 32}})
+  out = "out_hidden_size" if config["model_type"] == "qwen2_5_vl" else "hidden_size"
+  with pytest.raises(UserError, match="vision_config.hidden_size 48 must equal"):
+    read({**config, "vision_config": {**config["vision_config"], out: 48}})
+  if config["model_type"] == "qwen2_5_vl":
+    with pytest.raises(UserError, match=r"fullatt_block_indexes \[2\] must be blocks of the 2"):
+      read({**config, "vision_config": {**config["vision_config"], "fullatt_block_indexes": [2]}})
