@@ -509,8 +509,8 @@ def build_model(hf_config: dict, *, rngs: nnx.Rngs | None = None, **config_overr
 
 def load_model(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
                allow_unused: str | None = None, **config_overrides) -> nnx.Module:
-  """Any supported HF directory (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, CLIP, SigLIP, a CLIP,
-  SigLIP or DINOv2 vision tower, Llama/Mistral/Qwen2).
+  """Any supported HF directory (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, CLIP,
+  SigLIP, a CLIP, SigLIP or DINOv2 vision tower, Llama/Mistral/Qwen2).
 
   The config is checked before any tensor is read: what we cannot compute as transformers does
   (an unsupported RoPE type, vision tower or text model) is a UserError. allow_unused: a regular
