@@ -76,7 +76,7 @@ class Qwen2VLVisionConfig:
         mlp_ratio=hf.get("mlp_ratio", defaults.mlp_ratio),
         hidden_act=hf.get("hidden_act", defaults.hidden_act),
         in_channels=hf.get("in_channels", hf.get("in_chans", defaults.in_channels)),
-        patch_size=hf.get("patch_size", defaults.patch_size),
+        patch_size=hf.get("patch_size", hf.get("spatial_patch_size", defaults.patch_size)),
         spatial_merge_size=hf.get("spatial_merge_size", defaults.spatial_merge_size),
         temporal_patch_size=hf.get("temporal_patch_size", defaults.temporal_patch_size),
         rope_theta=float(rope.get("rope_theta", defaults.rope_theta)),

@@ -33,7 +33,7 @@ CLASSES = {
 }
 
 
-def tiny_config(family):
+def tiny_config(family, **model):
   return CLASSES[family][0](
       text_config=dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -43,7 +43,7 @@ def tiny_config(family):
       vision_config=dict(depth=2, num_heads=4, patch_size=14, spatial_merge_size=2,
                          temporal_patch_size=2, **VISION[family]),
       image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START,
-      vision_end_token_id=END)
+      vision_end_token_id=END, **model)
 
 
 @pytest.fixture(scope="module", params=list(CLASSES))
@@ -178,6 +178,31 @@ def test_greedy_generation_matches_transformers_generate(qwen):
   np.testing.assert_allclose(np.asarray(out.logprobs),
                              np.take_along_axis(logp, tokens[..., None], -1)[..., 0],
                              atol=1e-4, rtol=0)
+
+
+def test_in_memory_names_and_tied_embeddings_load(qwen, tmp_path):
+  """transformers 5's in-memory names (`model.language_model.*`, `model.visual.*`) load as the
+  hub's; with tied embeddings (Qwen2-VL-2B) the output projection is the embedding."""
+  from safetensors.numpy import load_file, save_file
+  directory, ref, model = qwen
+  tensors = load_file(f"{directory}/model.safetensors")
+  renamed = {("model.language_model." + k[len("model."):] if k.startswith("model.") else
+              "model." + k if k.startswith("visual.") else k): v for k, v in tensors.items()}
+  assert "model.visual.merger.mlp.0.weight" in renamed
+  save_file(renamed, str(tmp_path / "model.safetensors"))
+  (tmp_path / "config.json").write_text(open(f"{directory}/config.json").read())
+  ids, mask, images, theirs = _batch(left_padding=True)
+  expected, _ = model(ids, attention_mask=mask, pixel_values=images)
+  logits, _ = hf.load_lvlm(str(tmp_path))(ids, attention_mask=mask, pixel_values=images)
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(expected))
+
+  torch.manual_seed(1)
+  tied = type(ref)(tiny_config(ref.config.model_type, tie_word_embeddings=True)).eval()
+  tied.save_pretrained(str(tmp_path / "tied"))
+  ours = hf.load_lvlm(str(tmp_path / "tied"))
+  assert ours.llm.lm_head is None
+  logits, _ = ours(ids, attention_mask=mask, pixel_values=images)
+  assert_logits_close(np.asarray(logits), _torch_logits(tied, ids, mask, theirs), mask)
 
 
 def test_flat_transformers4_config_reads_as_the_nested_one(qwen):
