@@ -27,6 +27,7 @@ from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.llava_next import LlavaNextConfig
 from lvlm_jax.models.lvlm import LVLM
+from lvlm_jax.models.qwen2_vl import Qwen2VLConfig
 
 KINDS = ("sft", "preference", "grounding")
 _NEEDS = {"sft": ("conversations",), "preference": ("prompt", "chosen", "rejected"),
@@ -118,6 +119,10 @@ class DataConfig:
     feature cap). A text-only model: unchanged."""
     if not isinstance(model, LVLM):
       return self
+    if isinstance(model.config, Qwen2VLConfig):
+      raise UserError(f"{hf_dir}: the data pipeline does not build {model.config.MODEL_TYPE} "
+                      "batches yet (patches, per-image token counts, <|vision_start|> markup); "
+                      "run the model on data.qwen2_vl_images.pack_images output directly")
     image = ImageProcessing.for_model(hf_dir, model)
     if isinstance(model.config, LlavaNextConfig):
       # tokens_per_image is unread with AnyRes (each image's size gives its count); the base

@@ -76,17 +76,16 @@ class Qwen2VLConfig:
     return frames * (rows // m) * (cols // m)
 
   @classmethod
-  def from_hf(cls, hf: dict, *, dtype: str = "float32",
-              param_dtype: str = "float32") -> "Qwen2VLConfig":
+  def from_hf(cls, hf: dict, **dtype_overrides) -> "Qwen2VLConfig":
+    """dtype_overrides (dtype, param_dtype) apply to the tower and the LLM."""
     if hf.get("model_type") != cls.MODEL_TYPE:
       raise ValueError(f"expected a {cls.MODEL_TYPE} config, got model_type="
                        f"{hf.get('model_type')!r}")
-    dtypes = dict(dtype=dtype, param_dtype=param_dtype)
     try:
-      vision = cls.VISION_CONFIG.from_hf(hf.get("vision_config") or {}, **dtypes)
+      vision = cls.VISION_CONFIG.from_hf(hf.get("vision_config") or {}, **dtype_overrides)
     except UserError as e:
       raise UserError(f"vision_config.{e}") from None
-    text = dataclasses.replace(_text_from_hf(hf), **dtypes)
+    text = dataclasses.replace(_text_from_hf(hf), **dtype_overrides)
     # transformers 5 ties on the top-level flag, which a text config's True sets (pre-v5 saves).
     if hf.get("tie_word_embeddings") or (hf.get("text_config") or {}).get("tie_word_embeddings"):
       text = dataclasses.replace(text, tie_word_embeddings=True)
