@@ -180,6 +180,29 @@ def test_greedy_generation_matches_transformers_generate(qwen):
                              atol=1e-4, rtol=0)
 
 
+def test_beam_search_matches_transformers(qwen):
+  """Each prompt's beams continue its M-RoPE positions (its rope offsets copied to them): 3 beams
+  over both prompts, the best 2 returned, as transformers' beam search finds and scores them."""
+  from lvlm_jax.sampling.beam import BeamConfig, beam_search
+  _, ref, model = qwen
+  ids, mask, images, theirs = _batch(left_padding=True)
+  new = 6
+  out = beam_search(model, ids, mask, pixel_values=images,
+                    config=BeamConfig(num_beams=3, num_return_sequences=2, max_new_tokens=new,
+                                      min_new_tokens=new, eos_token_ids=(2,)))
+  with torch.no_grad():
+    expected = ref.generate(input_ids=torch.tensor(ids, dtype=torch.long),
+                            attention_mask=torch.tensor(mask),
+                            mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
+                            **theirs, do_sample=False, num_beams=3, num_return_sequences=2,
+                            max_new_tokens=new, min_new_tokens=new, eos_token_id=2,
+                            pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+  np.testing.assert_array_equal(np.asarray(out.tokens).reshape(4, new),
+                                expected.sequences[:, ids.shape[1]:].numpy())
+  np.testing.assert_allclose(np.asarray(out.scores).reshape(4),
+                             expected.sequences_scores.numpy(), atol=1e-5, rtol=0)
+
+
 def test_in_memory_names_and_tied_embeddings_load(qwen, tmp_path):
   """transformers 5's in-memory names (`model.language_model.*`, `model.visual.*`) load as the
   hub's; with tied embeddings (Qwen2-VL-2B) the output projection is the embedding."""
