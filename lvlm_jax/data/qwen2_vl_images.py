@@ -10,7 +10,9 @@ fixed-shape `Qwen2VLImages` the model takes.
 """
 
 import dataclasses
+import json
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -70,6 +72,30 @@ class Qwen2VLImageProcessing:
     """The processing a tower's patch geometry needs; options: min/max pixels, mean, std."""
     return cls(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
                temporal_patch_size=vision.temporal_patch_size, **options)
+
+  @classmethod
+  def for_model(cls, hf_dir: str | None, vision: Qwen2VLVisionConfig) -> "Qwen2VLImageProcessing":
+    """The tower's processing with the pixel budget and statistics of the HF directory's
+    `preprocessor_config.json` when it has one (min_pixels/max_pixels, or transformers 5's
+    size.shortest_edge/longest_edge; image_mean, image_std), else transformers' defaults."""
+    path = os.path.join(hf_dir, "preprocessor_config.json") if hf_dir else ""
+    if not path or not os.path.exists(path):
+      return cls.for_config(vision)
+    try:
+      with open(path) as f:
+        config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise UserError(f"{path}: cannot be read as JSON ({e})") from None
+    size = config.get("size") or {}
+    options = dict(min_pixels=config.get("min_pixels", size.get("shortest_edge", MIN_PIXELS)),
+                   max_pixels=config.get("max_pixels", size.get("longest_edge", MAX_PIXELS)),
+                   mean=tuple(config.get("image_mean", CLIP_MEAN)),
+                   std=tuple(config.get("image_std", CLIP_STD)))
+    for key in ("patch_size", "merge_size", "temporal_patch_size"):
+      ours = getattr(cls.for_config(vision), key)
+      if config.get(key, ours) != ours:
+        raise UserError(f"{path}: {key} {config[key]}, but the vision tower takes {ours}")
+    return cls.for_config(vision, **options)
 
   def resized_size(self, height: int, width: int) -> tuple[int, int]:
     return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels,

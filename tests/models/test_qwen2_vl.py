@@ -263,9 +263,3 @@ def test_refusals(qwen):
     with pytest.raises(UserError, match=r"fullatt_block_indexes \[2\] must be blocks of the 2"):
       read({**config, "vision_config": {**config["vision_config"], "fullatt_block_indexes": [2]}})
 
-
-def test_data_pipeline_refuses_what_it_cannot_build_yet(qwen):
-  from lvlm_jax.data.pipeline import DataConfig
-  directory, _, model = qwen
-  with pytest.raises(UserError, match="does not build qwen2(_5)?_vl batches yet"):
-    DataConfig().for_model(model, directory)

@@ -1,0 +1,174 @@
+"""Qwen2-VL through the data pipeline and the generation service: prompts as transformers'
+Qwen2VLProcessor builds them, greedy answers as its generate gives them, training batches."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from lvlm_jax.data import text
+from lvlm_jax.data.pipeline import Collate, DataConfig, Preprocess, patch_slots
+from lvlm_jax.models import hf
+from lvlm_jax.sampling.decode import SamplingConfig
+from lvlm_jax.sampling.service import Prompt, prompt_ids
+
+SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+            "<|image_pad|>", "<|video_pad|>"]
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 16
+SIZES = [(50, 90), (100, 60), (60, 60)]  # 2 x 3, 4 x 2 and 2 x 2 merged tokens
+
+
+def qwen_tokenizer():
+  """A byte-level BPE with Qwen2-VL's special tokens, trained offline on a few sentences."""
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.post_processor = processors.ByteLevel(trim_offsets=False)
+  tok.train_from_iterator(
+      ["You are a helpful assistant.", "system user assistant", "Compare the two images.",
+       "What is in the picture? A red circle left of a blue square."],
+      trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
+                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                              pad_token="<pad>", extra_special_tokens=SPECIALS[1:])
+
+
+def image_processor():
+  return transformers.Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+  tokenizer = qwen_tokenizer()
+  token = tokenizer.convert_tokens_to_ids
+  config = transformers.Qwen2VLConfig(
+      text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=256,
+                       rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                        "rope_theta": 10000.0},
+                       eos_token_id=token("<|im_end|>"), pad_token_id=0),
+      vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2),
+      image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
+      vision_start_token_id=token("<|vision_start|>"), vision_end_token_id=token("<|vision_end|>"))
+  torch.manual_seed(0)
+  ref = transformers.Qwen2VLForConditionalGeneration(config).eval()
+  directory = str(tmp_path_factory.mktemp("qwen2_vl_service"))
+  ref.save_pretrained(directory)
+  tokenizer.save_pretrained(directory)
+  image_processor().save_pretrained(directory)
+  return directory, ref, tokenizer, hf.load_lvlm(directory)
+
+
+def _images():
+  rng = np.random.default_rng(0)
+  return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
+
+
+def _processor_inputs(tokenizer, texts, images):
+  """What transformers' Qwen2VLProcessor returns for texts with one <|image_pad|> per image:
+  each expanded to its image's grid.prod() / 4 copies (`replace_image_token`), tokenized,
+  left-padded. (The processor itself cannot be built here: it needs the video processor,
+  which needs torchvision.)"""
+  pixels = image_processor()(images, return_tensors="pt")
+  counts = iter((pixels["image_grid_thw"].prod(-1) // 4).tolist())
+  expanded = []
+  for row in texts:
+    pieces = row.split("<|image_pad|>")
+    expanded.append(pieces[0] + "".join("<|image_pad|>" * next(counts) + p for p in pieces[1:]))
+  tokenizer = copy.deepcopy(tokenizer)  # padding sets state that the pipeline's use refuses
+  tokenizer.padding_side = "left"
+  inputs = dict(tokenizer(expanded, padding=True, return_tensors="pt"))
+  image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+  return {**inputs, **pixels, "mm_token_type_ids": (inputs["input_ids"] == image_id).long()}
+
+
+QUESTIONS = [("Compare the two images.", 2), ("What is in the picture?", 1)]
+
+
+def _prompts():
+  images = _images()
+  return [Prompt.question(QUESTIONS[0][0], images[:2]), Prompt.question(QUESTIONS[1][0], images[2:])]
+
+
+def _rendered(data, tokenizer):
+  """Each prompt's text with one <|image_pad|> per image, as Qwen2VLProcessor takes it."""
+  return [text.render(data.place_images([{"from": "human", "value": q}], n), tokenizer, "chatml",
+                      add_generation_prompt=True).text for q, n in QUESTIONS]
+
+
+def test_prompts_match_transformers_processor(qwen_dir):
+  directory, _, tokenizer, model = qwen_dir
+  data = DataConfig(template="chatml").for_model(model, directory)
+  assert (data.qwen2_vl.min_pixels, data.qwen2_vl.max_pixels) == (MIN_PIXELS, MAX_PIXELS)
+  assert data.image_token == "<|image_pad|>"
+  rendered = _rendered(data, tokenizer)
+  assert rendered[0].count("<|vision_start|><|image_pad|><|vision_end|>") == 2
+  images = _images()
+  for prompt, row, row_images in zip(_prompts(), rendered, (images[:2], images[2:])):
+    expected = _processor_inputs(tokenizer, [row], row_images)["input_ids"][0].numpy()
+    np.testing.assert_array_equal(prompt_ids(prompt, tokenizer, data), expected)
+  # Markup already in the text is kept, not doubled.
+  marked = "<|vision_start|><|image_pad|><|vision_end|>Compare the two images."
+  assert data.place_images([{"from": "human", "value": marked}], 1)[0]["value"] == marked
+
+
+def test_service_greedy_answers_match_transformers_generate(qwen_dir):
+  from lvlm_jax.generate import generation_service
+  directory, ref, tokenizer, model = qwen_dir
+  service = generation_service(directory, model, template="chatml", batch_size=2)
+  new = 8
+  out = service.generate(_prompts(), SamplingConfig(max_new_tokens=new, min_new_tokens=new))
+  inputs = _processor_inputs(tokenizer, _rendered(service.data, tokenizer), _images())
+  with torch.no_grad():
+    expected = ref.generate(**inputs, do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                            pad_token_id=0)
+  np.testing.assert_array_equal(np.stack([c.token_ids for c in out]),
+                                expected[:, inputs["input_ids"].shape[1]:].numpy())
+
+
+def test_training_batches_hold_patches_and_grids(qwen_dir):
+  directory, _, tokenizer, model = qwen_dir
+  data = DataConfig(template="chatml", max_images=2, length_buckets=(64, 128)).for_model(
+      model, directory)
+  images = _images()
+  records = [{"id": 0, "images": images[:2], "conversations": [
+                 {"from": "human", "value": "Compare the two images."},
+                 {"from": "gpt", "value": "A red circle."}]},
+             {"id": 1, "images": images[2:], "conversations": [
+                 {"from": "human", "value": "What is in the picture?"},
+                 {"from": "gpt", "value": "A blue square."}]}]
+  preprocess = Preprocess(records, tokenizer, data)
+  batch = Collate(data, 0)([preprocess(0), preprocess(1)])
+  expected = image_processor()(images, return_tensors="np")
+  grids = expected["image_grid_thw"]
+  np.testing.assert_array_equal(batch["patch_grids"], [grids[:2], [grids[2], [0, 0, 0]]])
+  first = grids[0].prod() + grids[1].prod()
+  assert batch["pixel_values"].shape == (2, patch_slots(first), expected["pixel_values"].shape[1])
+  np.testing.assert_allclose(batch["pixel_values"][0, :first], expected["pixel_values"][:first],
+                             rtol=0, atol=1e-5)
+  image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+  assert [(row == image_id).sum() for row in batch["input_ids"]] == [6 + 8, 4]
+  # The same tokens as transformers' processor makes of the rendered conversations, and the
+  # training log-probs of the batch (M-RoPE included) as its model gives them.
+  from lvlm_jax.training.losses import token_logprobs
+  rendered = [text.render(data.place_images(r["conversations"], len(r["images"])), tokenizer,
+                          "chatml").text for r in records]
+  inputs = _processor_inputs(tokenizer, rendered, images)
+  real = inputs["attention_mask"].numpy().astype(bool)
+  width = real.shape[1]
+  # The batch is right-padded, transformers' inputs left-padded: compare each row's tokens.
+  for ours, theirs, keep in zip(batch["input_ids"], inputs["input_ids"].numpy(), real):
+    np.testing.assert_array_equal(ours[:keep.sum()], theirs[keep])
+  assert not batch["attention_mask"][:, width:].any()
+  with torch.no_grad():
+    logits = qwen_dir[1](**inputs).logits
+  logp = torch.log_softmax(logits, -1).numpy()
+  expected = np.take_along_axis(logp[:, :-1], inputs["input_ids"].numpy()[:, 1:, None], -1)[..., 0]
+  ours = np.asarray(token_logprobs(model, batch))
+  for row, (theirs, keep) in enumerate(zip(expected, real[:, 1:] & real[:, :-1])):
+    n = keep.sum()  # log-probs of tokens 1..n of the row
+    np.testing.assert_allclose(ours[row, 1:n + 1], theirs[keep], atol=1e-4, rtol=0)
