@@ -238,8 +238,9 @@ class KVCache(NamedTuple):
   """A static-size cache shared by all layers.
 
   keys: per layer [B, Hkv, S, Dh]; values: per layer [B, Hkv, Dh, S] (see `dot_product_attention`
-  for why these layouts). positions: [B, S] int32, the RoPE position of the token in
-  each slot, -1 for an empty slot or a padding token (never attended). index: int32 [] next free slot.
+  for why these layouts). positions: [B, S] int32, the position of the token in each slot
+  (what the mask compares), -1 for an empty slot or a padding token (never attended).
+  index: int32 [] next free slot.
   rope_offsets: int32 [B], added to the positions of tokens fed without explicit RoPE positions
   (M-RoPE's rope deltas: text after images turns on from the images' largest position; else 0).
   """

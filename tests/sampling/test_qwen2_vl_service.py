@@ -2,6 +2,7 @@
 Qwen2VLProcessor builds them, greedy answers as its generate gives them, training batches."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -172,3 +173,22 @@ def test_training_batches_hold_patches_and_grids(qwen_dir):
   for row, (theirs, keep) in enumerate(zip(expected, real[:, 1:] & real[:, :-1])):
     n = keep.sum()  # log-probs of tokens 1..n of the row
     np.testing.assert_allclose(ours[row, 1:n + 1], theirs[keep], atol=1e-4, rtol=0)
+
+
+def test_export_writes_the_image_processor_transformers_and_we_read_back(qwen_dir, tmp_path):
+  from lvlm_jax.data.qwen2_vl_images import Qwen2VLImageProcessing
+  from lvlm_jax.training.checkpoint import export_hf
+  directory, _, tokenizer, model = qwen_dir
+  data = DataConfig(template="chatml").for_model(model, directory)
+  smaller = dataclasses.replace(data.qwen2_vl, max_pixels=28 * 28 * 8)
+  data = dataclasses.replace(data, qwen2_vl=smaller)
+  export_hf(model, str(tmp_path), tokenizer=tokenizer, data=data)
+  theirs = transformers.AutoImageProcessor.from_pretrained(str(tmp_path))
+  images = _images()
+  expected = theirs(images, return_tensors="np")
+  ours = Qwen2VLImageProcessing.for_model(str(tmp_path), model.config.vision)
+  assert ours == data.qwen2_vl
+  processed = [ours(image) for image in images]
+  np.testing.assert_array_equal([g for _, g in processed], expected["image_grid_thw"])
+  np.testing.assert_allclose(np.concatenate([p for p, _ in processed]), expected["pixel_values"],
+                             rtol=0, atol=1e-5)
