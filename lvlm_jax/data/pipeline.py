@@ -37,6 +37,8 @@ _NEEDS = {"sft": ("conversations",), "preference": ("prompt", "chosen", "rejecte
 # The skip fraction is judged over at least this many examples, so that one bad example early in
 # a run does not count as 100%.
 _MIN_EXAMPLES_FOR_FRACTION = 100
+# The image placeholder of LLaVA-format records and prompts.
+LLAVA_IMAGE_PLACEHOLDER = "<image>"
 # Qwen2-VL's image placeholder token and the markup around each image (its chat template's).
 QWEN2_VL_IMAGE_TOKEN = "<|image_pad|>"
 QWEN2_VL_IMAGE_MARKUP = ("<|vision_start|>", "<|vision_end|>")
@@ -157,13 +159,19 @@ class DataConfig:
 
   def place_images(self, turns: Sequence[Mapping], num_images: int) -> list[dict]:
     """The turns with one `image_token` per image (`ensure_image_placeholders`: LLaVA's rule
-    when the text has none), each between <|vision_start|> and <|vision_end|> for Qwen2-VL
-    (once: a text that has the markup keeps it). Raises UserError for a count that differs."""
-    turns = ensure_image_placeholders(turns, num_images, self.image_token)
+    when the text has none). For Qwen2-VL, LLaVA-format `<image>` placeholders (datasets,
+    prompts) become its own, each between <|vision_start|> and <|vision_end|> (once: a text
+    that has the markup keeps it). Raises UserError for a count that differs."""
     if self.qwen2_vl is None:
-      return turns
+      return ensure_image_placeholders(turns, num_images, self.image_token)
     start, end = QWEN2_VL_IMAGE_MARKUP
     marked = start + self.image_token + end
+    turns = [dict(t) for t in turns]
+    for turn in turns:
+      key = "value" if "value" in turn else "content"
+      if isinstance(turn.get(key), str):
+        turn[key] = turn[key].replace(LLAVA_IMAGE_PLACEHOLDER, self.image_token)
+    turns = ensure_image_placeholders(turns, num_images, self.image_token)
     for turn in turns:
       key = "value" if "value" in turn else "content"
       if isinstance(turn.get(key), str):

@@ -266,6 +266,10 @@ class AnyResImages(NamedTuple):
   feature_grids: jax.Array | None = None
 
 
+# The batch keys `batch_images` reads: what a step that regroups a batch's rows carries along.
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grids", "feature_grids", "patch_grids")
+
+
 def batch_images(batch: Mapping[str, jax.Array]
                  ) -> jax.Array | AnyResImages | Qwen2VLImages | None:
   """The batch's images as the model takes them: `pixel_values`, or with AnyRes (the batch has

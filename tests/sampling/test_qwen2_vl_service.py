@@ -112,9 +112,12 @@ def test_prompts_match_transformers_processor(qwen_dir):
   for prompt, row, row_images in zip(_prompts(), rendered, (images[:2], images[2:])):
     expected = _processor_inputs(tokenizer, [row], row_images)["input_ids"][0].numpy()
     np.testing.assert_array_equal(prompt_ids(prompt, tokenizer, data), expected)
-  # Markup already in the text is kept, not doubled.
+  # Markup already in the text is kept, not doubled; LLaVA's <image> placeholders become it.
   marked = "<|vision_start|><|image_pad|><|vision_end|>Compare the two images."
   assert data.place_images([{"from": "human", "value": marked}], 1)[0]["value"] == marked
+  llava = [{"from": "human", "value": "<image>\nCompare the two images."}]
+  assert data.place_images(llava, 1)[0]["value"] == marked.replace("<|vision_end|>",
+                                                                   "<|vision_end|>\n")
 
 
 def test_service_greedy_answers_match_transformers_generate(qwen_dir):
