@@ -8,33 +8,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from conftest import QWEN2_VL_PIXELS
 from lvlm_jax.data import text
 from lvlm_jax.data.pipeline import Collate, DataConfig, Preprocess, patch_slots
 from lvlm_jax.models import hf
 from lvlm_jax.sampling.decode import SamplingConfig
 from lvlm_jax.sampling.service import Prompt, prompt_ids
 
-SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-            "<|image_pad|>", "<|video_pad|>"]
-MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 16
+MIN_PIXELS, MAX_PIXELS = QWEN2_VL_PIXELS
 SIZES = [(50, 90), (100, 60), (60, 60)]  # 2 x 3, 4 x 2 and 2 x 2 merged tokens
-
-
-def qwen_tokenizer():
-  """A byte-level BPE with Qwen2-VL's special tokens, trained offline on a few sentences."""
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.post_processor = processors.ByteLevel(trim_offsets=False)
-  tok.train_from_iterator(
-      ["You are a helpful assistant.", "system user assistant", "Compare the two images.",
-       "What is in the picture? A red circle left of a blue square."],
-      trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
-                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                              pad_token="<pad>", extra_special_tokens=SPECIALS[1:])
 
 
 def image_processor():
@@ -42,26 +25,10 @@ def image_processor():
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-  tokenizer = qwen_tokenizer()
-  token = tokenizer.convert_tokens_to_ids
-  config = transformers.Qwen2VLConfig(
-      text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=256,
-                       rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                        "rope_theta": 10000.0},
-                       eos_token_id=token("<|im_end|>"), pad_token_id=0),
-      vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2),
-      image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
-      vision_start_token_id=token("<|vision_start|>"), vision_end_token_id=token("<|vision_end|>"))
-  torch.manual_seed(0)
-  ref = transformers.Qwen2VLForConditionalGeneration(config).eval()
-  directory = str(tmp_path_factory.mktemp("qwen2_vl_service"))
-  ref.save_pretrained(directory)
-  tokenizer.save_pretrained(directory)
-  image_processor().save_pretrained(directory)
-  return directory, ref, tokenizer, hf.load_lvlm(directory)
+def qwen_dir(tiny_qwen2_vl_dir):
+  ref = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2_vl_dir).eval()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_vl_dir)
+  return tiny_qwen2_vl_dir, ref, tokenizer, hf.load_lvlm(tiny_qwen2_vl_dir)
 
 
 def _images():
