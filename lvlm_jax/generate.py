@@ -174,11 +174,12 @@ def generation_service(model_dir: str, model, template: str = "auto", system: st
                     "next to the weights") from None
   if template == "auto":
     template = "tokenizer" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
-  if isinstance(model, LVLM) and text.image_token_id(tokenizer) != model.config.image_token_id:
-    raise UserError(f"{model_dir}: the tokenizer's <image> id differs from the model's "
-                    f"image_token_id {model.config.image_token_id}")
   data = DataConfig(template="vicuna_v1" if template == "none" else template,
                     system_prompt=system).for_model(model, model_dir)
+  if (isinstance(model, LVLM)
+      and text.image_token_id(tokenizer, data.image_token) != model.config.image_token_id):
+    raise UserError(f"{model_dir}: the tokenizer's {data.image_token} id differs from the "
+                    f"model's image_token_id {model.config.image_token_id}")
   mesh = make_mesh()
   # Rows are split over the mesh's batch axes: the batch rounds up to a multiple of them.
   size = -(-batch_size // batch_shards(mesh)) * batch_shards(mesh)

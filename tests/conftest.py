@@ -216,6 +216,60 @@ def shapes_llava_onevision_dir(tmp_path_factory):
   return str(directory)
 
 
+# Qwen2-VL's special tokens (Qwen2-VL-Instruct's names), its image-pixel budget in the tiny one.
+QWEN2_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                     "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|box_start|>",
+                     "<|box_end|>", "<|object_ref_start|>", "<|object_ref_end|>"]
+QWEN2_VL_PIXELS = (56 * 56, 28 * 28 * 16)  # min_pixels, max_pixels: 4 to 16 image tokens
+
+
+def qwen2_vl_tokenizer():
+  """A byte-level BPE with Qwen2-VL's special tokens, trained offline on a few sentences."""
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.post_processor = processors.ByteLevel(trim_offsets=False)
+  tok.train_from_iterator(
+      ["You are a helpful assistant.", "system user assistant", "Compare the two images.",
+       "What is in the picture? A red circle left of a blue square.",
+       "Output the bounding box of this. Answer with a short description. (0,0),(1000,1000)"],
+      trainers.BpeTrainer(vocab_size=400, special_tokens=QWEN2_VL_SPECIALS,
+                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                 pad_token="<|endoftext|>", extra_special_tokens=QWEN2_VL_SPECIALS[1:])
+
+
+def tiny_qwen2_vl(directory) -> str:
+  """A tiny random HF Qwen2-VL (2 + 2 layers, M-RoPE sections 2/3/3) with `qwen2_vl_tokenizer`
+  and a Qwen2VLImageProcessor of QWEN2_VL_PIXELS, saved to `directory`."""
+  import torch
+  import transformers
+  tokenizer = qwen2_vl_tokenizer()
+  token = tokenizer.convert_tokens_to_ids
+  config = transformers.Qwen2VLConfig(
+      text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512,
+                       rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                        "rope_theta": 10000.0},
+                       eos_token_id=token("<|im_end|>"), pad_token_id=0),
+      vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2),
+      image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
+      vision_start_token_id=token("<|vision_start|>"), vision_end_token_id=token("<|vision_end|>"))
+  torch.manual_seed(0)
+  transformers.Qwen2VLForConditionalGeneration(config).eval().save_pretrained(str(directory))
+  tokenizer.save_pretrained(str(directory))
+  min_pixels, max_pixels = QWEN2_VL_PIXELS
+  transformers.Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels
+                                        ).save_pretrained(str(directory))
+  return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(tmp_path_factory):
+  return tiny_qwen2_vl(tmp_path_factory.mktemp("tiny_qwen2_vl"))
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -21,12 +21,14 @@ from absl import flags
 
 from lvlm_jax.data.anyres import AnyResProcessing
 from lvlm_jax.data.images import BadImage, ImageProcessing, load_image
+from lvlm_jax.data.qwen2_vl_images import Qwen2VLImageProcessing, pack_images
 from lvlm_jax.data.text import (TEMPLATES, BadConversation, BoxFormat, ensure_image_placeholders,
                                 fit_to_length, image_token_id, tokenize_conversation)
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.llava_next import LlavaNextConfig
 from lvlm_jax.models.lvlm import LVLM
+from lvlm_jax.models.qwen2_vl import Qwen2VLConfig
 
 KINDS = ("sft", "preference", "grounding")
 _NEEDS = {"sft": ("conversations",), "preference": ("prompt", "chosen", "rejected"),
@@ -35,6 +37,22 @@ _NEEDS = {"sft": ("conversations",), "preference": ("prompt", "chosen", "rejecte
 # The skip fraction is judged over at least this many examples, so that one bad example early in
 # a run does not count as 100%.
 _MIN_EXAMPLES_FOR_FRACTION = 100
+# The image placeholder of LLaVA-format records and prompts.
+LLAVA_IMAGE_PLACEHOLDER = "<image>"
+# Qwen2-VL's image placeholder token and the markup around each image (its chat template's).
+QWEN2_VL_IMAGE_TOKEN = "<|image_pad|>"
+QWEN2_VL_IMAGE_MARKUP = ("<|vision_start|>", "<|vision_end|>")
+# A batch's Qwen2-VL patches are padded to the smallest of these that holds them, a power of two
+# (few shapes, few compilations; each a multiple of the 2 x 2 merge).
+MIN_PATCH_SLOTS = 256
+
+
+def patch_slots(patches: int) -> int:
+  """The patch count P a batch whose rows hold at most `patches` patches is padded to."""
+  slots = MIN_PATCH_SLOTS
+  while slots < patches:
+    slots *= 2
+  return slots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +87,11 @@ class DataConfig:
       None, "LLaVA-NeXT's AnyRes tiling (AnyResProcessing.for_config): each image becomes its "
       "base view + tiles, normalised as its `tile` (in place of `image`), and takes the image "
       "tokens its size gives (in place of tokens_per_image); None: one view per image.")
+  qwen2_vl: Qwen2VLImageProcessing | None = help_field(
+      None, "Qwen2-VL's native-resolution patches (data.qwen2_vl_images; DataConfig.for_model "
+      "sets it): each image is resized within min/max pixels, takes the image tokens its size "
+      "gives (in place of `image` and tokens_per_image) and sits between <|vision_start|> and "
+      "<|vision_end|>; None: fixed-size images.")
   max_image_pixels: int | None = help_field(None, "Images with more pixels are refused as "
                                             "decompression bombs (None: PIL's MAX_IMAGE_PIXELS).")
   grounding_prompt: str = help_field(
@@ -106,6 +129,8 @@ class DataConfig:
                       f"{self.context_length}")
     if self.batch_size <= 0 or self.max_images < 0 or self.tokens_per_image <= 0:
       raise UserError("batch_size and tokens_per_image must be positive, max_images >= 0")
+    if self.qwen2_vl is not None and self.anyres is not None:
+      raise UserError("qwen2_vl and anyres image processing exclude each other; set one")
 
   @property
   def max_length(self) -> int:
@@ -115,9 +140,14 @@ class DataConfig:
     """This config with the image fields `model` decides: its tower's image processing (the HF
     directory's preprocessor config when `hf_dir` has one), its tokens per image and, for a
     LLaVA-NeXT or -OneVision model, AnyRes tiling at its `image_grid_pinpoints` (and OneVision's
-    feature cap). A text-only model: unchanged."""
+    feature cap); for a Qwen2-VL or Qwen2.5-VL model its patches (`qwen2_vl`, the directory's
+    pixel budget) and <|image_pad|> placeholders. A text-only model: unchanged."""
     if not isinstance(model, LVLM):
       return self
+    if isinstance(model.config, Qwen2VLConfig):
+      return dataclasses.replace(
+          self, image_token=QWEN2_VL_IMAGE_TOKEN, anyres=None,
+          qwen2_vl=Qwen2VLImageProcessing.for_model(hf_dir, model.config.vision))
     image = ImageProcessing.for_model(hf_dir, model)
     if isinstance(model.config, LlavaNextConfig):
       # tokens_per_image is unread with AnyRes (each image's size gives its count); the base
@@ -127,10 +157,34 @@ class DataConfig:
     return dataclasses.replace(self, image=image, tokens_per_image=model.config.tokens_per_image,
                                anyres=None)
 
+  def place_images(self, turns: Sequence[Mapping], num_images: int) -> list[dict]:
+    """The turns with one `image_token` per image (`ensure_image_placeholders`: LLaVA's rule
+    when the text has none). For Qwen2-VL, LLaVA-format `<image>` placeholders (datasets,
+    prompts) become its own, each between <|vision_start|> and <|vision_end|> (once: a text
+    that has the markup keeps it). Raises UserError for a count that differs."""
+    if self.qwen2_vl is None:
+      return ensure_image_placeholders(turns, num_images, self.image_token)
+    start, end = QWEN2_VL_IMAGE_MARKUP
+    marked = start + self.image_token + end
+    turns = [dict(t) for t in turns]
+    for turn in turns:
+      key = "value" if "value" in turn else "content"
+      if isinstance(turn.get(key), str):
+        turn[key] = turn[key].replace(LLAVA_IMAGE_PLACEHOLDER, self.image_token)
+    turns = ensure_image_placeholders(turns, num_images, self.image_token)
+    for turn in turns:
+      key = "value" if "value" in turn else "content"
+      if isinstance(turn.get(key), str):
+        turn[key] = turn[key].replace(marked, self.image_token).replace(self.image_token, marked)
+    return turns
+
   def image_tokens(self, images: Sequence[np.ndarray]) -> int | list[int]:
     """The image-token count of `images` (uint8 [H, W, 3] each) for `text.tokenize`:
     tokens_per_image for every one, or with AnyRes each image's own (from its size and, in
-    LLaVA-OneVision, whether the row tiles: `AnyResProcessing.tiles_row`)."""
+    LLaVA-OneVision, whether the row tiles: `AnyResProcessing.tiles_row`), or Qwen2-VL's (from
+    its size)."""
+    if self.qwen2_vl is not None:
+      return [self.qwen2_vl.image_tokens(*image.shape[:2]) for image in images]
     if self.anyres is None:
       return self.tokens_per_image
     tiled = self.anyres.tiles_row(len(images))
@@ -139,9 +193,15 @@ class DataConfig:
   def image_arrays(self, images: Sequence[Sequence[np.ndarray]]) -> dict[str, np.ndarray]:
     """Each row's images (uint8 [H, W, 3]) in N slots, N the most of any row, as a batch holds
     them (`Collate`): pixel_values float32 [B, N, S, S, 3], or with AnyRes [B, N, K, S, S, 3]
-    views and image_sizes, image_grids, feature_grids int32 [B, N, 2]. Empty slots are zeros,
-    never read."""
+    views and image_sizes, image_grids, feature_grids int32 [B, N, 2], or Qwen2-VL's patches
+    float32 [B, P, D] (P: `patch_slots`) and patch_grids int32 [B, N, 3]. Empty slots are
+    zeros, never read."""
     rows, slots = len(images), max(map(len, images))
+    if self.qwen2_vl is not None:
+      processed = [[self.qwen2_vl(image) for image in row] for row in images]
+      most = max(sum(len(p) for p, _ in row) for row in processed)
+      packed = pack_images(processed, patch_slots(most), slots, self.qwen2_vl.merge_size)
+      return {"pixel_values": packed.patches, "patch_grids": packed.grids}
     if self.anyres is None:
       size = self.image.size
       pixels = np.zeros((rows, slots, size, size, 3), np.float32)
@@ -208,8 +268,9 @@ class Preprocess:
     if len(images) > cfg.max_images:
       raise _Skip("too_many_images", f"{where}: {len(images)} images, max_images={cfg.max_images}")
     # Tokens first: an example too long to use never loads its images, unless the token counts
-    # follow the image sizes (AnyRes).
-    loaded = self._load(images, where) if cfg.anyres is not None else None
+    # follow the image sizes (AnyRes, Qwen2-VL).
+    loaded = (self._load(images, where) if cfg.anyres is not None or cfg.qwen2_vl is not None
+              else None)
     counts = cfg.tokens_per_image if loaded is None else cfg.image_tokens(loaded)
     example = {}
     if cfg.kind == "sft":
@@ -257,8 +318,17 @@ class Preprocess:
   def _images(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
     """images: `uint8 [H, W, 3]` each -> {"images": `uint8 [n, S, S, 3]`}; with AnyRes
     `uint8 [n, K, S, S, 3]` views and their "image_sizes", "image_grids", "feature_grids"
-    `int32 [n, 2]` (untiled in a LLaVA-OneVision record of several images)."""
+    `int32 [n, 2]` (untiled in a LLaVA-OneVision record of several images); with Qwen2-VL
+    "patches" `float32 [P, D]` (the images' patches one after another) and "patch_grids"
+    `int32 [n, 3]`."""
     cfg = self.config
+    if cfg.qwen2_vl is not None:
+      processed = [cfg.qwen2_vl(image) for image in images]
+      q = cfg.qwen2_vl
+      dim = 3 * q.temporal_patch_size * q.patch_size ** 2
+      patches = [p for p, _ in processed]
+      return {"patches": np.concatenate(patches) if patches else np.zeros((0, dim), np.float32),
+              "patch_grids": np.asarray([g for _, g in processed], np.int32).reshape(-1, 3)}
     if cfg.anyres is None:
       size = cfg.image.size
       out = np.zeros((len(images), size, size, 3), np.uint8)
@@ -283,7 +353,7 @@ class Preprocess:
     """counts: the image tokens of every image, or of each in order (AnyRes)."""
     cfg = self.config
     try:
-      turns = ensure_image_placeholders(turns, num_images, cfg.image_token)
+      turns = cfg.place_images(turns, num_images)
     except UserError as e:
       raise _Skip("image_count_mismatch", f"{where}: {e}") from None
     try:
@@ -308,6 +378,8 @@ class Collate:
   [B, 4]`; with ref log-probs: `ref_chosen_logp`, `ref_rejected_logp` float32 `[B]`. With AnyRes:
   `pixel_values float32 [B, N, K, S, S, 3]` (K views an image, the unused ones zero) and
   `image_sizes`, `image_grids`, `feature_grids` int32 `[B, N, 2]` (the LlavaNext forward's).
+  With Qwen2-VL: `pixel_values float32 [B, P, D]` patches (`patch_slots`) and `patch_grids`
+  int32 `[B, N, 3]` (the Qwen2VL forward's `Qwen2VLImages`).
   """
 
   def __init__(self, config: DataConfig, pad_id: int):
@@ -330,6 +402,34 @@ class Collate:
         attention_mask[i, :n], positions[i, :n] = 1, np.arange(n)
       batch.update({p + "input_ids": ids, p + "loss_mask": loss_mask,
                     p + "attention_mask": attention_mask, p + "positions": positions})
+    if cfg.qwen2_vl is not None:
+      batch.update(self._patches(examples))
+    else:
+      batch.update(self._pixels(examples))
+    for key in ("boxes", "ref_chosen_logp", "ref_rejected_logp"):
+      if key in examples[0]:
+        batch[key] = np.stack([e[key] for e in examples]).astype(np.float32)
+    return batch
+
+  def _patches(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Qwen2-VL: patches float32 [B, P, D] (P: `patch_slots`), patch_grids int32 [B, N, 3],
+    image_mask int32 [B, N]."""
+    cfg, batch_size = self.config, len(examples)
+    slots = patch_slots(max(len(e["patches"]) for e in examples))
+    patches = np.zeros((batch_size, slots, examples[0]["patches"].shape[1]), np.float32)
+    grids = np.zeros((batch_size, cfg.max_images, 3), np.int32)
+    image_mask = np.zeros((batch_size, cfg.max_images), np.int32)
+    for i, e in enumerate(examples):
+      n = len(e["patch_grids"])
+      patches[i, :len(e["patches"])] = e["patches"]
+      grids[i, :n], image_mask[i, :n] = e["patch_grids"], 1
+    return {"pixel_values": patches, "patch_grids": grids, "image_mask": image_mask}
+
+  def _pixels(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
+    """pixel_values and image_mask; with AnyRes its views, image_sizes, image_grids and
+    feature_grids."""
+    cfg, batch_size = self.config, len(examples)
+    batch = {}
     processing = cfg.image if cfg.anyres is None else cfg.anyres.tile
     size = processing.size
     views = () if cfg.anyres is None else (cfg.anyres.max_tiles,)
@@ -344,9 +444,6 @@ class Collate:
       batch[key] = np.zeros((batch_size, cfg.max_images, 2), np.int32)
       for i, e in enumerate(examples):
         batch[key][i, :len(e[key])] = e[key]
-    for key in ("boxes", "ref_chosen_logp", "ref_rejected_logp"):
-      if key in examples[0]:
-        batch[key] = np.stack([e[key] for e in examples]).astype(np.float32)
     return batch
 
 

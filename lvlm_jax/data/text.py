@@ -427,39 +427,80 @@ def fit_to_length(input_ids: np.ndarray, loss_mask: np.ndarray, max_length: int,
   return input_ids, loss_mask
 
 
+# How BoxFormat writes a box: on an integer grid, or as JSON in absolute pixels.
+BOX_STYLES = ("grid", "pixels_json")
+_NUMBER = r"\s*(\d{1,9}(?:\.\d{1,9})?)\s*"
+
+
 @dataclasses.dataclass(frozen=True)
 class BoxFormat:
-  """Boxes as text: `<box>(x1,y1),(x2,y2)</box>` on an integer grid 0..grid-1 (Qwen-VL/SC-Tune).
+  """Boxes as text, between `open` and `close`.
 
-  A normalised coordinate v becomes `int(v * (grid - 1))`, SC-Tune's `bbox_format`.
+  style "grid": `<box>(x1,y1),(x2,y2)</box>` on an integer grid 0..grid-1 (Qwen-VL/SC-Tune); a
+  normalised coordinate v becomes `int(v * (grid - 1))`, SC-Tune's `bbox_format`. Qwen2-VL's
+  `<|box_start|>(x1,y1),(x2,y2)<|box_end|>` on 0..1000 is QWEN2_VL_BOXES.
+  style "pixels_json": Qwen2.5-VL's `{"bbox_2d": [x1, y1, x2, y2]}` in absolute pixels of the
+  image as the model sees it (after its resize), so writing and reading take that
+  `image_size` (height, width); v becomes round(v * width) (or height). QWEN25_VL_BOXES.
   """
 
   grid: int = 1000
   open: str = "<box>"
   close: str = "</box>"
+  style: str = "grid"
 
-  def to_text(self, box: Sequence[float]) -> str:
-    """Normalised `[x1, y1, x2, y2]` -> box text."""
-    x1, y1, x2, y2 = (int(np.clip(v, 0, 1) * (self.grid - 1)) for v in box)
-    return f"{self.open}({x1},{y1}),({x2},{y2}){self.close}"
+  def __post_init__(self):
+    if self.style not in BOX_STYLES:
+      raise UserError(f"box_format.style {self.style!r} is not one of {', '.join(BOX_STYLES)}")
+    if self.style == "grid" and self.grid < 2:
+      raise UserError(f"box_format.grid must be at least 2, got {self.grid}")
+
+  def _scale(self, image_size: Sequence[int] | None) -> np.ndarray:
+    """What a normalised 1.0 becomes on each of x1, y1, x2, y2."""
+    if self.style == "grid":
+      return np.full(4, self.grid - 1, np.float64)
+    if image_size is None:
+      raise ValueError("pixels_json boxes need the image_size (height, width) the model sees")
+    height, width = image_size
+    return np.asarray([width, height, width, height], np.float64)
+
+  def to_text(self, box: Sequence[float], image_size: Sequence[int] | None = None) -> str:
+    """Normalised `[x1, y1, x2, y2]` -> box text; image_size: (height, width), pixels_json only."""
+    if self.style == "grid":
+      x1, y1, x2, y2 = (int(np.clip(v, 0, 1) * (self.grid - 1)) for v in box)
+      return f"{self.open}({x1},{y1}),({x2},{y2}){self.close}"
+    scaled = np.clip(np.asarray(box, np.float64), 0, 1) * self._scale(image_size)
+    return f"{self.open}{json.dumps({'bbox_2d': [int(round(v)) for v in scaled]})}{self.close}"
 
   @property
   def _pattern(self) -> re.Pattern:
-    number = r"\s*(\d{1,9})\s*"
-    return re.compile(re.escape(self.open) + rf"\({number},{number}\)\s*,\s*\({number},{number}\)"
-                      + re.escape(self.close))
+    if self.style == "grid":
+      number = r"\s*(\d{1,9})\s*"
+      return re.compile(re.escape(self.open) + rf"\({number},{number}\)\s*,\s*\({number},{number}\)"
+                        + re.escape(self.close))
+    # After `open`, the first bbox_2d: an answer may wrap it in a list, a label, a code block.
+    after_open = re.escape(self.open) + r"[\s\S]*?" if self.open else ""
+    return re.compile(after_open + r"\"bbox_2d\"\s*:\s*\[" + ",".join([_NUMBER] * 4) + r"\]")
 
-  def parse(self, text) -> np.ndarray | None:
-    """The first box in `text` as normalised `float32 [4]`; None for anything else. Never raises."""
+  def parse(self, text, image_size: Sequence[int] | None = None) -> np.ndarray | None:
+    """The first box in `text` as normalised `float32 [4]`; None for anything else (a coordinate
+    off the grid or the image). Never raises, but for a pixels_json format without image_size."""
+    scale = self._scale(image_size)
     if not isinstance(text, str):
       return None
     match = self._pattern.search(text)
     if match is None:
       return None
-    coords = np.asarray([int(g) for g in match.groups()], np.float32)
-    if np.any(coords > self.grid - 1):
+    coords = np.asarray([float(g) for g in match.groups()], np.float64)
+    if np.any(coords > scale):
       return None
-    return coords / np.float32(self.grid - 1)
+    return (coords / scale).astype(np.float32)
+
+
+# Qwen2-VL's grounding boxes: 0..1000 (normalised to [0, 1000), with 1000 for the far edge).
+QWEN2_VL_BOXES = BoxFormat(grid=1001, open="<|box_start|>", close="<|box_end|>")
+# Qwen2.5-VL's: JSON in absolute pixels, wherever the answer puts it (in a list, a code block).
+QWEN25_VL_BOXES = BoxFormat(open="", close="", style="pixels_json")
 
 
 def box_iou(a: np.ndarray, b: np.ndarray, eps: float = 1e-7) -> np.ndarray:

@@ -62,8 +62,8 @@ class ShapesEvalConfig:
 def _rows(tokenizer, data: DataConfig, turns_list, images_list):
   """(input_ids, loss_mask) int32 [L] of each conversation with its images, rendered and
   tokenized as in training."""
-  return [tokenize_conversation(turns, tokenizer, data.template, system=data.system_prompt,
-                                image_token=data.image_token,
+  return [tokenize_conversation(data.place_images(turns, len(images)), tokenizer, data.template,
+                                system=data.system_prompt, image_token=data.image_token,
                                 tokens_per_image=data.image_tokens(images))
           for turns, images in zip(turns_list, images_list)]
 

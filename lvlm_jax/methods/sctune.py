@@ -288,9 +288,9 @@ class Rollouts:
                                         desc="describe")
     rows = []
     for description, record in zip(descriptions, records):
-      turns = [{"from": "human", "value": self.data.grounding_prompt.format(
-                   expression=description)},
-               {"from": "gpt", "value": self.data.box_format.to_text(record["box"])}]
+      turns = self.data.place_images(
+          [{"from": "human", "value": self.data.grounding_prompt.format(expression=description)},
+           {"from": "gpt", "value": self.data.box_format.to_text(record["box"])}], 1)
       ids, _ = tokenize_conversation(turns, self.tokenizer, self.data.template,
                                      system=self.data.system_prompt,
                                      image_token=self.data.image_token,

@@ -33,6 +33,7 @@ from lvlm_jax.models.llava_next import LlavaNext, LlavaNextConfig, LlavaOnevisio
 from lvlm_jax.models.llm import LLM, LLMConfig
 from lvlm_jax.models.lora import linear_layers
 from lvlm_jax.models.lvlm import LVLM, LVLMConfig
+from lvlm_jax.models.qwen2_vl import Qwen25VLConfig, Qwen2VL, Qwen2VLConfig
 from lvlm_jax.models.siglip import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionTower
 from lvlm_jax.models.vision import CLIPVisionConfig, CLIPVisionTower
 from lvlm_jax.sharding import variable_sharding
@@ -89,6 +90,18 @@ DINOV2_RULES = [
     (r"cls_token", r"embeddings.cls_token"),
     (r"position_embeddings", r"embeddings.position_embeddings"),
     (r"final_norm\.(weight|bias)", r"layernorm.\1"),
+]
+# Qwen2-VL's and Qwen2.5-VL's tower: our names are transformers' but for the Conv3d patch embedding and the
+# merger MLP's nn.Sequential indices.
+QWEN2VL_VISION_RULES = [
+    (r"patch_proj\.weight", r"patch_embed.proj.weight"),
+    (r"blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)", r"blocks.\1.\2.\3"),
+    (r"blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
+    (r"blocks\.(\d+)\.mlp\.(fc1|fc2|gate_proj|up_proj|down_proj)\.(weight|bias)",
+     r"blocks.\1.mlp.\2.\3"),
+    (r"merger\.ln_q\.(weight|bias)", r"merger.ln_q.\1"),
+    (r"merger\.fc1\.(weight|bias)", r"merger.mlp.0.\1"),
+    (r"merger\.fc2\.(weight|bias)", r"merger.mlp.2.\1"),
 ]
 PROJECTOR_RULES = [(r"(linear_1|linear_2)\.(weight|bias)", r"\1.\2")]
 CLIP_MODEL_RULES = [
@@ -198,8 +211,28 @@ def llava_names(path: str, vision_type: str = "clip_vision_model") -> list[str]:
   return []
 
 
+def qwen2_vl_names(path: str) -> list[str]:
+  """A Qwen2VLForConditionalGeneration's tensors: the hub layout first (what transformers 5
+  also saves), then the module names transformers 5 holds in memory (`model.language_model.*`,
+  `model.visual.*`)."""
+  head, _, rest = path.partition(".")
+  if head == "vision":
+    return _prefixed(("visual.", "model.visual."), QWEN2VL_VISION_RULES, _hf_path(rest))
+  if head == "llm":
+    name = _apply_rules(LLM_RULES, _hf_path(rest))
+    if name is None:
+      return []
+    if name.startswith("model."):
+      return [name, "model.language_model." + name[len("model."):]]
+    return [name]
+  return []
+
+
 def to_ours(path: str, hf_array: np.ndarray) -> np.ndarray:
-  """An HF tensor in our layout: torch Linear (out, in) -> (in, out); conv (D, C, kh, kw) -> (kh*kw*C, D)."""
+  """An HF tensor in our layout: torch Linear (out, in) -> (in, out); conv (D, C, kh, kw) -> (kh*kw*C, D);
+  Qwen2-VL's Conv3d (D, C, T, kh, kw), which sees each patch whole, -> (C*T*kh*kw, D)."""
+  if path.endswith("patch_proj.kernel"):
+    return hf_array.reshape(hf_array.shape[0], -1).T
   if path.endswith("patch_embed.kernel"):
     return hf_array.transpose(2, 3, 1, 0).reshape(-1, hf_array.shape[0])
   if path.endswith(".kernel"):
@@ -208,7 +241,9 @@ def to_ours(path: str, hf_array: np.ndarray) -> np.ndarray:
 
 
 def to_hf(path: str, array: np.ndarray, hf_shape: tuple[int, ...] | None = None) -> np.ndarray:
-  """Inverse of `to_ours`. The conv kernel needs the channel count: hf_shape (D, C, kh, kw)."""
+  """Inverse of `to_ours`. A conv kernel needs its HF shape: (D, C, kh, kw) or (D, C, T, kh, kw)."""
+  if path.endswith("patch_proj.kernel"):
+    return array.T.reshape(hf_shape)
   if path.endswith("patch_embed.kernel"):
     d, c, kh, kw = hf_shape
     return array.reshape(kh, kw, c, d).transpose(3, 2, 0, 1)
@@ -433,6 +468,8 @@ FAMILIES = {
     "llava_onevision": (LlavaNext, LlavaOnevisionConfig,
                         lambda config: functools.partial(llava_names,
                                                          vision_type=config.vision.MODEL_TYPE)),
+    "qwen2_vl": (Qwen2VL, Qwen2VLConfig, _fixed(qwen2_vl_names)),
+    "qwen2_5_vl": (Qwen2VL, Qwen25VLConfig, _fixed(qwen2_vl_names)),
     "clip": (CLIPModel, CLIPConfig, _fixed(clip_names)),
     "siglip": (SiglipModel, SiglipConfig, _fixed(siglip_names)),
     "clip_vision_model": (CLIPVisionTower, CLIPVisionConfig, _fixed(clip_vision_names)),
@@ -472,8 +509,8 @@ def build_model(hf_config: dict, *, rngs: nnx.Rngs | None = None, **config_overr
 
 def load_model(directory: str, *, mesh: Mesh | None = None, allow_pickle: bool = False,
                allow_unused: str | None = None, **config_overrides) -> nnx.Module:
-  """Any supported HF directory (LLaVA, LLaVA-NeXT, LLaVA-OneVision, CLIP, SigLIP, a CLIP,
-  SigLIP or DINOv2 vision tower, Llama/Mistral/Qwen2).
+  """Any supported HF directory (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, CLIP,
+  SigLIP, a CLIP, SigLIP or DINOv2 vision tower, Llama/Mistral/Qwen2).
 
   The config is checked before any tensor is read: what we cannot compute as transformers does
   (an unsupported RoPE type, vision tower or text model) is a UserError. allow_unused: a regular
@@ -556,6 +593,10 @@ def hf_tensors(model: nnx.Module) -> Iterator[tuple[str, np.ndarray]]:
     if lora is not None:
       array = array + _to_host(lora.lora_a[...]) @ _to_host(lora.lora_b[...]) * lora.scale
     hf_shape = None
+    if path.endswith("patch_proj.kernel"):
+      vision = hf_config["vision_config"]
+      p = vision["patch_size"]
+      hf_shape = (array.shape[1], vision["in_channels"], vision["temporal_patch_size"], p, p)
     if path.endswith("patch_embed.kernel"):
       vision = hf_config.get("vision_config", hf_config)
       p, c = vision["patch_size"], vision.get("num_channels", 3)

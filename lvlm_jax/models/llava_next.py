@@ -34,6 +34,7 @@ from flax import nnx
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.layers import param
 from lvlm_jax.models.lvlm import LVLM, LVLMConfig
+from lvlm_jax.models.qwen2_vl_vision import Qwen2VLImages
 
 # transformers' LlavaNextConfig default (LLaVA-1.6 at 336 px tiles).
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
@@ -265,11 +266,19 @@ class AnyResImages(NamedTuple):
   feature_grids: jax.Array | None = None
 
 
-def batch_images(batch: Mapping[str, jax.Array]) -> jax.Array | AnyResImages | None:
+# The batch keys `batch_images` reads: what a step that regroups a batch's rows carries along.
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grids", "feature_grids", "patch_grids")
+
+
+def batch_images(batch: Mapping[str, jax.Array]
+                 ) -> jax.Array | AnyResImages | Qwen2VLImages | None:
   """The batch's images as the model takes them: `pixel_values`, or with AnyRes (the batch has
   `image_sizes` and `image_grids`, data.pipeline.Collate; LLaVA-OneVision's also
-  `feature_grids`) those as `AnyResImages`."""
+  `feature_grids`) those as `AnyResImages`, or Qwen2-VL's patches with their `patch_grids`
+  (data.qwen2_vl_images.pack_images) as `Qwen2VLImages`."""
   pixels = batch.get("pixel_values")
+  if pixels is not None and "patch_grids" in batch:
+    return Qwen2VLImages(pixels, batch["patch_grids"])
   if pixels is None or "image_sizes" not in batch:
     return pixels
   return AnyResImages(pixels, batch["image_sizes"], batch["image_grids"],

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lvlm_jax.errors import UserError
@@ -71,6 +72,9 @@ class LLMConfig:
   # layer when layer_types is None, as in Mistral); None = full causal attention everywhere.
   sliding_window: int | None = None
   layer_types: tuple[str, ...] | None = None
+  # M-RoPE (Qwen2-VL): how many of the Dh/2 rotary frequencies the temporal, height and width
+  # positions turn, in that order (transformers' `mrope_section`); None = one position per token.
+  mrope_section: tuple[int, int, int] | None = None
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
@@ -234,13 +238,17 @@ class KVCache(NamedTuple):
   """A static-size cache shared by all layers.
 
   keys: per layer [B, Hkv, S, Dh]; values: per layer [B, Hkv, Dh, S] (see `dot_product_attention`
-  for why these layouts). positions: [B, S] int32, the RoPE position of the token in
-  each slot, -1 for an empty slot or a padding token (never attended). index: int32 [] next free slot.
+  for why these layouts). positions: [B, S] int32, the position of the token in each slot
+  (what the mask compares), -1 for an empty slot or a padding token (never attended).
+  index: int32 [] next free slot.
+  rope_offsets: int32 [B], added to the positions of tokens fed without explicit RoPE positions
+  (M-RoPE's rope deltas: text after images turns on from the images' largest position; else 0).
   """
   keys: tuple[jax.Array, ...]
   values: tuple[jax.Array, ...]
   positions: jax.Array
   index: jax.Array
+  rope_offsets: jax.Array
 
   @classmethod
   def empty(cls, config: LLMConfig, batch: int, size: int, dtype=None) -> "KVCache":
@@ -250,7 +258,8 @@ class KVCache(NamedTuple):
     return cls(keys=tuple(jnp.zeros(keys, dtype) for _ in range(config.num_layers)),
                values=tuple(jnp.zeros(values, dtype) for _ in range(config.num_layers)),
                positions=jnp.full((batch, size), -1, jnp.int32),
-               index=jnp.zeros((), jnp.int32))
+               index=jnp.zeros((), jnp.int32),
+               rope_offsets=jnp.zeros((batch,), jnp.int32))
 
 
 def rope_inverse_frequencies(config: LLMConfig) -> jax.Array:
@@ -277,9 +286,30 @@ def rope_inverse_frequencies(config: LLMConfig) -> jax.Array:
                    f"supported: {list(SUPPORTED_ROPE_TYPES)}")
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """x: [B, T, H, Dh], positions: int [B, T] -> [B, T, H, Dh] (HF's rotate-half layout)."""
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+def rope_angles(positions: jax.Array, inv_freq: jax.Array,
+                mrope_section: tuple[int, ...] | None = None) -> jax.Array:
+  """positions: int [B, T], or [3, B, T] (temporal, height, width) with mrope_section
+  -> float32 [B, T, Dh/2]: the angle of each rotary frequency.
+
+  M-RoPE turns the first mrope_section[0] frequencies by the temporal position, the next
+  mrope_section[1] by the height and the rest by the width (transformers' Qwen2-VL
+  `recomposition_frequencies`); a [B, T] position is all three.
+  """
+  positions = positions.astype(jnp.float32)
+  if mrope_section is None:
+    return positions[..., None] * inv_freq
+  if sum(mrope_section) != inv_freq.shape[0]:
+    raise ValueError(f"mrope_section {mrope_section} must add up to head_dim / 2 = "
+                     f"{inv_freq.shape[0]}")
+  if positions.ndim == 2:
+    positions = jnp.broadcast_to(positions, (3, *positions.shape))
+  chosen = positions[np.repeat(np.arange(3), mrope_section)]  # [Dh/2, B, T]
+  return jnp.moveaxis(chosen, 0, -1) * inv_freq
+
+
+def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+  """x: [B, T, H, Dh], angles: float32 [B, T, Dh/2] (`rope_angles`) -> [B, T, H, Dh] (HF's
+  rotate-half layout)."""
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -319,10 +349,11 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
     self.window = window
 
-  def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+  def __call__(self, x: jax.Array, positions: jax.Array, angles: jax.Array,
                layer_cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
                query_chunk: int = DEFAULT_QUERY_CHUNK):
-    """x: [B, T, D], positions: [B, T] (-1 = padding).
+    """x: [B, T, D], positions: [B, T] (-1 = padding), which the mask compares; angles: float32
+    [B, T, Dh/2] their RoPE (`rope_angles`).
 
     layer_cache: None, or (keys [B,Hkv,S,Dh], values [B,Hkv,Dh,S], slot positions [B,S] already
     including this call's tokens, write index []). query_chunk: see `dot_product_attention`.
@@ -332,8 +363,8 @@ class Attention(nnx.Module):
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq).swapaxes(1, 2)  # [B, Hkv, T, Dh]
+    q = apply_rope(q, angles)
+    k = apply_rope(k, angles).swapaxes(1, 2)  # [B, Hkv, T, Dh]
     if layer_cache is None:
       k_positions, new_kv = positions, None
       v = v.swapaxes(1, 2)  # [B, Hkv, T, Dh]
@@ -375,8 +406,8 @@ class DecoderLayer(nnx.Module):
                                   rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, inv_freq, layer_cache, query_chunk=DEFAULT_QUERY_CHUNK):
-    attn_out, new_kv = self.attn(self.input_norm(x), positions, inv_freq, layer_cache, query_chunk)
+  def __call__(self, x, positions, angles, layer_cache, query_chunk=DEFAULT_QUERY_CHUNK):
+    attn_out, new_kv = self.attn(self.input_norm(x), positions, angles, layer_cache, query_chunk)
     x = x + attn_out
     x = x + self.mlp(self.post_attn_norm(x))
     return x, new_kv
@@ -406,13 +437,18 @@ class LLM(nnx.Module):
     """tokens: int [B, T] -> [B, T, D]."""
     return self.embed_tokens(tokens)
 
-  def hidden(self, embeds: jax.Array, positions: jax.Array,
-             cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+  def hidden(self, embeds: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+             rope_positions: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     """embeds: [B, T, D]; positions: int [B, T], -1 for padding -> (final-normed hidden [B, T, D], cache).
 
     With a cache, the T new tokens are written at slots [cache.index, cache.index + T).
+    rope_positions: int [3, B, T] (M-RoPE) or [B, T], what RoPE turns by where it is not
+    `positions` (+ the cache's rope_offsets); positions alone decide what a token attends to.
     """
-    inv_freq = rope_inverse_frequencies(self.config)
+    if rope_positions is None:
+      rope_positions = positions if cache is None else positions + cache.rope_offsets[:, None]
+    angles = rope_angles(rope_positions, rope_inverse_frequencies(self.config),
+                         self.config.mrope_section)
     if cache is not None:
       slot_positions = jax.lax.dynamic_update_slice_in_dim(
           cache.positions, positions.astype(jnp.int32), cache.index, axis=1)
@@ -420,15 +456,15 @@ class LLM(nnx.Module):
     new_keys, new_values = [], []
     query_chunk = self.attention_query_chunk
 
-    def run(layer, x, positions, inv_freq, layer_cache):
-      return layer(x, positions, inv_freq, layer_cache, query_chunk)
+    def run(layer, x, positions, angles, layer_cache):
+      return layer(x, positions, angles, layer_cache, query_chunk)
 
     if REMAT_POLICIES[self.remat] is not None:
       run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.keys[i], cache.values[i], slot_positions,
                                                 cache.index)
-      x, new_kv = run(layer, constrain(x, ("batch", "length", "embed")), positions, inv_freq,
+      x, new_kv = run(layer, constrain(x, ("batch", "length", "embed")), positions, angles,
                       layer_cache)
       if new_kv is not None:
         new_keys.append(new_kv[0])
@@ -437,7 +473,7 @@ class LLM(nnx.Module):
     if cache is None:
       return x, None
     new_cache = KVCache(tuple(new_keys), tuple(new_values), slot_positions,
-                        cache.index + embeds.shape[1])
+                        cache.index + embeds.shape[1], cache.rope_offsets)
     return x, new_cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:

@@ -158,6 +158,12 @@ class LVLM(nnx.Module):
     b, n, p, d = image_features.shape
     return merge_image_features(text_embeds, image_features.reshape(b, n * p, d), is_image)
 
+  def rope_positions(self, input_ids: jax.Array, attention_mask: jax.Array | None,
+                     pixel_values) -> tuple[jax.Array | None, jax.Array | None]:
+    """(RoPE positions, the cache's rope offsets) of a prompt where RoPE does not turn by the
+    token positions (Qwen2-VL's M-RoPE); (None, None): it does."""
+    return None, None
+
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                attention_mask: jax.Array | None = None, pixel_values: jax.Array | None = None,
                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:

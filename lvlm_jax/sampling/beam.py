@@ -128,7 +128,7 @@ def _reorder_cache(cache: KVCache, origin: jax.Array) -> KVCache:
   flat = (origin + jnp.arange(b)[:, None] * k).reshape(-1)
   return cache._replace(keys=tuple(x[flat] for x in cache.keys),
                         values=tuple(x[flat] for x in cache.values),
-                        positions=cache.positions[flat])
+                        positions=cache.positions[flat], rope_offsets=cache.rope_offsets[flat])
 
 
 def _beam_log_probs(logits: jax.Array, step: jax.Array, config: BeamConfig,

@@ -97,13 +97,17 @@ def prefill(model: LLM | LVLM, input_ids: jax.Array, attention_mask: jax.Array, 
   of prompt i's: each prompt runs once.
   """
   positions = default_positions(input_ids, None, attention_mask)
-  if isinstance(model, LVLM):
-    embeds = model.embed(input_ids, pixel_values)
-  else:
-    embeds = model.embed(input_ids)
   lm = language_model(model)
   cache = KVCache.empty(lm.config, input_ids.shape[0], cache_size)
-  hidden, cache = lm.hidden(embeds, positions, cache)
+  rope = None
+  if isinstance(model, LVLM):
+    embeds = model.embed(input_ids, pixel_values)
+    rope, offsets = model.rope_positions(input_ids, attention_mask, pixel_values)
+    if offsets is not None:
+      cache = cache._replace(rope_offsets=offsets)
+  else:
+    embeds = model.embed(input_ids)
+  hidden, cache = lm.hidden(embeds, positions, cache, rope)
   last = jnp.argmax(positions, axis=1)  # the last real token, wherever the padding is
   last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
   return branch(Prefix(lm.logits(last_hidden)[:, 0], cache, jnp.max(positions, axis=1) + 1),

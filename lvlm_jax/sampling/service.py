@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from lvlm_jax.data.pipeline import DataConfig
-from lvlm_jax.data.text import ensure_image_placeholders, tokenize_conversation
+from lvlm_jax.data.text import tokenize_conversation
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.llava_next import batch_images
@@ -107,7 +107,7 @@ def prompt_ids(prompt: Prompt, tokenizer, data: DataConfig) -> np.ndarray:
       raise UserError("the prompt is empty and no template adds to it: there is nothing to "
                       "continue")
     return ids
-  turns = ensure_image_placeholders(list(prompt.turns), len(prompt.images), data.image_token)
+  turns = data.place_images(list(prompt.turns), len(prompt.images))
   system = data.system_prompt if prompt.system is None else prompt.system
   render = dict(system=system, image_token=data.image_token,
                 tokens_per_image=data.image_tokens(prompt.images))

@@ -28,6 +28,7 @@ from safetensors.numpy import save_file
 
 from lvlm_jax.data import text
 from lvlm_jax.data.pipeline import DataConfig
+from lvlm_jax.data.qwen2_vl_images import Qwen2VLImageProcessing
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models import hf
@@ -154,8 +155,9 @@ def export_hf(model: nnx.Module, directory: str, dtype: str = "float32", tokeniz
   template becomes the training template and system prompt (`text.chat_template`), so a
   template-reading caller (`generate --template auto`, `apply_chat_template`) renders the training
   prompt; for a LLaVA model it also writes `preprocessor_config.json` (a CLIPImageProcessor with
-  the run's size and normalisation; LLaVA-NeXT: a LlavaNextImageProcessor with its pinpoints) and
-  `processor_config.json`, so `AutoProcessor` loads a `LlavaProcessor` (`LlavaNextProcessor`).
+  the run's size and normalisation; LLaVA-NeXT: a LlavaNextImageProcessor with its pinpoints;
+  Qwen2-VL: a Qwen2VLImageProcessor with its pixel budget) and `processor_config.json`, so
+  `AutoProcessor` loads a `LlavaProcessor` (`LlavaNextProcessor`, `Qwen2VLProcessor`).
   CLIP's processor cannot pad to square: lvlm_jax reads the file back with LLaVA's padding
   (ImageProcessing.pad_to_square), transformers resizes and crops.
   """
@@ -177,6 +179,9 @@ def export_hf(model: nnx.Module, directory: str, dtype: str = "float32", tokeniz
 
 def _write_processor(model: LVLM, data: DataConfig, directory: str) -> None:
   config = model.config
+  if data.qwen2_vl is not None:
+    _write_qwen2_vl_processor(data.qwen2_vl, directory)
+    return
   # LLaVA-NeXT's processors tile at the model's pinpoints and count each image's tokens by size;
   # LLaVA-OneVision's also cap the features (vision_aspect_ratio) and size tiles as height x width.
   anyres = isinstance(config, LlavaNextConfig)
@@ -211,6 +216,25 @@ def _write_processor(model: LVLM, data: DataConfig, directory: str) -> None:
                      num_additional_image_tokens=config.vision.num_prefix_tokens)
   for name, content in (("preprocessor_config.json", preprocessor),
                         ("processor_config.json", processor)):
+    with open(os.path.join(directory, name), "w") as f:
+      json.dump(content, f, indent=2)
+
+
+def _write_qwen2_vl_processor(processing: Qwen2VLImageProcessing, directory: str) -> None:
+  """Qwen2VLImageProcessor's files for the run's pixel budget and statistics (both spellings of
+  the budget: transformers 4's min/max_pixels, 5's size), read back by
+  Qwen2VLImageProcessing.for_model."""
+  preprocessor = {
+      "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+      "min_pixels": processing.min_pixels, "max_pixels": processing.max_pixels,
+      "size": {"shortest_edge": processing.min_pixels, "longest_edge": processing.max_pixels},
+      "patch_size": processing.patch_size, "temporal_patch_size": processing.temporal_patch_size,
+      "merge_size": processing.merge_size, "resample": int(processing.resample),
+      "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+      "image_mean": list(processing.mean), "image_std": list(processing.std),
+      "do_convert_rgb": True}
+  for name, content in (("preprocessor_config.json", preprocessor),
+                        ("processor_config.json", {"processor_class": "Qwen2VLProcessor"})):
     with open(os.path.join(directory, name), "w") as f:
       json.dump(content, f, indent=2)
 

@@ -37,6 +37,7 @@ from lvlm_jax.data.pipeline import Collate, DataConfig, Preprocess, Skipped
 from lvlm_jax.data.sources import PreferenceSource
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
+from lvlm_jax.models.llava_next import IMAGE_KEYS
 from lvlm_jax.models.llm import LLM
 from lvlm_jax.models.lora import lora_disabled
 from lvlm_jax.models.lvlm import LVLM
@@ -90,7 +91,7 @@ def concatenated(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   each with its images (the vision tower runs twice on them; next to the decoder it is cheap)."""
   out = {key: jnp.concatenate([batch["chosen_" + key], batch["rejected_" + key]])
          for key in ("input_ids", "loss_mask", "attention_mask", "positions")}
-  for key in ("pixel_values", "image_sizes", "image_grids", "feature_grids"):  # the last 3: AnyRes
+  for key in IMAGE_KEYS:
     if key in batch:
       out[key] = jnp.concatenate([batch[key]] * 2)
   return out

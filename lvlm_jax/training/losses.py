@@ -20,11 +20,15 @@ def hidden_states(model: LLM | LVLM, batch: Mapping[str, jax.Array]) -> jax.Arra
   """Final-normed hidden states [B, T, D] of `input_ids` (with the batch's images for a LVLM)."""
   input_ids = batch["input_ids"]
   positions = default_positions(input_ids, batch.get("positions"), batch.get("attention_mask"))
+  rope = None
   if isinstance(model, LVLM):
-    embeds, llm = model.embed(input_ids, batch_images(batch)), model.llm
+    images = batch_images(batch)
+    embeds, llm = model.embed(input_ids, images), model.llm
+    rope, _ = model.rope_positions(input_ids, batch.get("attention_mask"), images)
   else:
     embeds, llm = model.embed(input_ids), model
-  hidden, _ = llm.hidden(constrain(embeds, ("batch", "length", "embed")), positions)
+  hidden, _ = llm.hidden(constrain(embeds, ("batch", "length", "embed")), positions,
+                         rope_positions=rope)
   return hidden
 
 

@@ -42,6 +42,7 @@ from flax import nnx
 
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
+from lvlm_jax.models.llava_next import IMAGE_KEYS
 from lvlm_jax.training.losses import token_logprobs
 from lvlm_jax.training.state import TrainState
 from lvlm_jax.training.steps import accumulate, apply_gradients, model_for_step
@@ -174,8 +175,7 @@ def ppo_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.Gr
   mask = batch["loss_mask"].astype(jnp.float32)
   adv = advantages(batch["rollout_logps"], batch["snapshot_logps"], mask, batch["reward"],
                    batch["baseline"], config)
-  needed = ("input_ids", "attention_mask", "positions", "pixel_values", "image_sizes",
-            "image_grids", "feature_grids", "rollout_logps")
+  needed = ("input_ids", "attention_mask", "positions", "rollout_logps", *IMAGE_KEYS)
   micro_inputs = {k: batch[k] for k in needed if k in batch}
   micro_inputs.update(loss_mask=mask, advantages=adv)
 

@@ -216,6 +216,36 @@ def test_box_text_round_trip_and_sc_tune_grid():
   np.testing.assert_allclose(custom.parse("[( 49, 49 ),(99,99)]"), [49 / 99, 49 / 99, 1, 1])
 
 
+def test_qwen2_vl_boxes_on_the_0_to_1000_grid_round_trip():
+  fmt = text.QWEN2_VL_BOXES
+  assert fmt.to_text([0.1, 0.25, 0.5, 1.0]) == "<|box_start|>(100,250),(500,1000)<|box_end|>"
+  answer = "<|object_ref_start|>the cat<|object_ref_end|><|box_start|>(12,34),(567,890)<|box_end|>"
+  box = fmt.parse(answer)
+  np.testing.assert_allclose(box, [0.012, 0.034, 0.567, 0.890], rtol=1e-6)
+  assert fmt.to_text(box) == "<|box_start|>(12,34),(567,890)<|box_end|>"
+  assert fmt.parse("<|box_start|>(0,0),(1001,5)<|box_end|>") is None  # off the grid
+  assert fmt.parse("<box>(1,2),(3,4)</box>") is None  # Qwen-VL's tags are not Qwen2-VL's
+
+
+def test_qwen25_vl_pixel_json_boxes_round_trip():
+  fmt = text.QWEN25_VL_BOXES
+  size = (448, 672)  # (height, width) of the image as the model sees it
+  assert fmt.to_text([0.25, 0.5, 0.75, 1.0], size) == '{"bbox_2d": [168, 224, 504, 448]}'
+  answer = '```json\n[\n\t{"bbox_2d": [135, 114, 616, 420], "label": "the cat"}\n]\n```'
+  box = fmt.parse(answer, size)
+  np.testing.assert_allclose(box, [135 / 672, 114 / 448, 616 / 672, 420 / 448], rtol=1e-6)
+  assert fmt.to_text(box, size) == '{"bbox_2d": [135, 114, 616, 420]}'
+  np.testing.assert_allclose(fmt.parse('{"bbox_2d":[1.5, 2, 3, 4.25]}', size),
+                             [1.5 / 672, 2 / 448, 3 / 672, 4.25 / 448], rtol=1e-6)
+  assert fmt.parse('{"bbox_2d": [0, 0, 673, 10]}', size) is None  # off the image
+  assert fmt.parse('{"bbox_2d": [-1, 0, 3, 10]}', size) is None
+  assert fmt.parse("<|box_start|>(1,2),(3,4)<|box_end|>", size) is None
+  with pytest.raises(ValueError, match="need the image_size"):
+    fmt.to_text([0, 0, 1, 1])
+  with pytest.raises(UserError, match="box_format.style 'xml' is not one of grid"):
+    text.BoxFormat(style="xml")
+
+
 @pytest.mark.parametrize("garbage", [None, 7, "", "<box>(1,2),(3)</box>", "<box>(1,2),(3,4)",
                                      "<box>(1,2),(3,1000)</box>", "<box>(-1,2),(3,4)</box>",
                                      "<box>(99999999999999,1),(2,3)</box>", b"<box>(1,2),(3,4)</box>"])

@@ -2,6 +2,7 @@
 PPO step needs, and a run stopped in the middle of the describer phase resumes bitwise equal to
 an uninterrupted one."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ import safetensors.numpy
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "training"))
 from training_fixtures import CACHE_DIR  # noqa: E402,F401  (turns the compile cache on)
 
+from lvlm_jax.data import text  # noqa: E402
 from lvlm_jax.methods import sctune  # noqa: E402
 
 
@@ -94,6 +96,31 @@ def test_an_anyres_cycle_trains_both_phases(hf_dir, request, tmp_path):
   log = train_log(str(tmp_path))
   assert [int(log[s]["phase"]) for s in (1, 2, 3)] == [0, 0, 1]
   assert all(np.isfinite(log[s]["loss"]) for s in (1, 2, 3)) and 0 <= log[1]["reward"] <= 1
+  assert 0 <= summary["eval"]["sctune"]["self_consistency_acc50"] <= 1
+
+
+def test_a_qwen2_vl_cycle_trains_both_phases(tiny_qwen2_vl_dir, tmp_path):
+  """From an HF Qwen2-VL with configs/sctune_qwen2vl.py's prompts and box markup: rollouts, PPO
+  and locator batches carry each image's patches and M-RoPE grids; the evaluators run on it."""
+  from lvlm_jax.dataclass_config import load_config_file
+  recipe = load_config_file(os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                                         "sctune_qwen2vl.py"))
+  config = tiny_config(tiny_qwen2_vl_dir, num_steps=3, length_buckets=(128,))
+  pipeline = recipe.data.pipeline
+  config = dataclasses.replace(config, data=dataclasses.replace(
+      config.data, pipeline=dataclasses.replace(
+          config.data.pipeline, template=pipeline.template, grounding_prompt=pipeline.grounding_prompt,
+          box_format=text.BoxFormat(**pipeline.box_format))),
+      sctune=dataclasses.replace(config.sctune, describer_prompt=recipe.sctune.describer_prompt,
+                                 describer_answer_start=""))
+  assert config.data.pipeline.box_format == text.QWEN2_VL_BOXES
+  summary = sctune.run(config, str(tmp_path))
+  assert summary["status"] == "done"
+  log = train_log(str(tmp_path))
+  assert [int(log[s]["phase"]) for s in (1, 2, 3)] == [0, 0, 1]
+  assert all(np.isfinite(log[s]["loss"]) for s in (1, 2, 3)) and 0 <= log[1]["reward"] <= 1
+  # The locator's loss is on the box tokens after <|box_start|>, which a box of 4 numbers has.
+  assert log[3]["loss_tokens"] >= 4 * config.train.batch_size
   assert 0 <= summary["eval"]["sctune"]["self_consistency_acc50"] <= 1
 
 
