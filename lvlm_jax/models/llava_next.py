@@ -265,11 +265,23 @@ class AnyResImages(NamedTuple):
   feature_grids: jax.Array | None = None
 
 
+def normalized_pixels(pixels: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+  """uint8 [B, ..., H, W, 3] -> float32 (x / 255 - mean) / std, with mean and std float32 [B, 3]
+  (per row, so they shard with the batch): `ImageProcessing.normalize` on the device, where the
+  batch travels as a quarter of its float32 bytes."""
+  shape = (mean.shape[0],) + (1,) * (pixels.ndim - 2) + (3,)
+  x = pixels.astype(jnp.float32) * jnp.float32(1 / 255)
+  return (x - mean.reshape(shape)) / std.reshape(shape)
+
+
 def batch_images(batch: Mapping[str, jax.Array]) -> jax.Array | AnyResImages | None:
   """The batch's images as the model takes them: `pixel_values`, or with AnyRes (the batch has
   `image_sizes` and `image_grids`, data.pipeline.Collate; LLaVA-OneVision's also
-  `feature_grids`) those as `AnyResImages`."""
+  `feature_grids`) those as `AnyResImages`. uint8 pixels (the data pipeline's) are normalised
+  here, on the device, with the batch's `pixel_mean` and `pixel_std`."""
   pixels = batch.get("pixel_values")
+  if pixels is not None and pixels.dtype == jnp.uint8:
+    pixels = normalized_pixels(pixels, batch["pixel_mean"], batch["pixel_std"])
   if pixels is None or "image_sizes" not in batch:
     return pixels
   return AnyResImages(pixels, batch["image_sizes"], batch["image_grids"],

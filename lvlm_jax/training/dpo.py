@@ -90,7 +90,8 @@ def concatenated(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   each with its images (the vision tower runs twice on them; next to the decoder it is cheap)."""
   out = {key: jnp.concatenate([batch["chosen_" + key], batch["rejected_" + key]])
          for key in ("input_ids", "loss_mask", "attention_mask", "positions")}
-  for key in ("pixel_values", "image_sizes", "image_grids", "feature_grids"):  # the last 3: AnyRes
+  for key in ("pixel_values", "pixel_mean", "pixel_std",
+              "image_sizes", "image_grids", "feature_grids"):  # the last 3: AnyRes
     if key in batch:
       out[key] = jnp.concatenate([batch[key]] * 2)
   return out

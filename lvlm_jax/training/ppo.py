@@ -174,8 +174,8 @@ def ppo_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.Gr
   mask = batch["loss_mask"].astype(jnp.float32)
   adv = advantages(batch["rollout_logps"], batch["snapshot_logps"], mask, batch["reward"],
                    batch["baseline"], config)
-  needed = ("input_ids", "attention_mask", "positions", "pixel_values", "image_sizes",
-            "image_grids", "feature_grids", "rollout_logps")
+  needed = ("input_ids", "attention_mask", "positions", "pixel_values", "pixel_mean",
+            "pixel_std", "image_sizes", "image_grids", "feature_grids", "rollout_logps")
   micro_inputs = {k: batch[k] for k in needed if k in batch}
   micro_inputs.update(loss_mask=mask, advantages=adv)
 
