@@ -267,7 +267,17 @@ class AnyResImages(NamedTuple):
 
 
 # The batch keys `batch_images` reads: what a step that regroups a batch's rows carries along.
-IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grids", "feature_grids", "patch_grids")
+IMAGE_KEYS = ("pixel_values", "pixel_mean", "pixel_std", "image_sizes", "image_grids",
+              "feature_grids", "patch_grids")
+
+
+def normalized_pixels(pixels: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+  """uint8 [B, ..., H, W, 3] -> float32 (x / 255 - mean) / std, with mean and std float32 [B, 3]
+  (per row, so they shard with the batch): `ImageProcessing.normalize` on the device, where the
+  batch travels as a quarter of its float32 bytes."""
+  shape = (mean.shape[0],) + (1,) * (pixels.ndim - 2) + (3,)
+  x = pixels.astype(jnp.float32) * jnp.float32(1 / 255)
+  return (x - mean.reshape(shape)) / std.reshape(shape)
 
 
 def batch_images(batch: Mapping[str, jax.Array]
@@ -275,10 +285,13 @@ def batch_images(batch: Mapping[str, jax.Array]
   """The batch's images as the model takes them: `pixel_values`, or with AnyRes (the batch has
   `image_sizes` and `image_grids`, data.pipeline.Collate; LLaVA-OneVision's also
   `feature_grids`) those as `AnyResImages`, or Qwen2-VL's patches with their `patch_grids`
-  (data.qwen2_vl_images.pack_images) as `Qwen2VLImages`."""
+  (data.qwen2_vl_images.pack_images) as `Qwen2VLImages`. uint8 pixels (the data pipeline's) are
+  normalised here, on the device, with the batch's `pixel_mean` and `pixel_std`."""
   pixels = batch.get("pixel_values")
   if pixels is not None and "patch_grids" in batch:
     return Qwen2VLImages(pixels, batch["patch_grids"])
+  if pixels is not None and pixels.dtype == jnp.uint8:
+    pixels = normalized_pixels(pixels, batch["pixel_mean"], batch["pixel_std"])
   if pixels is None or "image_sizes" not in batch:
     return pixels
   return AnyResImages(pixels, batch["image_sizes"], batch["image_grids"],

@@ -42,7 +42,7 @@ from lvlm_jax.models.llm import LLM
 from lvlm_jax.models.lora import lora_disabled
 from lvlm_jax.models.lvlm import LVLM
 from lvlm_jax.sharding import batch_sharding, place
-from lvlm_jax.training.losses import hidden_states, token_logprobs
+from lvlm_jax.training.losses import hidden_states, masked_token_logprobs
 from lvlm_jax.training.preference import (LOSS_TYPES, PreferenceLossConfig, noisy_token_logps,
                                           preference_loss)
 from lvlm_jax.training.state import TrainState
@@ -112,14 +112,15 @@ def _noisy_aware_logprobs(model: LLM | LVLM, both: dict[str, jax.Array], rows: i
 def response_logps(model: LLM | LVLM, batch: dict[str, jax.Array], *, noisy_rejected: bool = False,
                    logits_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
   """Summed log-probs float32 [B] of the chosen and the rejected responses (their loss_mask
-  tokens), from one forward over both. `logits_chunk` (label log-probs only) bounds the memory
-  of the LM head as in SFT; the noisy mode needs whole logits."""
+  tokens), from one forward over both; the LM head runs at the response positions only
+  (`masked_token_logprobs`). `logits_chunk` (label log-probs only) bounds the memory of the LM
+  head as in SFT; the noisy mode needs whole logits."""
   both = concatenated(batch)
   rows = batch["chosen_input_ids"].shape[0]
   if noisy_rejected:
     logp = _noisy_aware_logprobs(model, both, rows)
   else:
-    logp = token_logprobs(model, both, logits_chunk)
+    logp = masked_token_logprobs(model, both, both["loss_mask"], logits_chunk)
   sums = jnp.sum(logp * both["loss_mask"].astype(jnp.float32), axis=1)
   return sums[:rows], sums[rows:]
 

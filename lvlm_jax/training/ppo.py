@@ -43,7 +43,7 @@ from flax import nnx
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.llava_next import IMAGE_KEYS
-from lvlm_jax.training.losses import token_logprobs
+from lvlm_jax.training.losses import masked_token_logprobs, token_logprobs
 from lvlm_jax.training.state import TrainState
 from lvlm_jax.training.steps import accumulate, apply_gradients, model_for_step
 
@@ -181,7 +181,7 @@ def ppo_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.Gr
 
   def loss_sums(params, micro, index):
     model = model_for_step(graphdef, params, state["frozen"], jax.random.fold_in(step_rng, index))
-    logp = token_logprobs(model, micro, logits_chunk)
+    logp = masked_token_logprobs(model, micro, micro["loss_mask"], logits_chunk)
     sums = policy_loss_sums(logp, micro["rollout_logps"], micro["advantages"], micro["loss_mask"],
                             config.clip_range)
     return sums["loss"], sums

@@ -4,16 +4,18 @@ import dataclasses
 import json
 
 import grain
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import bpe_tokenizer
 from lvlm_jax.data import sources
-from lvlm_jax.data.images import ImageProcessing
+from lvlm_jax.data.images import CLIP_MEAN, ImageProcessing
 from lvlm_jax.data.pipeline import DataConfig, make_dataset
 from lvlm_jax.data.text import BoxFormat
 from lvlm_jax.errors import UserError
+from lvlm_jax.models.llava_next import batch_images
 
 TOKENS_PER_IMAGE = 4
 SIZE = 16
@@ -71,7 +73,8 @@ def test_sft_batch_contract(tokenizer, data_dir):
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
       "input_ids": ((4, 64), np.int32), "loss_mask": ((4, 64), np.float32),
       "attention_mask": ((4, 64), np.int32), "positions": ((4, 64), np.int32),
-      "pixel_values": ((4, 2, SIZE, SIZE, 3), np.float32), "image_mask": ((4, 2), np.int32)}
+      "pixel_values": ((4, 2, SIZE, SIZE, 3), np.uint8), "image_mask": ((4, 2), np.int32),
+      "pixel_mean": ((4, 3), np.float32), "pixel_std": ((4, 3), np.float32)}
   image_id = tokenizer.convert_tokens_to_ids("<image>")
   np.testing.assert_array_equal(batch["image_mask"], [[1, 1], [1, 0], [1, 0], [1, 1]])
   np.testing.assert_array_equal((batch["input_ids"] == image_id).sum(1),
@@ -82,10 +85,27 @@ def test_sft_batch_contract(tokenizer, data_dir):
     np.testing.assert_array_equal(batch["positions"][row, :n], np.arange(n))
     assert (batch["positions"][row, n:] == 0).all() and (batch["input_ids"][row, n:] == 0).all()
     assert batch["attention_mask"][row, :n].all() and not batch["loss_mask"][row, n:].any()
-  # Real image slots hold the normalised image (LLaVA pad + resize); empty slots are zero.
-  want = ImageProcessing(size=SIZE)(np.asarray(Image.open(data_dir / "1.png")))
-  np.testing.assert_allclose(batch["pixel_values"][1, 0], want, atol=1e-6)
+  # Real image slots hold the image (LLaVA pad + resize), normalised on the device to the host
+  # normalisation's values; empty slots are zero.
+  processing = ImageProcessing(size=SIZE)
+  image = np.asarray(Image.open(data_dir / "1.png"))
+  np.testing.assert_array_equal(batch["pixel_values"][1, 0], processing.resize(image))
+  on_device = np.asarray(jax.jit(batch_images)(batch))
+  np.testing.assert_allclose(on_device[1, 0], processing(image), rtol=1e-6, atol=1e-6)
   assert not batch["pixel_values"][1, 1].any()
+
+
+def test_pixels_travel_as_uint8(tokenizer, data_dir):
+  """The batch's pixels take a quarter of the float32 bytes on the host (and on the way to the
+  device): 4 rows x 2 slots x 16 x 16 x 3 = 6,144 bytes, not 24,576; per-row mean and std add
+  96 bytes."""
+  lines = [conversation(i, ["1.png", "2.png"]) for i in range(4)]
+  src = sources.ConversationSource(write_jsonl(data_dir / "d.jsonl", lines))
+  batch = next(iter(make_dataset(src, tokenizer, config(num_epochs=1, shuffle=False))))
+  pixels = 4 * 2 * SIZE * SIZE * 3
+  assert batch["pixel_values"].nbytes == pixels
+  assert batch["pixel_mean"].nbytes + batch["pixel_std"].nbytes == 2 * 4 * 3 * 4
+  np.testing.assert_array_equal(batch["pixel_mean"], np.broadcast_to(np.float32(CLIP_MEAN), (4, 3)))
 
 
 def test_length_buckets(tokenizer, data_dir):
@@ -294,4 +314,5 @@ def test_shapes_world_through_the_pipeline():
     caption = src[4 + i]["conversations"][1]["value"]
     assert target == tokenizer.decode(tokenizer.encode(caption + "</s>", add_special_tokens=False))
   want = ImageProcessing(size=SIZE)(src[0]["images"][0])
-  np.testing.assert_allclose(batches[0]["pixel_values"][0, 0], want, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(batch_images(batches[0]))[0, 0], want, rtol=1e-6,
+                             atol=1e-6)
