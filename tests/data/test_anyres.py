@@ -11,7 +11,7 @@ from lvlm_jax.data.anyres import AnyResProcessing
 from lvlm_jax.data.images import ImageProcessing
 from lvlm_jax.data.pipeline import DataConfig, make_dataset
 from lvlm_jax.models import hf
-from lvlm_jax.models.llava_next import AnyResImages, select_best_resolution
+from lvlm_jax.models.llava_next import AnyResImages, batch_images, select_best_resolution
 
 
 def _processing():
@@ -83,7 +83,8 @@ def test_a_batch_of_mixed_image_sizes_gives_transformers_logits(tmp_path):
     expected = ref(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(mask),
                    pixel_values=theirs["pixel_values"],
                    image_sizes=theirs["image_sizes"]).logits.numpy()
-  images = AnyResImages(batch["pixel_values"], batch["image_sizes"], batch["image_grids"])
+  images = batch_images(batch)  # uint8 pixels, normalised as the training step does
+  assert isinstance(images, AnyResImages)
   logits, _ = forward(model, batch["input_ids"], batch["positions"], mask, images)
   real = mask.astype(bool)
   diff = np.abs(np.asarray(logits)[real] - expected[real]).max()
