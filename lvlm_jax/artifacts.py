@@ -36,6 +36,18 @@ def write_jsonl(path: str, records: list[dict]) -> None:
   os.replace(tmp, path)
 
 
+def append_jsonl(path: str, records: list[dict]) -> None:
+  """`records` appended to `path`, one JSON object per line, on disk (fsynced) before returning
+  (process 0 only): a kill loses at most the records of the call in flight."""
+  if jax.process_index() or not records:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a", encoding="utf-8") as f:
+    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def read_json(path: str) -> Any:
   with open(path, encoding="utf-8") as f:
     return json.load(f)
@@ -75,13 +87,7 @@ class JsonlWriter:
 
   def append(self, records: list[dict]) -> None:
     """One batch of records, flushed to disk before returning."""
-    if jax.process_index():
-      return
-    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-    with open(self.partial, "a", encoding="utf-8") as f:
-      f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-      f.flush()
-      os.fsync(f.fileno())
+    append_jsonl(self.partial, records)
 
   def close(self) -> None:
     """Publishes the file under its final name."""

@@ -18,7 +18,6 @@ Prompts are rendered by the generation service exactly as training renders the s
 """
 
 import argparse
-import codecs
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ from lvlm_jax.cli import print_devices, run_cli
 from lvlm_jax.data import images as images_lib
 from lvlm_jax.data import text
 from lvlm_jax.errors import UserError
+from lvlm_jax.input_files import read_jsonl
 from lvlm_jax.output_paths import check_output_file
 
 TEMPLATES = ("auto", "none", "vicuna_v1", "llama3", "chatml", "mistral", "tokenizer")
@@ -127,32 +127,14 @@ def image_paths(record: dict) -> list[str]:
 def read_records(path: str) -> list[dict]:
   """The JSONL's objects, each with its line number under `LINE_KEY`; a malformed line is a
   UserError naming it, and so is a file without records."""
-  try:
-    with open(path, "rb") as f:
-      lines = f.read().removeprefix(codecs.BOM_UTF8).split(b"\n")
-  except OSError as e:
-    raise UserError(f"cannot read {path}: {e.strerror}") from None
   records = []
-  for number, raw in enumerate(lines, 1):
-    try:
-      line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-      raise UserError(f"{path}:{number}: not valid UTF-8 (byte {e.start} of the line: "
-                      f"{e.reason}); save the file as UTF-8") from None
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+  for number, record in read_jsonl(path, "one object per line with a string 'prompt'"):
+    if not isinstance(record.get("prompt"), str):
       raise UserError(f"{path}:{number}: expected an object with a string 'prompt'")
     images = image_paths(record)
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
       raise UserError(f"{path}:{number}: 'image' must be a path and 'images' a list of paths")
     records.append({**record, LINE_KEY: number})
-  if not records:
-    raise UserError(f"{path}: holds no records (one JSON object per line)")
   return records
 
 

@@ -26,6 +26,7 @@ import re
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval.benchmarks import files
 from lvlm_jax.eval.benchmarks.benchmark import Benchmark, Item
+from lvlm_jax.input_files import read_jsonl
 
 _PAIRED = re.compile(r"^(.+)_(\d+)$")
 _PLACEHOLDER_LINE = re.compile(r"^[^\n]*<image>[^\n]*\n?", re.MULTILINE)
@@ -34,7 +35,7 @@ _RATING = re.compile(r"(?<!\d)([0-5])(?!\d)")
 
 def load(data: str, images: str | None) -> list[Item]:
   items = []
-  for number, row in files.read_jsonl(data, "CaD-VI rows: image (a list), text, answer, "
+  for number, row in read_jsonl(data, "CaD-VI rows: image (a list), text, answer, "
                                       "question_id"):
     where = f"{data}:{number}"
     paths = files.field(row, "image", where, list)

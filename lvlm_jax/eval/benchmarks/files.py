@@ -23,26 +23,6 @@ def read_json(path: str, what: str) -> Any:
     raise UserError(f"{path}: not valid JSON ({e}); expected {what}") from None
 
 
-def read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
-  """(line number, object) of each non-blank line."""
-  exists(path, what)
-  rows = []
-  with open(path, encoding="utf-8-sig") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{number}: not valid JSON ({e.msg}); expected {what}") from None
-      if not isinstance(row, dict):
-        raise UserError(f"{path}:{number}: expected a JSON object ({what})")
-      rows.append((number, row))
-  if not rows:
-    raise UserError(f"{path}: holds no rows; expected {what}")
-  return rows
-
-
 def field(row: dict, key: str, where: str, kind: type | tuple = str) -> Any:
   """row[key], which must be of `kind`; else a UserError naming `where` (file:line)."""
   if key not in row:

@@ -14,6 +14,7 @@ import os
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval.benchmarks import files
 from lvlm_jax.eval.benchmarks.benchmark import SHORT_ANSWER, Benchmark, Item
+from lvlm_jax.input_files import read_jsonl
 
 SPLITS = ("random", "popular", "adversarial")
 
@@ -34,7 +35,7 @@ def annotation_files(data: str) -> dict[str, str]:
 def load(data: str, images: str | None) -> list[Item]:
   items = []
   for split, path in annotation_files(data).items():
-    for number, row in files.read_jsonl(path, "POPE rows: question_id, image, text, label"):
+    for number, row in read_jsonl(path, "POPE rows: question_id, image, text, label"):
       where = f"{path}:{number}"
       label = files.field(row, "label", where).strip().lower()
       if label not in ("yes", "no"):

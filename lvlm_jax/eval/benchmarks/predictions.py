@@ -10,6 +10,7 @@ import os
 
 import jax
 
+from lvlm_jax.artifacts import append_jsonl
 from lvlm_jax.errors import UserError
 
 
@@ -43,10 +44,4 @@ class PredictionLog:
     return records
 
   def append(self, records: list[dict]) -> None:
-    if jax.process_index() or not records:
-      return
-    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-      f.flush()
-      os.fsync(f.fileno())
+    append_jsonl(self.path, records)

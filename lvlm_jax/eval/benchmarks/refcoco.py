@@ -15,11 +15,12 @@ from lvlm_jax.data.images import BadImage, load_image, resolve_image_path
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval.benchmarks import files
 from lvlm_jax.eval.benchmarks.benchmark import GroundingBenchmark
+from lvlm_jax.input_files import read_jsonl
 
 
 def records(data: str, images: str | None, limit: int = 0) -> tuple[list[dict], list[str]]:
   root = files.folder(images, data)
-  rows = files.read_jsonl(data, "REC rows: image, sent, bbox [x1, y1, x2, y2], width, height")
+  rows = read_jsonl(data, "REC rows: image, sent, bbox [x1, y1, x2, y2], width, height")
   out, skipped = [], []
   for number, row in rows[:limit or None]:
     where = f"{data}:{number}"

@@ -21,6 +21,7 @@ import os
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval.benchmarks import files, vqa_answers
 from lvlm_jax.eval.benchmarks.benchmark import SHORT_ANSWER, Benchmark, Item
+from lvlm_jax.input_files import read_jsonl
 
 
 def load_gqa(data: str, images: str | None) -> list[Item]:
@@ -68,7 +69,7 @@ def _ocr_prompts(data: str) -> dict[str, str]:
     return {}
   return {str(files.field(row, "question_id", f"{path}:{n}", (int, str))):
           files.field(row, "text", f"{path}:{n}")
-          for n, row in files.read_jsonl(path, "LLaVA's TextVQA prompts")}
+          for n, row in read_jsonl(path, "LLaVA's TextVQA prompts")}
 
 
 def load_textvqa(data: str, images: str | None) -> list[Item]:
