@@ -15,21 +15,20 @@ The released code runs on Qwen-VL-Chat, Qwen2-VL's predecessor; what differs her
   and prompts become `<|vision_start|><|image_pad|><|vision_end|>`.
 - Qwen-VL's trainable `attn_pool` resampler is, in Qwen2-VL, the patch merger
   (`vision.merger`): it trains with the LLM, the rest of the vision tower is frozen.
-Each value says where it comes from; [code] = the SC-Tune repository.
+Everything else is configs/sctune_llava15_7b.py's recipe, read from it (so the two never
+diverge); each value says where it comes from; [code] = the SC-Tune repository.
 """
 
-from lvlm_jax.methods import sctune
+import os
+
+from lvlm_jax.dataclass_config import load_config_file
 
 
 def get_config():
-  config = sctune.default_config()
+  config = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "sctune_llava15_7b.py"))
 
   config.model.hf_dir = ""  # required: an HF Qwen2-VL directory (Qwen/Qwen2-VL-7B-Instruct)
-  config.model.tokenizer = ""  # the model's own
-  config.model.dtype = "bfloat16"  # [code] bf16
-  config.model.remat = "dots_no_batch"  # [code] gradient checkpointing
-
-  config.data.source = "files"  # required: data.grounding (Objects365 boxes, [code] object365.json)
   config.data.pipeline.template = "chatml"  # Qwen2-VL-Instruct's chat format and system prompt
   config.data.pipeline.length_buckets = (384, 1024)  # [code] model_max_length 384, + the images
   config.data.pipeline.box_format.grid = 1001  # Qwen2-VL's 0..1000
@@ -37,37 +36,7 @@ def get_config():
   config.data.pipeline.box_format.close = "<|box_end|>"
   config.data.pipeline.grounding_prompt = ("<image>\nOutput the bounding box of "
                                            "<|object_ref_start|>{expression}<|object_ref_end|>.")
-
   config.sctune.describer_prompt = ("<image>\nWhat is <|object_ref_start|>this<|object_ref_end|>"
                                     "{box}? Answer with a short description.")
-  config.sctune.describer_answer_start = ""
-  config.sctune.describer_steps = 200  # [code] caption_update_steps
-  config.sctune.locator_steps = 100  # [code] bbox_update_steps
-  config.sctune.describer_lr = 5e-7  # [code]
-  config.sctune.locator_lr = 1e-6  # [code]
-  config.sctune.top_k = 100  # [code] generate_twice_for_iou
-  config.sctune.top_p = 0.3  # [code]
-  config.sctune.temperature = 1.0  # [code]
-  config.sctune.min_description_tokens = 3  # [code]
-  config.sctune.max_description_tokens = 30  # [code]
-  config.sctune.max_box_tokens = 20  # [code]
-
-  config.ppo.kl_coef = 0.01  # [code] FixedKLController
-  config.ppo.ppo_epochs = 2  # [code]
-
   config.optim.trainable = r"llm\..*|vision\.merger\..*"  # [code] LLM + resampler, ViT frozen
-  config.optim.weight_decay = 0.1  # [code] AdamW wd 0.1
-  config.optim.b2 = 0.95  # [code] beta2 0.95
-  config.train.num_steps = 2400  # [code] stops at global step 2400
-  config.train.batch_size = 128  # [code] 8 GPUs x 16
-  config.train.log_every = 10
-
-  config.checkpoint.every_steps = 300  # a checkpoint per describer+locator cycle
-  config.checkpoint.save_frozen = False
-  config.checkpoint.export_dtype = "bfloat16"
-
-  config.eval.yes_no = 0  # no shapes-world evaluation: measure the export on RefCOCO etc.
-  config.eval.grounding = 0
-  config.eval.captions = 0
-  config.mesh.shape = (1, -1, 1)  # FSDP over every chip
   return config
