@@ -8,7 +8,7 @@ by the runner, never scored as wrong).
 """
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Iterable
 
 # LLaVA-1.5's prompt suffixes (its eval scripts' --single-pred-prompt and model_vqa_loader).
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -51,3 +51,11 @@ class GroundingBenchmark:
   records: Callable[[str, str | None, int], tuple[list[dict], list[str]]]
   files: str
   default_limit: int = 0
+
+
+def mean_by(pairs: Iterable[tuple[str, float]]) -> dict[str, float]:
+  """The mean value of each key of (key, value) pairs, by sorted key (accuracy per category)."""
+  groups = {}
+  for key, value in pairs:
+    groups.setdefault(key, []).append(value)
+  return {key: sum(values) / len(values) for key, values in sorted(groups.items())}

@@ -27,7 +27,7 @@ import sys
 
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval.benchmarks import files
-from lvlm_jax.eval.benchmarks.benchmark import LETTER_ANSWER, Benchmark, Item
+from lvlm_jax.eval.benchmarks.benchmark import LETTER_ANSWER, Benchmark, Item, mean_by
 
 LETTERS = "ABCDEFGHIJ"
 _SQA_OPTIONS = "ABCDE"
@@ -133,13 +133,11 @@ def score_mmbench(items: list[Item], answers: dict[str, str]) -> dict:
     passes.setdefault(item.truth["index"], {})[item.truth["round"]] = right
     categories[item.truth["index"]] = item.truth["category"]
   circular = {index: all(rounds.values()) for index, rounds in passes.items()}
-  by_category = {}
-  for index, right in circular.items():
-    by_category.setdefault(categories[index], []).append(right)
   first = [rounds[0] for rounds in passes.values() if 0 in rounds]
   return {"circular_accuracy": sum(circular.values()) / max(len(circular), 1),
           "round0_accuracy": sum(first) / max(len(first), 1), "questions": len(circular),
-          "by_category": {k: sum(v) / len(v) for k, v in sorted(by_category.items()) if k}}
+          "by_category": mean_by((categories[index], right) for index, right in circular.items()
+                                 if categories[index])}
 
 
 def load_seed(data: str, images: str | None) -> list[Item]:
@@ -176,11 +174,8 @@ def load_seed(data: str, images: str | None) -> list[Item]:
 def score_seed(items: list[Item], answers: dict[str, str]) -> dict:
   right = {item.id: letter(answers[item.id], item.truth["options"]) == item.truth["answer"]
            for item in items}
-  by_type = {}
-  for item in items:
-    by_type.setdefault(item.truth["type"], []).append(right[item.id])
   return {"accuracy": sum(right.values()) / max(len(right), 1),
-          "by_question_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())}}
+          "by_question_type": mean_by((item.truth["type"], right[item.id]) for item in items)}
 
 
 SCIENCEQA = Benchmark(load_scienceqa, score_scienceqa, max_new_tokens=16,

@@ -20,7 +20,7 @@ import os
 
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval.benchmarks import files, vqa_answers
-from lvlm_jax.eval.benchmarks.benchmark import SHORT_ANSWER, Benchmark, Item
+from lvlm_jax.eval.benchmarks.benchmark import SHORT_ANSWER, Benchmark, Item, mean_by
 from lvlm_jax.input_files import read_jsonl
 
 
@@ -50,13 +50,10 @@ def score_gqa(items: list[Item], answers: dict[str, str]) -> dict:
   exact = {item.id: gqa_answer(answers[item.id]) == item.truth["answer"] for item in items}
   normalized = [vqa_answers.normalize(answers[item.id]) ==
                 vqa_answers.normalize(item.truth["answer"]) for item in items]
-  by_type = {}
-  for item in items:
-    if item.truth["structural"]:
-      by_type.setdefault(item.truth["structural"], []).append(exact[item.id])
   return {"accuracy": sum(exact.values()) / max(len(items), 1),
           "accuracy_normalized": sum(normalized) / max(len(items), 1),
-          "by_structural_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())}}
+          "by_structural_type": mean_by((item.truth["structural"], exact[item.id])
+                                        for item in items if item.truth["structural"])}
 
 
 LLAVA_OCR_PROMPTS = "llava_textvqa_val_v051_ocr.jsonl"
