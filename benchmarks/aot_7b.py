@@ -43,7 +43,6 @@ import dataclasses
 import itertools
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -208,7 +207,7 @@ def main() -> None:
 
   import jax
   result = {"workload": "aot_7b", "jax": jax.__version__, "devices": jax.device_count(),
-            "machine": dict(harness.machine(), cpu_model=cpu_model()),
+            "machine": harness.machine(),
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "chips_bytes": CHIPS,
             "command": " ".join(sys.argv), "rows": []}
   os.makedirs(args.out, exist_ok=True)
@@ -228,17 +227,6 @@ def main() -> None:
         json.dump(result, f, indent=2)
   print_table(result["rows"])
   print("wrote", path)
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 if __name__ == "__main__":
