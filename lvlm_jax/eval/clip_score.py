@@ -33,6 +33,12 @@ def _image_embeds(graphdef, state, pixels):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
+def _text_embeds(graphdef, state, ids, mask):
+  """ids, mask int [B, T] -> unit embeddings float32 [B, E]."""
+  return unit_norm(nnx.merge(graphdef, state).text_embeds(ids, mask))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
 def _text_scores(graphdef, state, image_embeds, ids, mask):
   """image_embeds [B, E] (unit), ids, mask int [B, T] -> exp(logit_scale) * cos, float32 [B]."""
   model = nnx.merge(graphdef, state)
@@ -86,6 +92,22 @@ class CLIPScorer:
                              padding="max_length")
     return (np.asarray(encoded["input_ids"], np.int32),
             np.asarray(encoded["attention_mask"], np.int32))
+
+  def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    """Unit text embeddings float32 [M, E]."""
+    ids, mask = self.tokenize(texts)
+    out = []
+    for first, last in self._rows(len(texts)):
+      pad = self.batch_size - (last - first)
+      rows = lambda x: np.concatenate([x[first:last], np.repeat(x[first:first + 1], pad, 0)])
+      out.append(np.asarray(_text_embeds(self.graphdef, self.state, rows(ids),
+                                         rows(mask)))[:last - first])
+    return np.concatenate(out)
+
+  @property
+  def logit_scale(self) -> float:
+    """exp(logit_scale): score = logit_scale * cos."""
+    return float(np.exp(np.asarray(self.state["logit_scale"][...], np.float32)))
 
   def scores_of_embedded(self, image_embeds: np.ndarray, image_index: Sequence[int],
                          texts: Sequence[str]) -> np.ndarray:
