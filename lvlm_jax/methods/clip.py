@@ -222,7 +222,8 @@ def train(config: CLIPMethodConfig, export_dir: str) -> dict:
     json.dump(_preprocessor_config(config.model.image_size), f, indent=2)
   shutil.rmtree(export_dir, ignore_errors=True)
   os.replace(partial, export_dir)
-  return {"status": "done", "step": t.num_steps, "final_loss": float(np.mean(losses[-20:]))}
+  return {"status": "done", "step": t.num_steps, "initial_loss": float(np.mean(losses[:20])),
+          "final_loss": float(np.mean(losses[-20:]))}
 
 
 def retrieval_accuracy(scorer: CLIPScorer, world: ShapesConfig, count: int,
