@@ -18,8 +18,8 @@ def get_config():
   # The world the LVLM was trained on (configs/quickstart.py), other scenes of it.
   config.train.shapes = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "quickstart.py")).data.shapes
-  config.train.num_steps = 500
-  config.train.batch_size = 128
-  config.train.lr = 5e-4
+  config.train.num_steps = 1000
+  config.train.batch_size = 64
+  config.train.lr = 1e-3
   config.train.eval_images = 500
   return config

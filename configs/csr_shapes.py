@@ -43,7 +43,7 @@ def get_config():
   # The starting model's own world, read from its config; CSR's images are scenes of it that no
   # stage trained on and the evaluation never sees.
   config.data.shapes = _quickstart_config().data.shapes
-  config.data.num_prompts = 256
+  config.data.num_prompts = 128
   config.data.pipeline.system_prompt = ""  # as quickstart trained
   config.data.pipeline.length_buckets = (64, 128, 256)
   config.data.pipeline.read_threads = 2
@@ -66,6 +66,7 @@ def get_config():
   config.dpo.beta = 0.1
   config.dpo.nll_coef = 0.0
   config.dpo.reference = "in_step"
+  config.csr.dpo_epochs = 2.0  # 128 pairs a round: 32 updates
   config.dpo_optim.trainable = r".*\.lora_[ab]|projector\..*"
   config.dpo_optim.lr = 2e-4
   config.dpo_optim.lr_groups = ((r"projector\..*", 2e-5),)

@@ -10,7 +10,10 @@ of their captions: the image-text scorer CSR calibrates its rewards with on the 
                  workdir/export/hf, which transformers' CLIPModel loads.
   eval_retrieval held-out image -> sentence retrieval: each held-out image against one object
                  or relation sentence of every held-out image; correct when the best-scoring
-                 sentence is true of the image (accuracy, and the chance level of a random pick).
+                 sentence is true of the image (accuracy, and the chance level of a random pick);
+                 and hallucination_accuracy, what CSR's calibration needs: the share of held-out
+                 images whose first object's sentence scores above the same sentence naming a
+                 colour and shape the scene does not have.
 """
 
 import dataclasses
@@ -60,9 +63,9 @@ class CLIPModelSettings:
 class CLIPTrainSettings:
   """The contrastive training."""
   shapes: ShapesConfig = help_field(ShapesConfig(), "The shapes world (set it to the LVLM's).")
-  num_steps: int = help_field(500, "Updates.")
-  batch_size: int = help_field(128, "Image-sentence pairs per update.")
-  lr: float = help_field(5e-4, "Peak learning rate (AdamW, warmup then cosine).")
+  num_steps: int = help_field(1000, "Updates.")
+  batch_size: int = help_field(64, "Image-sentence pairs per update.")
+  lr: float = help_field(1e-3, "Peak learning rate (AdamW, warmup then cosine).")
   warmup_steps: int = help_field(50, "Linear warmup updates.")
   weight_decay: float = help_field(0.01, "AdamW weight decay.")
   seed: int = help_field(0, "Initialisation and sentence draws.")
@@ -242,6 +245,31 @@ def retrieval_accuracy(scorer: CLIPScorer, world: ShapesConfig, count: int,
   return {"retrieval_accuracy": correct / count, "retrieval_chance": chance / count}
 
 
+def hallucination_pairs(world: ShapesConfig, count: int,
+                        seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
+  """(count images, 2 * count texts): each held-out scene's first object sentence, then the same
+  sentence naming a colour and shape the scene does not have."""
+  rng = np.random.default_rng(seed)
+  images, texts = [], []
+  for i in range(count):
+    scene = make_scene(world, i)
+    obj = scene.objects[0]
+    present = {(o.color, o.shape) for o in scene.objects}
+    absent = [(c, s) for c in world.colors for s in world.shapes if (c, s) not in present]
+    color, shape = absent[rng.integers(len(absent))]
+    true = sentences(caption(scene))[1]  # the first object's sentence
+    images.append(render(scene, world.image_size))
+    texts += [true, true.replace(obj.description, f"{obj.size} {color} {shape}")]
+  return images, texts
+
+
+def hallucination_accuracy(scorer: CLIPScorer, world: ShapesConfig, count: int) -> float:
+  """The share of `hallucination_pairs` whose true sentence scores higher."""
+  images, texts = hallucination_pairs(world, count)
+  scores = scorer.scores(images, np.repeat(np.arange(count), 2), texts)
+  return float(np.mean(scores[0::2] > scores[1::2]))
+
+
 def run(config: CLIPMethodConfig, workdir: str, *, raw_config=None) -> dict:
   export_dir = os.path.join(workdir, "export", "hf")
 
@@ -251,8 +279,10 @@ def run(config: CLIPMethodConfig, workdir: str, *, raw_config=None) -> dict:
 
   def evaluate():
     scorer = CLIPScorer.load(export_dir, batch_size=config.train.batch_size)
-    return retrieval_accuracy(scorer, held_out_world(config.train.shapes),
-                              config.train.eval_images)
+    world = held_out_world(config.train.shapes)
+    return {**retrieval_accuracy(scorer, world, config.train.eval_images),
+            "hallucination_accuracy": hallucination_accuracy(scorer, world,
+                                                             config.train.eval_images)}
 
   stages = [Stage("train", train_stage),
             Stage("eval_retrieval", evaluate, eval_label="retrieval")]

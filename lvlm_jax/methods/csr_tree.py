@@ -17,7 +17,8 @@ the plain way (one node at a time, prompt and response fed afresh): the tests ho
 
 Rewards of a node's new sentence s (the CLIP score of its text against the image, `clip`):
   paper: R(s) = lam * clip + (1 - lam) * logprob(s) (the sentence's summed token log-probs);
-         a path's score is its summed R; chosen = the best final path, rejected = the worst.
+         a path's score is its summed R (path_score='mean': per sentence); chosen = the best
+         final path, rejected = the worst.
   repo:  among siblings, rank = (i + 1) / n by LM score (descending) and clip_rank likewise by
          clip; a node's value is (1 - alpha) * rank + alpha * clip_rank, a path's score the sum
          over its nodes divided by the number of nodes, root included (the released
@@ -41,6 +42,7 @@ from lvlm_jax.sampling.sentences import SentenceConfig, next_sentences
 
 REWARD_MODES = ("paper", "repo")
 PRUNE_KEYS = ("lm", "reward")
+PATH_SCORES = ("sum", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,9 @@ class TreeConfig:
   lam: float = help_field(0.9, "paper: weight of the CLIP score (CSR: 0.9; 0 is the ablation "
                           "without visual calibration).")
   alpha: float = help_field(0.9, "repo: weight of the CLIP rank (CSR's step3.sh: 0.9).")
+  path_score: str = help_field("sum", f"One of {PATH_SCORES}, paper mode: a path's score is its "
+                               "summed reward (the paper) or the mean per sentence (as the "
+                               "released code averages its rank scores over the path).")
   clamp: bool = help_field(True, "Clip scores max(100 cos, 0) (the paper); False: the released "
                            "code's raw logits_per_image.")
   prune_by: str = help_field("reward", f"One of {PRUNE_KEYS}: which score picks the kept "
@@ -72,6 +77,8 @@ class TreeConfig:
   def __post_init__(self):
     if self.reward not in REWARD_MODES:
       raise UserError(f"tree.reward={self.reward!r} is not one of {REWARD_MODES}")
+    if self.path_score not in PATH_SCORES:
+      raise UserError(f"tree.path_score={self.path_score!r} is not one of {PATH_SCORES}")
     if self.prune_by not in PRUNE_KEYS:
       raise UserError(f"tree.prune_by={self.prune_by!r} is not one of {PRUNE_KEYS}")
     if self.keep_top < 0 or self.keep_bottom < 0 or self.keep_top + self.keep_bottom < 1:
@@ -231,8 +238,11 @@ def path_scores(tree: list[dict], config: TreeConfig) -> dict[int, float]:
   lower is better, is negated)."""
   leaves = [node["id"] for node in tree if node["final"]]
   if config.reward == "paper":
-    return {leaf: sum(sentence_reward(tree[i], config) for i in path(tree, leaf)[1:])
-            for leaf in leaves}
+    out = {}
+    for leaf in leaves:
+      rewards = [sentence_reward(tree[i], config) for i in path(tree, leaf)[1:]]
+      out[leaf] = sum(rewards) / (len(rewards) if config.path_score == "mean" else 1)
+    return out
   ranks = _sibling_ranks(tree)
   out = {}
   for leaf in leaves:

@@ -12,7 +12,8 @@ import transformers
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "training"))
 from training_fixtures import CACHE_DIR  # noqa: E402,F401  (turns the compile cache on)
 
-from lvlm_jax.data.shapes import ShapesConfig, caption, make_scene, render  # noqa: E402
+from lvlm_jax.data.shapes import (ShapesConfig, caption, has_object, make_scene,  # noqa: E402
+                                  mentioned_objects, render)
 from lvlm_jax.eval.clip_score import CLIPScorer  # noqa: E402
 from lvlm_jax.methods import clip  # noqa: E402
 
@@ -52,3 +53,15 @@ def test_training_exports_an_hf_clip(tmp_path):
 
   metrics = clip.retrieval_accuracy(scorer, world, 20)
   assert 0 <= metrics["retrieval_chance"] < 0.5 and 0 <= metrics["retrieval_accuracy"] <= 1
+  assert 0 <= clip.hallucination_accuracy(scorer, world, 20) <= 1
+
+
+def test_hallucination_pairs_name_a_present_then_an_absent_object():
+  world = ShapesConfig(image_size=32, max_objects=2, seed=5)
+  images, texts = clip.hallucination_pairs(world, 30)
+  assert len(images) == 30 and len(texts) == 60
+  for i in range(30):
+    scene = make_scene(world, i)
+    (true,), (false,) = mentioned_objects(texts[2 * i]), mentioned_objects(texts[2 * i + 1])
+    assert has_object(scene, *true) and not has_object(scene, "", *false[1:])
+    assert texts[2 * i].split(" is ")[1] == texts[2 * i + 1].split(" is ")[1]  # same place

@@ -46,6 +46,9 @@ def test_paper_mode_path_scores_are_summed_calibrated_rewards():
   for leaf, value in expected.items():
     assert scores[leaf] == pytest.approx(value, rel=1e-12)
   assert csr_tree.choose(_hand_tree(), config) == (4, 3)  # 40.0 best, 8.9 worst
+  mean = csr_tree.path_scores(_hand_tree(), csr_tree.TreeConfig(path_score="mean"))
+  for leaf, value in expected.items():
+    assert mean[leaf] == pytest.approx(value / (1 if leaf == 3 else 2), rel=1e-12)
   no_clip = csr_tree.TreeConfig(reward="paper", lam=0.0)
   assert csr_tree.choose(_hand_tree(), no_clip) == (3, 5)  # log-probs -1 vs -7
 
