@@ -2,7 +2,6 @@
 alone, prompt fed afresh) on a tiny model; both reward modes against hand-computed path scores
 on a hand-made tree; the text hygiene filters."""
 
-import dataclasses
 import os
 import sys
 
