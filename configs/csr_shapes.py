@@ -13,6 +13,9 @@ shapes-world metrics (yes/no accuracy, caption chair_i / chair_s / recall) are m
 and after each round and printed at the end (workdir/csr_shapes/summary.json).
 Ablations: --config.csr.tree.lam=0 (no visual calibration); --config.csr.tree.reward=repo
 --config.csr.tree.prune_by=lm (the released code's rank-normalised scores and LM pruning).
+Measured (2-core CPU, 6.6 min): held-out caption chair_i 0.425 -> 0.575 after 3 rounds, with
+more mentions per caption (2.2 -> 3.7): the summed reward favours longer responses. No variant
+tried (lam 0, repo mode, path_score='mean', lower DPO lr, diversity 1.0) lowered chair_i.
 """
 
 import os
