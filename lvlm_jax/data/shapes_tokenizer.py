@@ -78,3 +78,21 @@ def shapes_tokenizer(extra_texts: Iterable[str] = ()) -> transformers.PreTrained
       tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
       extra_special_tokens={"image_token": IMAGE}, chat_template=CHAT_TEMPLATE,
       clean_up_tokenization_spaces=False)
+
+
+CLIP_EOS = "<|endoftext|>"
+
+
+def shapes_clip_tokenizer(extra_texts: Iterable[str] = ()) -> transformers.PreTrainedTokenizerFast:
+  """The shapes tokenizer for a CLIP text tower: '<s> text <|endoftext|>', the end token last in
+  the vocabulary. CLIP pools at its eos_token_id, and an HF CLIP whose eos_token_id is 2 (the
+  shapes '</s>') pools at argmax(ids) instead (checkpoints older than transformers PR #24773)."""
+  base = shapes_tokenizer(extra_texts)
+  tok = Tokenizer.from_str(base.backend_tokenizer.to_str())
+  tok.add_special_tokens([AddedToken(CLIP_EOS, special=True, normalized=False)])
+  tok.post_processor = processors.TemplateProcessing(
+      single=f"{BOS} $A {CLIP_EOS}", special_tokens=[(BOS, base.bos_token_id),
+                                                      (CLIP_EOS, tok.token_to_id(CLIP_EOS))])
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=CLIP_EOS, unk_token=UNK,
+      clean_up_tokenization_spaces=False)

@@ -601,7 +601,8 @@ def hf_tensors(model: nnx.Module) -> Iterator[tuple[str, np.ndarray]]:
       vision = hf_config.get("vision_config", hf_config)
       p, c = vision["patch_size"], vision.get("num_channels", 3)
       hf_shape = (array.shape[1], c, p, p)
-    yield names(path)[0], np.ascontiguousarray(to_hf(path, array, hf_shape))
+    hf_array = to_hf(path, array, hf_shape)  # ascontiguousarray alone makes a scalar 1-d
+    yield names(path)[0], np.ascontiguousarray(hf_array).reshape(hf_array.shape)
 
 
 def save_hf(model: nnx.Module, directory: str, *, dtype: str = "float32",

@@ -179,3 +179,15 @@ def test_text_pooling_legacy_eos(tmp_path):
     text = hf.get_text_features(input_ids=torch.from_numpy(ids),
                                 attention_mask=torch.from_numpy(mask)).pooler_output
   _close(nnx.jit(lambda model, i, m: model.text_embeds(i, m))(ours, ids, mask), text)
+
+
+def test_export_reloads_in_transformers_and_ours(models, tmp_path):
+  """save_hf writes the scalar logit_scale as a scalar (shape ()), as transformers saves it."""
+  hf, ours = models
+  directory = str(tmp_path / "export")
+  hf_io.save_hf(ours, directory)
+  reloaded = transformers.CLIPModel.from_pretrained(directory)
+  assert tuple(reloaded.logit_scale.shape) == ()
+  np.testing.assert_allclose(reloaded.logit_scale.item(), 1.3, rtol=1e-6)
+  again = hf_io.load_clip(directory)
+  np.testing.assert_allclose(np.asarray(again.logit_scale[...]), 1.3, rtol=1e-6)
