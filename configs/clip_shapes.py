@@ -7,17 +7,14 @@ of their captions; reports held-out image -> sentence retrieval accuracy and exp
 folder to workdir/clip_shapes/export/hf (transformers' CLIPModel loads it).
 """
 
-import os
-
-from lvlm_jax.dataclass_config import load_config_file
+from lvlm_jax.dataclass_config import sibling_config
 from lvlm_jax.methods import clip
 
 
 def get_config():
   config = clip.default_config()
   # The world the LVLM was trained on (configs/quickstart.py), other scenes of it.
-  config.train.shapes = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                      "quickstart.py")).data.shapes
+  config.train.shapes = sibling_config(__file__, "quickstart.py").data.shapes
   config.train.num_steps = 1000
   config.train.batch_size = 64
   config.train.lr = 1e-3

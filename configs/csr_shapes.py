@@ -18,16 +18,8 @@ more mentions per caption (2.2 -> 3.7): the summed reward favours longer respons
 tried (lam 0, repo mode, path_score='mean', lower DPO lr, diversity 1.0) lowered chair_i.
 """
 
-import os
-
-from lvlm_jax.dataclass_config import load_config_file
+from lvlm_jax.dataclass_config import sibling_config
 from lvlm_jax.methods import csr
-
-
-def _quickstart_config():
-  """configs/quickstart.py's config (the file beside this one, wherever it is run from)."""
-  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                       "quickstart.py"))
 
 
 def get_config():
@@ -45,7 +37,7 @@ def get_config():
 
   # The starting model's own world, read from its config; CSR's images are scenes of it that no
   # stage trained on and the evaluation never sees.
-  config.data.shapes = _quickstart_config().data.shapes
+  config.data.shapes = sibling_config(__file__, "quickstart.py").data.shapes
   config.data.num_prompts = 128
   config.data.pipeline.system_prompt = ""  # as quickstart trained
   config.data.pipeline.length_buckets = (64, 128, 256)

@@ -19,14 +19,11 @@ Everything else is configs/sctune_llava15_7b.py's recipe, read from it (so the t
 diverge); each value says where it comes from; [code] = the SC-Tune repository.
 """
 
-import os
-
-from lvlm_jax.dataclass_config import load_config_file
+from lvlm_jax.dataclass_config import sibling_config
 
 
 def get_config():
-  config = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                         "sctune_llava15_7b.py"))
+  config = sibling_config(__file__, "sctune_llava15_7b.py")
 
   config.model.hf_dir = ""  # required: an HF Qwen2-VL directory (Qwen/Qwen2-VL-7B-Instruct)
   config.data.pipeline.template = "chatml"  # Qwen2-VL-Instruct's chat format and system prompt

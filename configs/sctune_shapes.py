@@ -12,21 +12,13 @@ is rewarded for closing. Self-consistency, REC (grounding) and yes/no accuracy a
 and after (workdir/sctune_shapes/summary.json).
 """
 
-import os
-
-from lvlm_jax.dataclass_config import load_config_file
+from lvlm_jax.dataclass_config import sibling_config
 from lvlm_jax.methods import sctune
-
-
-def _quickstart_config():
-  """configs/quickstart.py's config (the file beside this one, wherever it is run from)."""
-  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                       "quickstart.py"))
 
 
 def get_config():
   config = sctune.default_config()
-  quickstart = _quickstart_config()
+  quickstart = sibling_config(__file__, "quickstart.py")
 
   config.model.hf_dir = "workdir/quickstart/export/hf"
   config.model.tokenizer = ""  # the export's own

@@ -12,16 +12,8 @@ Prompts are shapes-vocabulary analogues of STIC's lists (lvlm_jax/methods/prompt
 the quickstart tokenizer has no words for the paper's prompts.
 """
 
-import os
-
-from lvlm_jax.dataclass_config import load_config_file
+from lvlm_jax.dataclass_config import sibling_config
 from lvlm_jax.methods import stic
-
-
-def _quickstart_config():
-  """configs/quickstart.py's config (the file beside this one, wherever it is run from)."""
-  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                       "quickstart.py"))
 
 
 def get_config():
@@ -38,7 +30,7 @@ def get_config():
 
   # The starting model's own world, read from its config so that the two never diverge; STIC's
   # images come from scenes of it that no stage trained on.
-  config.data.shapes = _quickstart_config().data.shapes
+  config.data.shapes = sibling_config(__file__, "quickstart.py").data.shapes
   config.data.num_unlabeled = 512
   config.data.sft_tasks = (("caption", 192), ("yes_no", 256), ("grounding", 64))
   config.data.pipeline.system_prompt = ""  # as quickstart trained

@@ -203,3 +203,9 @@ def load_config_file(path: str, flag: str = "--config") -> config_dict.ConfigDic
                  if os.path.abspath(frame.filename) == os.path.abspath(path)), None)
     where = f"{path}:{line}" if line else path
     raise UserError(f"{flag} {where}: {type(e).__name__}: {e}") from None
+
+
+def sibling_config(config_file: str, name: str) -> config_dict.ConfigDict:
+  """The config of the file `name` beside `config_file` (a config file's `__file__`), wherever
+  it is run from: how a config starts from another's recipe or reads the quickstart's world."""
+  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))
