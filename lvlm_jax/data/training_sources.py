@@ -6,7 +6,9 @@ Grain pipeline (data/pipeline.py) turns into this process's batches.
 """
 
 import dataclasses
+from collections import Counter
 
+import grain
 from flax import nnx
 
 from lvlm_jax.data import sources as data_sources
@@ -17,6 +19,23 @@ from lvlm_jax.data.text import BoxFormat
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models.lvlm import LVLM
+
+
+@dataclasses.dataclass(frozen=True)
+class Curriculum:
+  """Simpler scenes first: the first `steps` updates draw `shapes_tasks` from the shapes world
+  with at most `max_objects` objects a scene, the rest of the run the configured mix."""
+  steps: int = help_field(0, "Updates on the simpler scenes before the mix (0: none). A new "
+                          "model that has learned to find the one object of a scene learns to "
+                          "pick one of two in a few hundred steps; from scratch on scenes of "
+                          "two it stays on a plateau for far longer (README 'Quickstart').")
+  shapes_tasks: tuple[tuple[str, int], ...] = help_field(
+      (), "(task, number of records) pairs of those steps; empty: data.shapes_tasks.")
+  max_objects: int = help_field(1, "Most objects a scene of those steps has.")
+
+  def __post_init__(self):
+    if self.steps < 0 or self.max_objects < 1:
+      raise UserError("data.curriculum: steps must be >= 0 and max_objects >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +53,12 @@ class DataSources:
                                             "(default: each data file's folder).")
   pipeline: DataConfig = help_field(DataConfig(), "Batching: length buckets, chat "
                                     "template, workers, ...")
+  curriculum: Curriculum = help_field(Curriculum(), "Simpler shapes scenes for the first steps.")
+
+  def __post_init__(self):
+    if self.curriculum.steps and not (self.curriculum.shapes_tasks or self.shapes_tasks):
+      raise UserError("data.curriculum.steps needs shapes tasks (data.curriculum.shapes_tasks or "
+                      "data.shapes_tasks)")
 
 
 # Set by the run, not by the user: from train.batch_size, the model and the processor config.
@@ -95,5 +120,50 @@ def pipeline_config(config: DataSources, model: nnx.Module, hf_dir: str,
 
 
 def training_batches(config: DataSources, tokenizer, data_config: DataConfig):
-  """This process's shard of the training batches: a resumable Grain iterator."""
-  return iter(make_dataset(training_source(config), tokenizer, data_config))
+  """This process's shard of the training batches: a resumable Grain iterator (with a
+  curriculum, the first `curriculum.steps` batches from its simpler scenes, then the mix)."""
+  batches = iter(make_dataset(training_source(config), tokenizer, data_config))
+  curriculum = config.curriculum
+  if not curriculum.steps:
+    return batches
+  simple = dataclasses.replace(
+      config, shapes=dataclasses.replace(
+          config.shapes, max_objects=curriculum.max_objects,
+          min_objects=min(config.shapes.min_objects, curriculum.max_objects)),
+      shapes_tasks=curriculum.shapes_tasks or config.shapes_tasks, conversations=(), grounding=(),
+      curriculum=Curriculum())
+  return SequentialBatches(iter(make_dataset(training_source(simple), tokenizer, data_config)),
+                           curriculum.steps, batches)
+
+
+class SequentialBatches(grain.DatasetIterator):
+  """`count` batches of `first`, then those of `then`: a Grain iterator (Grain's Orbax handler
+  saves its position) that counts the skips of both."""
+
+  def __init__(self, first: grain.DatasetIterator, count: int, then: grain.DatasetIterator):
+    super().__init__((first, then))
+    self._first, self._count, self._then, self._drawn = first, count, then, 0
+
+  def __next__(self):
+    self._drawn += 1
+    return next(self._first if self._drawn <= self._count else self._then)
+
+  @property
+  def examples_seen(self) -> int:
+    return self._first.examples_seen + self._then.examples_seen
+
+  @property
+  def skip_counts(self) -> dict[str, int]:
+    return dict(Counter(self._first.skip_counts) + Counter(self._then.skip_counts))
+
+  def get_state(self) -> dict:
+    return {"drawn": self._drawn, "first": self._first.get_state(),
+            "then": self._then.get_state()}
+
+  def set_state(self, state: dict) -> None:
+    self._first.set_state(state["first"])
+    self._then.set_state(state["then"])
+    self._drawn = state["drawn"]
+
+  def __str__(self) -> str:
+    return f"SequentialBatches(first {self._count} of {self._first}, then {self._then})"

@@ -10,6 +10,7 @@ import os
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -63,6 +64,10 @@ class ModelConfig:
   allow_pickle: bool = help_field(False, "Accept pickled .bin/.pt weights "
                                   "in hf_dir (they can run code).")
   init_seed: int = help_field(0, "Seed of the random initialisation (new models, LoRA adapters).")
+  number_code: float = help_field(0.0, "New models: start the embedding rows and LM-head columns "
+                                  "of the number tokens ('0'..'999') on an ordered code of "
+                                  "this scale (`number_code`), so that nearby coordinates start "
+                                  "alike; 0: random like every other token.")
   vision: VisionSize = help_field(VisionSize(), "Vision tower of a new model (hf_dir='').")
   text: TextSize = help_field(TextSize(), "Decoder of a new model (hf_dir='').")
   use_lora: bool = help_field(False, "Attach LoRA adapters (`lora`) to the matching Linear layers.")
@@ -76,6 +81,8 @@ class ModelConfig:
       raise UserError(f"model.remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
     if self.hf_dir and not os.path.isdir(self.hf_dir):
       raise UserError(f"model.hf_dir={self.hf_dir!r}: no such directory")
+    if self.number_code < 0:
+      raise UserError(f"model.number_code={self.number_code} must be >= 0")
 
 
 def _scratch_config(config: ModelConfig, tokenizer) -> LVLMConfig:
@@ -134,10 +141,49 @@ def fan_in_init(model: nnx.Module, key: jax.Array) -> None:
       module.kernel[...] = jax.random.normal(sub, kernel.shape, kernel.dtype) * kernel.shape[0] ** -0.5
 
 
+def number_tokens(tokenizer) -> tuple[list[int], list[int]]:
+  """(ids, values) of the tokenizer's tokens that spell a number 0..999 without leading zeros."""
+  ids, values = [], []
+  for token, i in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+    if token.isdigit() and len(token) <= 3 and (token == "0" or not token.startswith("0")):
+      ids.append(i)
+      values.append(int(token))
+  return ids, values
+
+
+def number_code(model: LVLM, tokenizer, scale: float) -> None:
+  """Sets, in place, the first half of the width of each number token's embedding row and
+  LM-head column to sines and cosines of value / 1000 at hidden_size / 4 frequencies (pi 2^(j - k/2),
+  j < k = hidden_size / 4), times `scale`: the head's logits for nearby numbers start alike, so
+  a box coordinate is learned as a place on a line rather than as one of 1,000 unrelated
+  classes. (Grounding alone on the shapes world, 600 steps: Acc@0.5 0.44 instead of 0.02,
+  README "Quickstart".)"""
+  ids, values = number_tokens(tokenizer)
+  if not ids:
+    return
+  llm = model.llm
+  k = llm.config.hidden_size // 4
+  frequencies = jnp.pi * 2.0 ** (jnp.arange(k, dtype=jnp.float32) - k // 2)
+  phase = jnp.asarray(values, jnp.float32)[:, None] / 1000.0 * frequencies
+  code = jnp.concatenate([jnp.cos(phase), jnp.sin(phase)], axis=-1) * scale
+  ids = jnp.asarray(ids)
+  table = llm.embed_tokens.embedding
+  table[...] = table[...].at[ids, :2 * k].set(code.astype(table[...].dtype))
+  if llm.lm_head is not None:
+    head = llm.lm_head.kernel
+    head[...] = head[...].at[:2 * k, ids].set(code.T.astype(head[...].dtype))
+
+
 def build_new(config: ModelConfig, tokenizer):
   """A function that builds the new model `config` describes (run it under jit or eval_shape)."""
   lvlm_config = _scratch_config(config, tokenizer)
-  return lambda: _finish(_new_lvlm(lvlm_config, config.init_seed), config)
+
+  def build():
+    model = _new_lvlm(lvlm_config, config.init_seed)
+    if config.number_code:
+      number_code(model, tokenizer, config.number_code)
+    return _finish(model, config)
+  return build
 
 
 def _hf_overrides(config: ModelConfig) -> dict:

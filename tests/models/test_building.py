@@ -28,3 +28,33 @@ def test_new_model_kernels_are_fan_in_scaled_and_images_reach_the_decoder():
   features = np.asarray(nnx.jit(lambda m, p: m.embed_images(p))(model, images))
   difference = np.abs(features[0] - features[1]).mean() / np.abs(features).mean()
   assert difference > 0.3, difference
+
+
+def test_number_code_orders_the_number_tokens_and_nothing_else():
+  small = dict(vision=building.VisionSize(hidden_size=32, intermediate_size=64, num_layers=1,
+                                          num_heads=2, image_size=16, patch_size=8),
+               text=building.TextSize(hidden_size=32, intermediate_size=64, num_layers=1,
+                                      num_heads=2, num_kv_heads=1))
+  plain_config = building.ModelConfig(**small)
+  tokenizer = load_tokenizer(plain_config)
+  plain = building.build_new(plain_config, tokenizer)()
+  coded = building.build_new(building.ModelConfig(**small, number_code=0.3), tokenizer)()
+  ids, values = building.number_tokens(tokenizer)
+  # The shapes tokenizer has every 0..999 once ('007' is not a number token).
+  assert sorted(values) == list(range(1000))
+  ids = [i for _, i in sorted(zip(values, ids))]  # ids[v]: the token of value v
+  emb_plain = np.asarray(plain.llm.embed_tokens.embedding[...])
+  emb = np.asarray(coded.llm.embed_tokens.embedding[...])
+  head = np.asarray(coded.llm.lm_head.kernel[...])
+  # Only the number tokens' first half of the width changed; the rest is the plain init.
+  others = np.setdiff1d(np.arange(len(emb)), ids)
+  np.testing.assert_array_equal(emb[others], emb_plain[others])
+  np.testing.assert_array_equal(emb[ids, 16:], emb_plain[ids, 16:])
+  np.testing.assert_array_equal(emb[ids, :16], head[:16, ids].T)
+  # The code's frequencies: value / 1000 * pi * 2^(j - 4), j < 8, cos then sin, times 0.3.
+  phase = 500 / 1000 * np.pi * 2.0 ** (np.arange(8) - 4)
+  np.testing.assert_allclose(emb[ids[500], :16], 0.3 * np.concatenate([np.cos(phase), np.sin(phase)]),
+                             rtol=1e-5, atol=1e-6)
+  code = emb[ids, :16]
+  near, far = code[500] @ code[505], code[500] @ code[900]
+  assert near > 2 * far, (near, far)
