@@ -28,6 +28,9 @@ class DataSources:
   shapes: ShapesConfig = help_field(ShapesConfig(), "The shapes world the shapes tasks draw from.")
   conversations: tuple[str, ...] = help_field((), "LLaVA-format conversation "
                                               "files (JSON or JSONL).")
+  conversation_repeats: tuple[int, ...] = help_field(
+      (), "Times each conversations file is seen per epoch, one count per file (LLaVA/CaD-VI "
+      "list a file twice to upsample it); () sees each once.")
   grounding: tuple[str, ...] = help_field((), "Grounding files (image + box + expression; JSONL), "
                                           "trained as box-text answers.")
   image_roots: tuple[str, ...] = help_field((), "Folders searched for relative image paths "
@@ -74,14 +77,21 @@ def training_source(config: DataSources):
     if task == "grounding":
       source = GroundingAsConversation(source, pipeline.grounding_prompt, pipeline.box_format)
     parts.append(source)
+  if len(config.conversation_repeats) not in (0, len(config.conversations)):
+    raise UserError(f"data.conversation_repeats={config.conversation_repeats} needs one count per "
+                    f"file of data.conversations ({len(config.conversations)})")
+  repeats = [1] * len(parts) + list(config.conversation_repeats or [1] * len(config.conversations))
   roots = config.image_roots or None
   parts += [data_sources.ConversationSource(path, roots) for path in config.conversations]
   parts += [GroundingAsConversation(data_sources.GroundingSource(path, roots),
                                     pipeline.grounding_prompt, pipeline.box_format)
             for path in config.grounding]
+  repeats += [1] * (len(parts) - len(repeats))
   if not parts:
     raise UserError("no training data: set data.shapes_tasks, data.conversations or data.grounding")
-  return parts[0] if len(parts) == 1 else data_sources.Mixture(parts)
+  if len(parts) == 1 and repeats == [1]:
+    return parts[0]
+  return data_sources.Mixture(parts, repeats=repeats)
 
 
 def pipeline_config(config: DataSources, model: nnx.Module, hf_dir: str,
