@@ -187,3 +187,23 @@ def test_the_7b_recipe_parses_with_its_files(tiny_shapes_export, tmp_path):
   raw.data.phase2_data = ""
   with pytest.raises(UserError, match="phase2_pairs_file"):
     cadvi.parse(raw)
+
+
+def test_an_llm_phase1_writer_summarises_from_the_captions(finished, tiny_shapes_export,
+                                                           tmp_path):
+  """cad.phase1_writer = an HF model directory: each summary is that model's answer to the two
+  captions and the instruction (here the tiny export, answering text-only), kept beside the
+  data so that a rerun regenerates nothing."""
+  config, workdir, _ = finished
+  settings = dataclasses.replace(config.cad, phase1_writer=tiny_shapes_export)
+  settings = dataclasses.replace(settings, llm_generation=dataclasses.replace(
+      settings.llm_generation, max_new_tokens=3, batch_size=2))
+  out = str(tmp_path / "phase1.jsonl")
+  pairs = os.path.join(workdir, "images", "pairs1.jsonl")
+  cadvi.write_phase1_data(dataclasses.replace(config, cad=settings), pairs, out,
+                          mesh_from_config(config.mesh))
+  written = read_jsonl(out + ".llm.jsonl")
+  assert [r["id"] for r in written] == [p["id"] for p in read_jsonl(pairs)]
+  records = {r["id"]: r for r in read_jsonl(out)}
+  for row in written:
+    assert records[row["id"] + "-summary"]["conversations"][1]["value"] == row["summary"]
