@@ -132,6 +132,9 @@ class CaDSettings:
   generation: GenerationConfig = help_field(
       GenerationConfig(max_new_tokens=256, batch_size=32), "Phase 2's re-annotation (greedy, "
       "256 tokens: CaD-VI's evaluation decoding).")
+  selections_per_image: int = help_field(1, "Selection instructions per image of a phase-1 "
+                                         "pair (one per object sentence the other caption "
+                                         "lacks, at most this many).")
   phase1_repeats: int = help_field(2, "Times the phase-1 data is in the final mixture (the recipe "
                                    "lists phase1_278k.json twice).")
   epochs: float = help_field(1.0, "Passes over each training mixture (CaD-VI: 1).")
@@ -140,8 +143,9 @@ class CaDSettings:
   def __post_init__(self):
     if "{statement}" not in self.selection_prompt or "{context}" not in self.context_prompt:
       raise UserError("cad.selection_prompt needs {statement} and cad.context_prompt {context}")
-    if self.phase1_repeats < 1 or self.epochs <= 0:
-      raise UserError("cad.phase1_repeats must be >= 1 and cad.epochs > 0")
+    if self.phase1_repeats < 1 or self.selections_per_image < 0 or self.epochs <= 0:
+      raise UserError("cad.phase1_repeats must be >= 1, cad.selections_per_image >= 0 and "
+                      "cad.epochs > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,18 +242,18 @@ def _conversation(record_id: str, images: list[str], question: str, answer: str)
 
 
 def selection_records(pair: dict, settings: CaDSettings, index: int) -> list[dict]:
-  """The binary image-selection instructions of a phase-1 pair, from its captions: one about
-  each image whose caption states an object the other lacks, so that the same two images
-  come with both answers."""
+  """The binary image-selection instructions of a phase-1 pair, from its captions: up to
+  settings.selections_per_image about each image whose caption states objects the other
+  lacks, so that the same two images come with both answers."""
   out = []
   captions = pair["captions"]
   for target in (1, 2):
     options = caption_pairs.distinguishing_sentences(captions[target - 1], captions[2 - target])
-    if options:
-      statement = options[np.random.default_rng([settings.seed, index, target]).integers(
-          len(options))]
-      out.append(_conversation(f"{pair['id']}-select{target}", pair["images"],
-                               settings.selection_prompt.format(statement=statement),
+    order = np.random.default_rng([settings.seed, index, target]).permutation(len(options))
+    for k, i in enumerate(order[:settings.selections_per_image]):
+      out.append(_conversation(f"{pair['id']}-select{target}" + (f"-{k}" if k else ""),
+                               pair["images"],
+                               settings.selection_prompt.format(statement=options[i]),
                                settings.selection_answers[target - 1]))
   return out
 

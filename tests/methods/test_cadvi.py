@@ -88,7 +88,7 @@ def test_every_stage_leaves_its_artifacts(finished):
   for pair in pairs:
     chosen = [r for r in selections if r["id"].startswith(pair["id"] + "-select")]
     assert chosen and {r["conversations"][1]["value"] for r in chosen} == {
-        r["id"][-1] for r in chosen}  # -select1 answers 1, -select2 answers 2
+        r["id"].split("-select")[1][0] for r in chosen}  # -select1... answers 1
   for record, pair in zip(summaries, pairs):
     assert record["image"] == pair["images"] and len(record["image"]) == 2
     question = record["conversations"][0]["value"]
