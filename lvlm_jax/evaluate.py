@@ -1,5 +1,7 @@
 """Shapes-world metrics of a model: yes/no accuracy, grounding Acc@IoU>=0.5, caption hallucination,
-self-consistency Acc@IoU>=0.5 (box -> its own description -> its own box).
+self-consistency Acc@IoU>=0.5 (box -> its own description -> its own box); with a CaD-VI config
+also two-image selection and the commonalities/differences summary scores
+(lvlm_jax/eval/cad_summary.py).
 
   python -m lvlm_jax.evaluate --workdir workdir/quickstart            # a run's latest checkpoint
   python -m lvlm_jax.evaluate --model DIR --config configs/quickstart.py
@@ -232,6 +234,9 @@ def evaluate(args) -> dict:
                                 config.eval, mesh)
     with jax.set_mesh(mesh):
       metrics = evaluator(model)
+    from lvlm_jax.methods import cadvi
+    if isinstance(config, cadvi.CaDVIConfig):  # its held-out pairs: selection and summaries
+      metrics.update(cadvi.pair_metrics(model, tokenizer, data, config, mesh))
   result = {"model": args.workdir or args.model, "step": step,
             **({"grounding_file": args.grounding_file} if args.grounding_file else {}), **metrics}
   print(json.dumps(result, indent=2))

@@ -23,7 +23,7 @@ from lvlm_jax.cli import print_devices, run_cli
 from lvlm_jax.errors import UserError
 from lvlm_jax.output_paths import check_output_dir
 
-METHODS = ("sft", "stic", "sctune", "csr", "clip")
+METHODS = ("sft", "stic", "sctune", "csr", "clip", "cadvi")
 # Stopped early by SIGTERM with a checkpoint saved: "try again" (sysexits' EX_TEMPFAIL), so a
 # launcher can loop until the run exits 0.
 EXIT_STOPPED = 75

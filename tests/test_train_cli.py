@@ -23,7 +23,7 @@ def test_help_lists_every_config_key_with_its_help(capsys):
   assert len(lines) > 60 and all(": " in l for l in lines), [l for l in lines if ": " not in l]
 
 
-@pytest.mark.parametrize("method", ["sft", "sctune", "stic"])
+@pytest.mark.parametrize("method", ["sft", "sctune", "stic", "cadvi"])
 def test_fields_the_run_derives_are_no_config_keys(method):
   """The pipeline fields set from the model and the run (image processing, AnyRes, ...) are
   neither in a method's defaults nor in its help."""

@@ -673,3 +673,9 @@ def _describe_pair(scene_a: Scene, scene_b: Scene, edits) -> ScenePair:
 def held_out_world(world: ShapesConfig) -> ShapesConfig:
   """The same shapes distribution with other scenes: evaluation never sees a training scene."""
   return dataclasses.replace(world, seed=world.seed + 10_000)
+
+
+def describe_pair(scene_a: Scene, scene_b: Scene, edits) -> ScenePair:
+  """The pair as make_pair describes it, for scene_b = scene_a with `edits` ((kind, object
+  before or None, object after or None) each, kinds from DIFFERENCE_KINDS)."""
+  return _describe_pair(scene_a, scene_b, edits)

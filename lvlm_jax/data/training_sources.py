@@ -47,6 +47,9 @@ class DataSources:
   shapes: ShapesConfig = help_field(ShapesConfig(), "The shapes world the shapes tasks draw from.")
   conversations: tuple[str, ...] = help_field((), "LLaVA-format conversation "
                                               "files (JSON or JSONL).")
+  conversation_repeats: tuple[int, ...] = help_field(
+      (), "Times each conversations file is seen per epoch, one count per file (LLaVA/CaD-VI "
+      "list a file twice to upsample it); () sees each once.")
   grounding: tuple[str, ...] = help_field((), "Grounding files (image + box + expression; JSONL), "
                                           "trained as box-text answers.")
   image_roots: tuple[str, ...] = help_field((), "Folders searched for relative image paths "
@@ -99,14 +102,21 @@ def training_source(config: DataSources):
     if task == "grounding":
       source = GroundingAsConversation(source, pipeline.grounding_prompt, pipeline.box_format)
     parts.append(source)
+  if len(config.conversation_repeats) not in (0, len(config.conversations)):
+    raise UserError(f"data.conversation_repeats={config.conversation_repeats} needs one count per "
+                    f"file of data.conversations ({len(config.conversations)})")
+  repeats = [1] * len(parts) + list(config.conversation_repeats or [1] * len(config.conversations))
   roots = config.image_roots or None
   parts += [data_sources.ConversationSource(path, roots) for path in config.conversations]
   parts += [GroundingAsConversation(data_sources.GroundingSource(path, roots),
                                     pipeline.grounding_prompt, pipeline.box_format)
             for path in config.grounding]
+  repeats += [1] * (len(parts) - len(repeats))
   if not parts:
     raise UserError("no training data: set data.shapes_tasks, data.conversations or data.grounding")
-  return parts[0] if len(parts) == 1 else data_sources.Mixture(parts)
+  if len(parts) == 1 and repeats == [1]:
+    return parts[0]
+  return data_sources.Mixture(parts, repeats=repeats)
 
 
 def pipeline_config(config: DataSources, model: nnx.Module, hf_dir: str,
@@ -130,7 +140,8 @@ def training_batches(config: DataSources, tokenizer, data_config: DataConfig):
       config, shapes=dataclasses.replace(
           config.shapes, max_objects=curriculum.max_objects,
           min_objects=min(config.shapes.min_objects, curriculum.max_objects)),
-      shapes_tasks=curriculum.shapes_tasks or config.shapes_tasks, conversations=(), grounding=(),
+      shapes_tasks=curriculum.shapes_tasks or config.shapes_tasks, conversations=(),
+      conversation_repeats=(), grounding=(),
       curriculum=Curriculum())
   return SequentialBatches(iter(make_dataset(training_source(simple), tokenizer, data_config)),
                            curriculum.steps, batches)
