@@ -178,6 +178,27 @@ class DataConfig:
         turn[key] = turn[key].replace(marked, self.image_token).replace(self.image_token, marked)
     return turns
 
+  def box_image_size(self, image: np.ndarray | str) -> tuple[int, int] | None:
+    """The (height, width) a pixels_json box of `image` (uint8 [H, W, 3], or a path) is
+    written in: the image as the model sees it (Qwen2-VL's resize; other models: the image's own
+    size); None for grid boxes, which need no size."""
+    if self.box_format.style != "pixels_json":
+      return None
+    if isinstance(image, str):
+      image = load_image(image, self.max_image_pixels)
+    height, width = image.shape[:2]
+    if self.qwen2_vl is not None:
+      return self.qwen2_vl.resized_size(height, width)
+    return height, width
+
+  def box_text(self, box, image: np.ndarray | str) -> str:
+    """`box_format`'s text of the normalised box [x1, y1, x2, y2] in `image`."""
+    return self.box_format.to_text(box, self.box_image_size(image))
+
+  def parse_box(self, text, image: np.ndarray | str) -> np.ndarray | None:
+    """The first box of `text` in `image`, normalised (`BoxFormat.parse`), or None."""
+    return self.box_format.parse(text, self.box_image_size(image))
+
   def image_tokens(self, images: Sequence[np.ndarray]) -> int | list[int]:
     """The image-token count of `images` (uint8 [H, W, 3] each) for `text.tokenize`:
     tokens_per_image for every one, or with AnyRes each image's own (from its size and, in
@@ -279,8 +300,11 @@ class Preprocess:
       if record.get("expression") is None:
         raise _Skip("no_expression", f"{where}: a grounding record without an expression")
       question = cfg.grounding_prompt.format(expression=record["expression"])
-      turns = [{"from": "human", "value": question},
-               {"from": "gpt", "value": cfg.box_format.to_text(record["box"])}]
+      if cfg.box_format.style == "pixels_json" and loaded is None:
+        loaded = self._load(images, where)  # a pixel box is written in its image's size
+      box = (cfg.box_text(record["box"], loaded[0]) if cfg.box_format.style == "pixels_json"
+             else cfg.box_format.to_text(record["box"]))
+      turns = [{"from": "human", "value": question}, {"from": "gpt", "value": box}]
       example.update(self._tokens("", turns, len(images), counts, where))
       example["boxes"] = np.asarray(record["box"], np.float32)
     else:

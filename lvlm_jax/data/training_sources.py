@@ -73,6 +73,11 @@ class GroundingAsConversation:
   """A grounding source as conversations: the question from `prompt`, the box text as answer."""
 
   def __init__(self, source, prompt: str, box_format: BoxFormat):
+    if box_format.style == "pixels_json":
+      # Its text depends on each image's size after the model's resize, unknown before loading.
+      raise UserError("data.pipeline.box_format: pixel boxes (pixels_json) cannot train from "
+                      "grounding records as conversations; use a grid box format for SFT "
+                      "(SC-Tune and the evaluators write pixel boxes per image)")
     self.source, self.prompt, self.box_format = source, prompt, box_format
     self.skipped = getattr(source, "skipped", {})
 

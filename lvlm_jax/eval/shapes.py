@@ -106,8 +106,9 @@ class ShapesEvaluator:
                        ) if config.yes_no else []
     self.grounding = list(ShapesSource(world, "grounding", config.grounding)) if config.grounding else []
     self.captions = list(ShapesSource(world, "caption", config.captions)) if config.captions else []
-    self.regions = list(ShapesSource(world, "region", config.self_consistency,
-                                     box_format=data.box_format)) if config.self_consistency else []
+    # Only their boxes are read: each question is written with the box in its image's size.
+    self.regions = list(ShapesSource(world, "region", config.self_consistency)
+                        ) if config.self_consistency else []
 
   def _put(self, tree):
     if self.mesh is None:
@@ -160,7 +161,7 @@ class ShapesEvaluator:
     questions = [self.data.grounding_prompt.format(expression=e) for e in expressions]
     answers = self._generate(graphdef, state, records, questions, self.config.box_tokens,
                              self.data.box_format.open)
-    boxes = [self.data.box_format.parse(a) for a in answers]
+    boxes = [self.data.parse_box(a, r["images"][0]) for a, r in zip(answers, records)]
     ious = np.asarray([0.0 if b is None else float(box_iou(b, np.asarray(r["box"])))
                        for b, r in zip(boxes, records)])
     return ious, boxes
@@ -181,7 +182,8 @@ class ShapesEvaluator:
     other records pass answer_start="" unless their model was trained so)."""
     shapes_world = records is None
     records = self.regions if shapes_world else records
-    questions = [REGION_PROMPT.format(box=self.data.box_format.to_text(r["box"])) for r in records]
+    questions = [REGION_PROMPT.format(box=self.data.box_text(r["box"], r["images"][0]))
+                 for r in records]
     descriptions = self._generate(graphdef, state, records, questions,
                                   self.config.description_tokens, answer_start)
     ious, _ = self._ground(graphdef, state, records, [d.strip() for d in descriptions])

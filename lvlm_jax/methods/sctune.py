@@ -201,7 +201,10 @@ class Rollouts:
     self.describe = dataclasses.replace(self.sample, do_sample=False, min_new_tokens=0)
     self.locate = SamplingConfig(max_new_tokens=settings.max_box_tokens, eos_token_ids=stops,
                                  pad_token_id=self.pad_id)
-    self.box_open_id = tokenizer.convert_tokens_to_ids(data.box_format.open)
+    # None: a box format without an opening token (Qwen2.5-VL's JSON), whose locator loss is
+    # then the whole answer.
+    self.box_open_id = (tokenizer.convert_tokens_to_ids(data.box_format.open)
+                        if data.box_format.open else None)
 
   def _roles(self, state) -> Roles:
     graphdef, size = self.built.graphdef, self.config.train.batch_size
@@ -217,7 +220,7 @@ class Rollouts:
   def describer_prompts(self, records) -> list[Prompt]:
     settings = self.config.sctune
     return [Prompt.question(settings.describer_prompt.format(
-        box=self.data.box_format.to_text(r["box"])), (r["image"],),
+        box=self.data.box_text(r["box"], r["image"])), (r["image"],),
         settings.describer_answer_start) for r in records]
 
   def ious(self, service: GenerationService, records, descriptions: list[str]) -> np.ndarray:
@@ -226,7 +229,7 @@ class Rollouts:
     prompts = [Prompt.question(self.data.grounding_prompt.format(expression=d), (r["image"],),
                                self.data.box_format.open) for d, r in zip(descriptions, records)]
     answers = service.texts(prompts, self.locate, desc="locate")
-    boxes = [self.data.box_format.parse(a) for a in answers]
+    boxes = [self.data.parse_box(a, r["image"]) for a, r in zip(answers, records)]
     return np.asarray([0.0 if b is None else float(box_iou(b, r["box"]))
                        for b, r in zip(boxes, records)], np.float32)
 
@@ -281,23 +284,30 @@ class Rollouts:
 
   def locator_batch(self, state, batches) -> dict[str, np.ndarray]:
     """An SFT batch: the snapshot's greedy description as the expression, the true box as the
-    answer, the loss on the box tokens after <box> and the end token."""
+    answer, the loss on the box tokens after <box> and the end token (a box format without an
+    opening token, Qwen2.5-VL's JSON: on the whole answer)."""
     records = self._records(batches)
     roles = self._roles(state)
     descriptions = roles.snapshot.texts(self.describer_prompts(records), self.describe,
                                         desc="describe")
-    rows = []
+    rows, answers = [], []
     for description, record in zip(descriptions, records):
       turns = self.data.place_images(
           [{"from": "human", "value": self.data.grounding_prompt.format(expression=description)},
-           {"from": "gpt", "value": self.data.box_format.to_text(record["box"])}], 1)
-      ids, _ = tokenize_conversation(turns, self.tokenizer, self.data.template,
-                                     system=self.data.system_prompt,
-                                     image_token=self.data.image_token,
-                                     tokens_per_image=self.data.image_tokens([record["image"]]))
+           {"from": "gpt", "value": self.data.box_text(record["box"], record["image"])}], 1)
+      ids, answer = tokenize_conversation(turns, self.tokenizer, self.data.template,
+                                          system=self.data.system_prompt,
+                                          image_token=self.data.image_token,
+                                          tokens_per_image=self.data.image_tokens([record["image"]]))
       rows.append(ids)
+      answers.append(answer)
     ids, attention, _ = self._sequences(rows, [np.zeros(0, np.int32)] * len(rows))
-    mask = locator_loss_mask(ids, self.box_open_id, self.tokenizer.eos_token_id) * attention
+    if self.box_open_id is None:
+      mask = np.zeros(ids.shape, np.float32)
+      for i, answer in enumerate(answers):
+        mask[i, :len(answer)] = answer
+    else:
+      mask = locator_loss_mask(ids, self.box_open_id, self.tokenizer.eos_token_id) * attention
     return self._share({"input_ids": ids, "attention_mask": attention,
                         "loss_mask": mask.astype(np.float32),
                         **self._images(records)})

@@ -124,6 +124,39 @@ def test_a_qwen2_vl_cycle_trains_both_phases(tiny_qwen2_vl_dir, tmp_path):
   assert 0 <= summary["eval"]["sctune"]["self_consistency_acc50"] <= 1
 
 
+def test_qwen25_pixel_boxes_are_written_in_each_images_resized_size(tiny_qwen2_vl_dir, tmp_path):
+  """Qwen2.5-VL's JSON boxes in absolute pixels of the image as the model sees it: the describer
+  prompt, the locator target and the parsed answers each use their image's resized size, and the
+  locator's loss covers the whole JSON answer (the format has no opening token)."""
+  config = tiny_config(tiny_qwen2_vl_dir, num_steps=3, length_buckets=(128,))
+  config = dataclasses.replace(config, data=dataclasses.replace(
+      config.data, pipeline=dataclasses.replace(
+          config.data.pipeline, template="chatml", box_format=text.QWEN25_VL_BOXES,
+          grounding_prompt="<image>\nOutput the bounding box of {expression} as JSON.")),
+      sctune=dataclasses.replace(config.sctune, describer_prompt=(
+          "<image>\nWhat is the object at {box}? Answer with a short description."),
+          describer_answer_start="", max_box_tokens=24))
+  from lvlm_jax.models import building
+  data = config.data.pipeline.for_model(building.abstract_model(config.model, None),
+                                        tiny_qwen2_vl_dir)
+  image = np.zeros((40, 70, 3), np.uint8)
+  height, width = data.qwen2_vl.resized_size(40, 70)
+  assert (height, width) != (40, 70)  # the resize changes the pixel coordinates
+  box = [0.25, 0.5, 0.75, 1.0]
+  written = data.box_text(box, image)
+  assert written == text.QWEN25_VL_BOXES.to_text(box, (height, width))
+  assert f"[{round(0.25 * width)}, {round(0.5 * height)}, {round(0.75 * width)}, {height}]" in written
+  np.testing.assert_allclose(data.parse_box(written, image), box, atol=1 / min(height, width))
+
+  summary = sctune.run(config, str(tmp_path))
+  assert summary["status"] == "done"
+  log = train_log(str(tmp_path))
+  assert [int(log[s]["phase"]) for s in (1, 2, 3)] == [0, 0, 1]
+  # The whole answer '{"bbox_2d": [x1, y1, x2, y2]}' and the end token: far more than 4 a row.
+  assert log[3]["loss_tokens"] >= 10 * config.train.batch_size
+  assert 0 <= summary["eval"]["sctune"]["self_consistency_acc50"] <= 1
+
+
 def test_stopped_mid_describer_phase_resumes_bitwise(tiny_shapes_export, straight, tmp_path):
   workdir = str(tmp_path)
   config = tiny_config(tiny_shapes_export)
