@@ -10,12 +10,27 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import gc  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from lvlm_jax.data.text import VICUNA_SYSTEM  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drops every compiled program after each test module. One pytest process compiles thousands
+  of them; XLA:CPU keeps each one's code mapped, and with the whole suite (about 600 tests) the
+  process crashed (segfault or abort) inside XLA while serialising or loading an executable, at
+  the same test every time, never when that test's directory ran alone: the suite's own limit,
+  not a test's bug. Recompiling hits the persistent cache."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @nnx.jit
