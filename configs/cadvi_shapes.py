@@ -16,16 +16,8 @@ only their difference annotation as context; the final model trains from the bas
 quickstart tokenizer has no words for them, and its answers are 1 and 2 rather than letters.
 """
 
-import os
-
-from lvlm_jax.dataclass_config import load_config_file
+from lvlm_jax.dataclass_config import sibling_config
 from lvlm_jax.methods import cadvi
-
-
-def _quickstart_config():
-  """configs/quickstart.py's config (the file beside this one, wherever it is run from)."""
-  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                       "quickstart.py"))
 
 
 def get_config():
@@ -43,7 +35,7 @@ def get_config():
 
   # The starting model's own world, read from its config so that the two never diverge; the
   # pairs come from scenes of it that no stage trained on.
-  config.data.shapes = _quickstart_config().data.shapes
+  config.data.shapes = sibling_config(__file__, "quickstart.py").data.shapes
   config.data.phase1_pairs = 1000
   config.data.phase2_pairs = 500
   config.data.base_tasks = (("caption", 250), ("yes_no", 250))
