@@ -216,7 +216,7 @@ def evaluate(args) -> dict:
   config = _config(args)
   if args.benchmark:
     from lvlm_jax.eval.benchmarks import evaluation
-    return evaluation.run(args, config, _model, grounding_file_metrics)
+    return evaluation.run(args, config, _model)
   output = args.output or (os.path.join(args.workdir, "eval.json") if args.workdir else None)
   if output:  # before the evaluation, not after it
     check_output_file(output, "--output")
@@ -227,7 +227,8 @@ def evaluate(args) -> dict:
   model, _, step, tokenizer, data = _model(args, config, mesh)
   if args.grounding_file:
     records = grounding_file_records(args.grounding_file, args.image_root, args.limit)
-    metrics = {"records": len(records), **grounding_file_metrics(
+    from lvlm_jax.eval import grounding_file
+    metrics = {"records": len(records), **grounding_file.metrics(
         model, tokenizer, data, config, mesh, records)}
   else:
     evaluator = ShapesEvaluator(tokenizer, data, held_out_world(config.data.shapes),
@@ -244,28 +245,6 @@ def evaluate(args) -> dict:
     with open(output, "w") as f:
       json.dump(result, f, indent=2)
   return result
-
-
-def grounding_file_metrics(model, tokenizer, data, config, mesh, records: list[dict]) -> dict:
-  """REC Acc@0.5 over the records with an expression and self-consistency Acc@0.5 over all,
-  with the config's prompts and box format (records: "images", "box", "expression")."""
-  import jax
-  from flax import nnx
-
-  from lvlm_jax.data.shapes import held_out_world
-  from lvlm_jax.eval.shapes import ShapesEvaluator
-  evaluator = ShapesEvaluator(tokenizer, data, held_out_world(config.data.shapes),
-                              dataclasses.replace(config.eval, yes_no=0, grounding=0, captions=0,
-                                                  self_consistency=0), mesh)
-  model.eval()
-  graphdef, state = nnx.split(model)
-  with jax.set_mesh(mesh):
-    referring = [r for r in records if r["expression"]]
-    metrics = {"expressions": len(referring)}
-    if referring:
-      metrics.update(evaluator.grounding_metrics(graphdef, state, referring))
-    metrics.update(evaluator.self_consistency_metrics(graphdef, state, records, answer_start=""))
-  return metrics
 
 
 def main(argv=None) -> None:

@@ -156,7 +156,7 @@ class ShapesEvaluator:
                               eos_token_ids=(eos,) if eos is not None else ())
     return service.texts(prompts, sampling)
 
-  def _ground(self, graphdef, state, records, expressions) -> tuple[np.ndarray, list]:
+  def ground(self, graphdef, state, records, expressions) -> tuple[np.ndarray, list]:
     """(IoU [N] of each greedy box answer with its record's box, parsed boxes or None)."""
     questions = [self.data.grounding_prompt.format(expression=e) for e in expressions]
     answers = self._generate(graphdef, state, records, questions, self.config.box_tokens,
@@ -170,23 +170,27 @@ class ShapesEvaluator:
     """REC: each record's expression -> the model's box, Acc@IoU>=0.5 (records: dicts with
     "images", "box" and "expression"; default the held-out world's)."""
     records = self.grounding if records is None else records
-    ious, boxes = self._ground(graphdef, state, records, [r["expression"] for r in records])
+    ious, boxes = self.ground(graphdef, state, records, [r["expression"] for r in records])
     return {"grounding_acc50": float(np.mean(ious >= 0.5)), "grounding_mean_iou": float(ious.mean()),
             "grounding_parsed": float(np.mean([b is not None for b in boxes]))}
 
-  def self_consistency_metrics(self, graphdef, state, records=None,
-                               answer_start: str = "the") -> dict[str, float]:
-    """Box -> the model's description (REGION_PROMPT with the box text) -> the model's box,
-    Acc@IoU>=0.5 with the first box. records: dicts with "images" and "box" (default the
-    held-out world's region records, whose descriptions start with "the" as in training; with
-    other records pass answer_start="" unless their model was trained so)."""
-    shapes_world = records is None
-    records = self.regions if shapes_world else records
+  def self_consistency_ious(self, graphdef, state, records, answer_start: str) -> np.ndarray:
+    """IoU [N] of box -> the model's description (REGION_PROMPT with the box text) -> the
+    model's box, against the first box (records: dicts with "images" and "box")."""
     questions = [REGION_PROMPT.format(box=self.data.box_text(r["box"], r["images"][0]))
                  for r in records]
     descriptions = self._generate(graphdef, state, records, questions,
                                   self.config.description_tokens, answer_start)
-    ious, _ = self._ground(graphdef, state, records, [d.strip() for d in descriptions])
+    return self.ground(graphdef, state, records, [d.strip() for d in descriptions])[0]
+
+  def self_consistency_metrics(self, graphdef, state, records=None,
+                               answer_start: str = "the") -> dict[str, float]:
+    """Self-consistency Acc@IoU>=0.5 (`self_consistency_ious`) over records (default the
+    held-out world's region records, whose descriptions start with "the" as in training; with
+    other records pass answer_start="" unless their model was trained so)."""
+    shapes_world = records is None
+    records = self.regions if shapes_world else records
+    ious = self.self_consistency_ious(graphdef, state, records, answer_start)
     metrics = {"self_consistency_acc50": float(np.mean(ious >= 0.5))}
     if shapes_world:
       metrics["self_consistency_shared"] = float(np.mean(

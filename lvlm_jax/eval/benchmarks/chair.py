@@ -9,8 +9,8 @@ Prompt: "Please describe this image in detail." (LLaVA's detailed description).
 
 Matching follows CHAIR's chair.py: a text is lower-cased, split into words, each singularised,
 adjacent pairs that name an object joined ("hot dog", "teddy bear"; "baby X" / "adult X" of an
-animal and "passenger jet/train" are the animal or vehicle; "toilet seat" a toilet, "home plate"
-and "train track" nothing), a "seat" beside a "toilet" dropped, and the words that name a COCO
+animal and "passenger jet/train" are the animal or vehicle; "toilet seat" a toilet, "home plate",
+"train track" and "motor bike" nothing), a "seat" beside a "toilet" dropped, and the words that name a COCO
 object (`data/coco_synonyms.txt`) mapped to its category. An image's truth is the categories of
 its instance annotations and those its reference captions mention. CHAIR_i: hallucinated
 mentions / mentions (every occurrence counts, as in chair.py); CHAIR_s: the share of descriptions
@@ -72,7 +72,9 @@ def tables() -> tuple[dict[str, str], dict[str, str]]:
   pairs = {w: w for w in category_of if len(w.split()) == 2}
   pairs.update({f"{age} {a}": a for a in _ANIMALS for age in ("baby", "adult")})
   pairs.update({"passenger jet": "jet", "passenger train": "train", "bow tie": "tie",
-                "toilet seat": "toilet", "home plate": "home plate", "train track": "train track"})
+                "toilet seat": "toilet", "home plate": "home plate", "train track": "train track",
+                # chair.py joins "motor bike" but its table's entry has a leading space: nothing
+                "motor bike": "motor bike"})
   return category_of, pairs
 
 

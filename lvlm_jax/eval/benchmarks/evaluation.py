@@ -17,10 +17,8 @@ from lvlm_jax.eval.benchmarks.benchmark import GroundingBenchmark
 from lvlm_jax.eval.benchmarks.predictions import PredictionLog
 
 
-def run(args, config, load_model, grounding_metrics) -> dict:
-  """load_model(args, config, mesh) -> (model, reference, step, tokenizer, data config);
-  grounding_metrics(model, tokenizer, data, config, mesh, records) -> REC and self-consistency
-  metrics of grounding records (evaluate's grounding-file evaluator)."""
+def run(args, config, load_model) -> dict:
+  """load_model(args, config, mesh) -> (model, reference, step, tokenizer, data config)."""
   from lvlm_jax.output_paths import check_output_file
   from lvlm_jax.sharding import make_mesh
   benchmark = BENCHMARKS[args.benchmark]
@@ -57,8 +55,9 @@ def run(args, config, load_model, grounding_metrics) -> dict:
   model, _, step, tokenizer, data = load_model(args, config, mesh)
   model.eval()
   if isinstance(benchmark, GroundingBenchmark):
-    scores = grounding_metrics(model, tokenizer, data, config, mesh, records) if records else {}
-    answered = len(records)
+    answered, unreadable, scores = _grounded(args, records, model, tokenizer, data, config, mesh,
+                                             output_dir)
+    skipped = skipped + unreadable
   else:
     answered, skipped, scores = _answered(args, benchmark, items, model, tokenizer, data, mesh,
                                           root, output_dir)
@@ -120,6 +119,55 @@ def _answered(args, benchmark, items, model, tokenizer, data, mesh, root, output
     del service  # the model's decoding copy of its weights, before the judge loads
     answers = _judgements(args, benchmark.judge(answered, answers), mesh, output_dir)
   return len(answered), skipped, benchmark.score(answered, answers)
+
+
+def _grounded(args, records, model, tokenizer, data, config, mesh, output_dir):
+  """(records answered, reasons of the skips, metrics) of the grounding-file evaluator over box
+  records, a batch of them at a time: each batch's images are decoded when it is asked and its
+  results appended to predictions.jsonl before the next (a rerun skips the records there; a
+  record whose image cannot be decoded is a counted skip, tried again on a rerun)."""
+  import sys
+
+  import jax
+  import tqdm
+  from jax.experimental import multihost_utils
+
+  from lvlm_jax.data.images import BadImage, load_image
+  from lvlm_jax.eval import grounding_file
+  log = PredictionLog(os.path.join(output_dir, "predictions.jsonl"))
+  done = log.read()
+  if jax.process_count() > 1:  # every host reads the log before process 0 appends to it
+    multihost_utils.sync_global_devices("grounding predictions read")
+  todo = [r for r in records if "self_consistency_iou" not in done.get(r["id"], {})]
+  if done and todo:
+    print(f"resuming {log.path}: {len(records) - len(todo)} of {len(records)} records already "
+          "answered", file=sys.stderr)
+  size = args.batch_size * _GROUNDING_BATCHES
+  with tqdm.tqdm(total=len(records), initial=len(records) - len(todo), desc=args.benchmark,
+                 unit="box", file=sys.stderr, dynamic_ncols=True,
+                 disable=jax.process_index() != 0) as bar:
+    for first in range(0, len(todo), size):
+      chunk, results, decoded = todo[first:first + size], {}, []
+      for record in chunk:
+        try:
+          decoded.append({**record, "images": [load_image(record["image"])]})
+        except BadImage as e:
+          results[record["id"]] = {"id": record["id"], "error": f"record {record['id']}: {e}"}
+      scores = grounding_file.scores(model, tokenizer, data, config, mesh, decoded)
+      results.update((r["id"], {"id": r["id"], **s}) for r, s in zip(decoded, scores))
+      batch = [results[r["id"]] for r in chunk]
+      log.append(batch)
+      done.update((r["id"], r) for r in batch)
+      bar.update(len(chunk))
+  finished = [done[r["id"]] for r in records]
+  answered = [r for r in finished if "error" not in r]
+  return (len(answered), [r["error"] for r in finished if "error" in r],
+          grounding_file.summary(answered) if answered else {})
+
+
+# Box records per grounding batch: this many decoding batches of --batch_size (its images are
+# decoded together and its results logged together).
+_GROUNDING_BATCHES = 8
 
 
 def _judgements(args, prompts, mesh, output_dir) -> dict[str, str]:

@@ -31,7 +31,8 @@ def test_boxes_are_normalised_and_missing_images_counted(rec_file):
   records, skipped = refcoco.records(str(rec_file), None)
   assert len(records) == 2 and len(skipped) == 1 and "refcoco_testA.jsonl:3" in skipped[0]
   np.testing.assert_allclose(records[0]["box"], [2 / 12, 1 / 10, 8 / 12, 5 / 10])
-  assert records[1]["expression"] == "man on right" and records[0]["images"][0].shape == (12, 10, 3)
+  assert records[1]["expression"] == "man on right" and [r["id"] for r in records] == ["1", "2"]
+  assert records[0]["image"].endswith("COCO_train2014_000000000001.jpg")  # decoded when asked
 
 
 def test_a_bad_box_names_the_line(tmp_path):
@@ -54,6 +55,19 @@ def test_the_command_reports_rec_and_self_consistency(rec_file, tiny_shapes_expo
   assert metrics["expressions"] == 2
   for key in ("grounding_acc50", "grounding_mean_iou", "self_consistency_acc50"):
     assert 0.0 <= metrics[key] <= 1.0
+  # Resumable: a run killed after its first record's results asks only the second again.
+  log = out / "predictions.jsonl"
+  lines = log.read_text().splitlines()
+  assert [json.loads(line)["id"] for line in lines] == ["1", "2"]
+  log.write_text(lines[0] + "\n" + lines[1][:7])  # a torn last line, as a kill leaves it
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate.main(["--model", tiny_shapes_export, "--benchmark", "refcoco", "--data",
+                   str(rec_file), "--output_dir", str(out), "--max_skip_fraction", "0.5"])
+  assert exit_info.value.code == 0
+  assert "1 of 2 records already answered" in capsys.readouterr().err
+  assert log.read_text().splitlines() == lines
+  again = json.loads((out / "metrics.json").read_text())
+  assert {k: again[k] for k in metrics} == metrics
 
 
 def test_more_missing_images_than_tolerated_stop_before_loading(rec_file, tmp_path, capsys):
