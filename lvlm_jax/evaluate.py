@@ -178,7 +178,7 @@ def _model_from_workdir(config, workdir: str, tokenizer, mesh):
   return train_state.merge(graphdef, state), abstract_model, step
 
 
-def _model(args, config, mesh):
+def load_evaluated_model(args, config, mesh):
   """(model, the model whose config decides shapes, checkpoint step or None, tokenizer, the
   data pipeline config its prompts are rendered with) of --workdir or --model."""
   from lvlm_jax.data import training_sources
@@ -216,7 +216,7 @@ def evaluate(args) -> dict:
   config = _config(args)
   if args.benchmark:
     from lvlm_jax.eval.benchmarks import evaluation
-    return evaluation.run(args, config, _model)
+    return evaluation.run(args, config, load_evaluated_model)
   output = args.output or (os.path.join(args.workdir, "eval.json") if args.workdir else None)
   if output:  # before the evaluation, not after it
     check_output_file(output, "--output")
@@ -224,7 +224,7 @@ def evaluate(args) -> dict:
     raise UserError(f"--grounding_file {args.grounding_file}: no such file")
   print_devices("lvlm_jax.evaluate")
   mesh = make_mesh()
-  model, _, step, tokenizer, data = _model(args, config, mesh)
+  model, _, step, tokenizer, data = load_evaluated_model(args, config, mesh)
   if args.grounding_file:
     records = grounding_file_records(args.grounding_file, args.image_root, args.limit)
     from lvlm_jax.eval import grounding_file

@@ -435,14 +435,17 @@ def run(config: CaDVIConfig, workdir: str, *, raw_config: config_dict.ConfigDict
     return "done"
 
   stages = [Stage("images", write_images)] if shapes else []
-  stages += [Stage("eval_base", evaluation(config.model.hf_dir), eval_label="base")]
+  stages += [Stage("eval_base", evaluation(config.model.hf_dir), eval_label="base",
+                   model=config.model.hf_dir)]
   if shapes:
     stages.append(Stage("phase1_data", phase1_records))
   stages += [Stage("phase1", training("phase1", (phase1_data,), (1,))),
-             Stage("eval_phase1", evaluation(exports["phase1"]), eval_label="phase1")]
+             Stage("eval_phase1", evaluation(exports["phase1"]), eval_label="phase1",
+                   model=exports["phase1"])]
   if not config.data.phase2_data:
     stages.append(Stage("phase2_data", phase2_records))
   stages += [Stage("phase2", training("phase2", (phase1_data, phase2_data),
                                       (config.cad.phase1_repeats, 1))),
-             Stage("eval_phase2", evaluation(exports["phase2"]), eval_label="phase2")]
-  return Pipeline("cadvi", workdir, stages, config.pipeline, raw_config).run()
+             Stage("eval_phase2", evaluation(exports["phase2"]), eval_label="phase2",
+                   model=exports["phase2"])]
+  return Pipeline("cadvi", workdir, stages, config.pipeline, raw_config, config).run()

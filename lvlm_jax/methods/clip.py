@@ -286,4 +286,4 @@ def run(config: CLIPMethodConfig, workdir: str, *, raw_config=None) -> dict:
 
   stages = [Stage("train", train_stage),
             Stage("eval_retrieval", evaluate, eval_label="retrieval")]
-  return Pipeline("clip", workdir, stages, config.pipeline, raw_config).run()
+  return Pipeline("clip", workdir, stages, config.pipeline, raw_config, config).run()

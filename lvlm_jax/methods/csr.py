@@ -399,7 +399,8 @@ def run(config: CSRConfig, workdir: str, *, raw_config: config_dict.ConfigDict |
     return stage
 
   stages = [Stage("images", images),
-            Stage("eval_base", evaluation(config.model.hf_dir), eval_label="base")]
+            Stage("eval_base", evaluation(config.model.hf_dir), eval_label="base",
+                  model=config.model.hf_dir)]
   policy = config.model.hf_dir
   for k in range(1, config.csr.rounds + 1):
     name = f"round_{k}"
@@ -408,5 +409,5 @@ def run(config: CSRConfig, workdir: str, *, raw_config: config_dict.ConfigDict |
                Stage(f"{name}/pairs", pairs(round_dir)),
                Stage(f"{name}/dpo", dpo(policy, round_dir, f"{name}/dpo"))]
     policy = os.path.join(round_dir, "dpo", "export", "hf")
-    stages.append(Stage(f"eval_{name}", evaluation(policy), eval_label=name))
-  return Pipeline("csr", workdir, stages, config.pipeline, raw_config).run()
+    stages.append(Stage(f"eval_{name}", evaluation(policy), eval_label=name, model=policy))
+  return Pipeline("csr", workdir, stages, config.pipeline, raw_config, config).run()

@@ -14,12 +14,14 @@ metrics, which land in `workdir/eval/<label>.json` and in the summary.
 A rerun skips every stage pipeline.json marks done; a rerun of a finished pipeline says so and
 writes nothing. A torn pipeline.json or eval file (a crash mid-write on a filesystem without
 atomic rename) only makes its stages run again, which find their artifacts and return at once.
-SIGTERM (`lvlm_jax.preemption`) stops the pipeline at the next safe point of its stage, or
+`pipeline.benchmarks` adds public benchmarks after each evaluation stage that names its model
+(`lvlm_jax/methods/stage_benchmarks.py`). SIGTERM (`lvlm_jax.preemption`) stops the pipeline at the next safe point of its stage, or
 before the next stage. Process 0 writes; with several hosts the workdir must be shared.
 """
 
 import dataclasses
 import fcntl
+import json
 import os
 import time
 from collections.abc import Callable
@@ -42,6 +44,15 @@ class PipelineConfig:
   only_stage: str = help_field("", "Run just this stage (every stage before it must be done), "
                                "then stop; '' runs all.")
   stop_after: str = help_field("", "Stop after this stage is done; '' runs to the end.")
+  benchmarks: tuple[tuple[str, ...], ...] = help_field(
+      (), "Public benchmarks to run on the model of every evaluated stage (base and each trained "
+      "stage), each (benchmark, data) or (benchmark, data, images) as `evaluate --benchmark "
+      "--data --images` take them, e.g. (('pope', '/data/pope/output/coco', "
+      "'/data/coco/val2014'),); each is a stage <stage>/<benchmark> with its metrics in the "
+      "summary as <label>/<benchmark> (lvlm_jax/methods/stage_benchmarks.py).")
+  benchmark_batch_size: int = help_field(8, "Prompts decoded together in those benchmarks.")
+  benchmark_limit: int = help_field(0, "Ask only each benchmark's first N items (0: all; "
+                                    "CHAIR's default is 500 images).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +62,13 @@ class Stage:
   stage's record); the metrics dict for an evaluation stage (eval_label set), or None when there
   is nothing to evaluate. key: what the stage's result depends on (e.g. its config sections as
   JSON): a done stage whose key has changed runs again (a training stage then resumes from its
-  checkpoints, e.g. to train longer), and so does every stage after it."""
+  checkpoints, e.g. to train longer), and so does every stage after it. model: an evaluation
+  stage's model directory, which `pipeline.benchmarks` are run on after it ('' for none)."""
   name: str
   run: Callable[[], Any]
   eval_label: str = ""
   key: str = ""
+  model: str = ""
 
 
 def _log(method: str, message: str) -> None:
@@ -103,6 +116,32 @@ class WorkdirLock:
       self._file.close()
 
 
+def _with_benchmarks(stages: list[Stage], config: PipelineConfig, workdir: str,
+                     settings) -> list[Stage]:
+  """stages with one stage per benchmark after each evaluation stage that names its model."""
+  from lvlm_jax.methods import stage_benchmarks
+  if settings is None:
+    raise ValueError("pipeline.benchmarks needs the method's config (Pipeline settings=)")
+  stage_benchmarks.check(config.benchmarks)
+  out = []
+  for stage in stages:
+    out.append(stage)
+    if not (stage.eval_label and stage.model):
+      continue
+    for entry, label in zip(config.benchmarks, stage_benchmarks.labels(config.benchmarks)):
+      output_dir = os.path.join(workdir, "benchmarks", stage.eval_label, label.replace(":", "_"))
+      out.append(Stage(
+          f"{stage.name}/{label}", stage_benchmarks.runner(
+              entry, stage.model, output_dir, settings, config.benchmark_batch_size,
+              config.benchmark_limit),
+          eval_label=f"{stage.eval_label}/{label}",
+          key=json.dumps([list(entry), config.benchmark_limit])))
+  if len(out) == len(stages):
+    raise UserError("pipeline.benchmarks: no stage of this method evaluates a model they can "
+                    "be asked of")
+  return out
+
+
 def _config_json(raw_config) -> str:
   return raw_config.to_json_best_effort(indent=2)
 
@@ -111,7 +150,11 @@ class Pipeline:
   """The stages of one method run in `workdir`; `run()` runs (or resumes) them."""
 
   def __init__(self, method: str, workdir: str, stages: list[Stage],
-               config: PipelineConfig = PipelineConfig(), raw_config=None):
+               config: PipelineConfig = PipelineConfig(), raw_config=None, settings=None):
+    """settings: the method's parsed config, whose prompts and template `config.benchmarks`
+    are asked with (needed only when there are benchmarks)."""
+    if config.benchmarks:
+      stages = _with_benchmarks(stages, config, workdir, settings)
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
       raise ValueError(f"stage names repeat: {names}")
@@ -162,19 +205,25 @@ class Pipeline:
             "stages": stages, "eval": evals}
 
   def print_table(self, summary: dict) -> None:
-    """Every evaluation's metrics, one row per evaluated stage, in stage order."""
-    if not summary["eval"]:
-      return
-    keys = []
-    for metrics in summary["eval"].values():
-      keys += [k for k, v in metrics.items() if isinstance(v, (int, float)) and k not in keys]
-    width = max(len(label) for label in summary["eval"])
-    rows = [" " * width + "  " + "  ".join(keys)]
+    """Every evaluation's metrics, one row per evaluated stage, in stage order: one table for
+    the method's own evaluations, one per benchmark (labels '<stage>/<benchmark>')."""
+    groups = {}
     for label, metrics in summary["eval"].items():
-      cells = [f"{metrics[k]:.4f}".rjust(len(k)) if isinstance(metrics.get(k), (int, float))
-               else "-".rjust(len(k)) for k in keys]
-      rows.append(label.ljust(width) + "  " + "  ".join(cells))
-    _log(self.method, "metrics by stage:\n" + "\n".join("  " + r for r in rows))
+      stage, _, benchmark = label.partition("/")
+      groups.setdefault(benchmark, {})[stage] = metrics
+    for benchmark, evals in groups.items():
+      keys = []
+      for metrics in evals.values():
+        keys += [k for k, v in metrics.items() if isinstance(v, (int, float))
+                 and not isinstance(v, bool) and k not in keys]
+      width = max(len(label) for label in evals)
+      rows = [" " * width + "  " + "  ".join(keys)]
+      for label, metrics in evals.items():
+        cells = [f"{metrics[k]:.4f}".rjust(len(k)) if isinstance(metrics.get(k), (int, float))
+                 else "-".rjust(len(k)) for k in keys]
+        rows.append(label.ljust(width) + "  " + "  ".join(cells))
+      title = f"{benchmark} by stage" if benchmark else "metrics by stage"
+      _log(self.method, f"{title}:\n" + "\n".join("  " + r for r in rows))
 
   def _record(self, state: dict, stage: Stage, status: str, seconds: float, **extra) -> None:
     entry = state["stages"].setdefault(stage.name, {"wall_time_s": 0.0, "attempts": 0})

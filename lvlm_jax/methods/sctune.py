@@ -384,8 +384,9 @@ def run(config: SCTuneConfig, workdir: str, *, raw_config: config_dict.ConfigDic
                                                     config.eval)}
     return stage
 
-  stages = [Stage("eval_base", evaluate(config.model.hf_dir), eval_label="base"),
+  export = os.path.join(run_dir, "export", "hf")
+  stages = [Stage("eval_base", evaluate(config.model.hf_dir), eval_label="base",
+                  model=config.model.hf_dir),
             Stage("sctune", lambda: train_stage(config, run_dir, tokenizer, mesh, stop_at)),
-            Stage("eval_sctune", evaluate(os.path.join(run_dir, "export", "hf")),
-                  eval_label="sctune")]
-  return Pipeline("sctune", workdir, stages, config.pipeline, raw_config).run()
+            Stage("eval_sctune", evaluate(export), eval_label="sctune", model=export)]
+  return Pipeline("sctune", workdir, stages, config.pipeline, raw_config, config).run()

@@ -144,11 +144,12 @@ def run(config: SFTConfig, workdir: str, *, raw_config: config_dict.ConfigDict |
     return evaluate_model(model, tokenizer, mesh, config.data, config.model.hf_dir, config.eval)
 
   stages = [Stage("eval_base", eval_base, eval_label="base",
-                  key=config_key(config, "model", "data", "eval")),
+                  key=config_key(config, "model", "data", "eval"), model=config.model.hf_dir),
             Stage("sft", lambda: train_stage(config, workdir, tokenizer, mesh, stop_at),
                   key=config_key(config, "model", "data", "optim", "train", "checkpoint")),
-            Stage("eval_sft", eval_sft, eval_label="sft", key=config_key(config, "eval"))]
-  summary = Pipeline("sft", workdir, stages, config.pipeline, raw_config).run()
+            Stage("eval_sft", eval_sft, eval_label="sft", key=config_key(config, "eval"),
+                  model=export if config.checkpoint.export_hf else "")]
+  summary = Pipeline("sft", workdir, stages, config.pipeline, raw_config, config).run()
   if summary["status"] == "done" and config.checkpoint.export_hf:
     _log(f"the trained model (an HF directory, with its tokenizer): {export}")
     _log(f"to train again from scratch, delete {workdir} or pass --workdir elsewhere; the same "

@@ -453,6 +453,7 @@ def run(config: STICConfig, workdir: str, *, raw_config: config_dict.ConfigDict 
   precomputed = config.dpo.reference == "precomputed"
   dpo_dir, sft_dir = os.path.join(workdir, "dpo"), os.path.join(workdir, "sft")
   dpo_export = os.path.join(dpo_dir, "export", "hf")
+  sft_export = os.path.join(sft_dir, "export", "hf")
   sft_data = os.path.join(workdir, "sft_data")
   infused = os.path.join(sft_data, "infused.jsonl")
   inputs = []  # the stage `images` fills it; later stages read it
@@ -542,7 +543,8 @@ def run(config: STICConfig, workdir: str, *, raw_config: config_dict.ConfigDict 
                            summary_file="summary.json")
 
   stages = [Stage("images", images),
-            Stage("eval_base", evaluation(config.model.hf_dir), eval_label="base"),
+            Stage("eval_base", evaluation(config.model.hf_dir), eval_label="base",
+                  model=config.model.hf_dir),
             Stage("preferences", preferences)]
   if shapes:
     stages.append(Stage("pair_quality", pair_quality))
@@ -551,9 +553,8 @@ def run(config: STICConfig, workdir: str, *, raw_config: config_dict.ConfigDict 
   if precomputed:
     stages.append(Stage("reference", reference))
   stages += [Stage("dpo", dpo_stage),
-             Stage("eval_dpo", evaluation(dpo_export), eval_label="dpo"),
+             Stage("eval_dpo", evaluation(dpo_export), eval_label="dpo", model=dpo_export),
              Stage("describe", describe),
              Stage("sft", sft_stage),
-             Stage("eval_sft", evaluation(os.path.join(sft_dir, "export", "hf")),
-                   eval_label="sft")]
-  return Pipeline("stic", workdir, stages, config.pipeline, raw_config).run()
+             Stage("eval_sft", evaluation(sft_export), eval_label="sft", model=sft_export)]
+  return Pipeline("stic", workdir, stages, config.pipeline, raw_config, config).run()

@@ -132,6 +132,7 @@ def _grounded(args, records, model, tokenizer, data, config, mesh, output_dir):
   import tqdm
   from jax.experimental import multihost_utils
 
+  from lvlm_jax import preemption
   from lvlm_jax.data.images import BadImage, load_image
   from lvlm_jax.eval import grounding_file
   log = PredictionLog(os.path.join(output_dir, "predictions.jsonl"))
@@ -159,6 +160,7 @@ def _grounded(args, records, model, tokenizer, data, config, mesh, output_dir):
       log.append(batch)
       done.update((r["id"], r) for r in batch)
       bar.update(len(chunk))
+      preemption.check()  # SIGTERM in a pipeline stage: stop here, the log has every result
   finished = [done[r["id"]] for r in records]
   answered = [r for r in finished if "error" not in r]
   return (len(answered), [r["error"] for r in finished if "error" in r],

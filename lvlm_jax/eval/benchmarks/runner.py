@@ -16,6 +16,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from lvlm_jax import preemption
 from lvlm_jax.data.images import BadImage, load_image, resolve_image_path, to_rgb8
 from lvlm_jax.errors import UserError
 from lvlm_jax.eval.benchmarks.benchmark import Item
@@ -89,4 +90,5 @@ def answer(items: list[Item], service: GenerationService, log: PredictionLog, ro
       log.append(batch)
       done.update((r["id"], r) for r in batch)
       bar.update(len(chunk))
+      preemption.check()  # SIGTERM in a pipeline stage: stop here, the log has every answer
   return {item.id: done[item.id] for item in items}
