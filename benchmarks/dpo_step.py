@@ -67,18 +67,20 @@ def dpo_flops(preset: presets.Preset) -> float:
   return train_step.train_flops(preset, passes=3.0) + train_step.train_flops(preset, passes=1.0)
 
 
-def setup_jax(preset_name: str):
+def setup_jax(preset_name: str, attention: str = "auto"):
   from lvlm_jax.training import dpo, steps
   from lvlm_jax.training.preference import PreferenceLossConfig
 
-  mesh, graphdef, tx, shardings, state = train_step.jax_train_state(preset_name, reference=True)
+  mesh, graphdef, tx, shardings, state = train_step.jax_train_state(preset_name, reference=True,
+                                                                   attention=attention)
   batch = preference_arrays(presets.PRESETS[preset_name])
   step = steps.jit_train_step(dpo.dpo_step, shardings, mesh, graphdef=graphdef, tx=tx,
                               loss=PreferenceLossConfig("sigmoid", beta=BETA))
   return train_step.jax_runner(step, state, batch, mesh)
 
 
-def setup_torch(preset_name: str):
+def setup_torch(preset_name: str, attention: str = "auto"):
+  del attention  # transformers runs its own (sdpa on CPU)
   import copy
 
   import torch
@@ -157,7 +159,8 @@ def main() -> None:
   result = harness.compare(
       "train_dpo", args.preset, ours="dpo_step:setup_jax",
       theirs="dpo_step:setup_torch" if compare_torch else None, reps=args.reps,
-      warmup=args.warmup, work=preset.batch * preset.seq_len, work_unit="tokens", flops=flops,
+      warmup=args.warmup, options={"attention": args.attention},
+      work=preset.batch * preset.seq_len, work_unit="tokens", flops=flops,
       peak_flops=peak, devices=devices)
   result.update(peak_flops_per_s=peak, peak_source=peak_source)
   result["pairs"] = pairs_of(preset)

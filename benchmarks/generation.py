@@ -51,7 +51,7 @@ def _work(workload: str, preset: presets.Preset) -> tuple[int, dict]:
   raise ValueError(workload)
 
 
-def setup_jax(preset_name: str, workload: str):
+def setup_jax(preset_name: str, workload: str, attention: str = "auto"):
   import jax
   import jax.numpy as jnp
 
@@ -59,7 +59,7 @@ def setup_jax(preset_name: str, workload: str):
   from lvlm_jax.sampling.decode import SamplingConfig, generate
 
   preset = presets.PRESETS[preset_name]
-  model = presets.lvlm_jax_model(preset_name)
+  model = presets.lvlm_jax_model(preset_name, attention)
   rows, settings = _work(workload, preset)
   ids, pixels = prompts(preset, preset.batch)
   if workload == "sample":  # k samples per prompt from one prefill (transformers prefills k times)
@@ -82,7 +82,8 @@ def setup_jax(preset_name: str, workload: str):
   return run
 
 
-def setup_torch(preset_name: str, workload: str):
+def setup_torch(preset_name: str, workload: str, attention: str = "auto"):
+  del attention  # transformers runs its own (sdpa on CPU)
   import torch
   import transformers
 
@@ -121,7 +122,7 @@ def main() -> None:
   result = harness.compare(
       f"generate_{args.workload}", args.preset, ours="generation:setup_jax",
       theirs="generation:setup_torch" if compare_torch else None, reps=args.reps,
-      warmup=args.warmup, options={"workload": args.workload},
+      warmup=args.warmup, options={"workload": args.workload, "attention": args.attention},
       work=None if args.workload == "sentence" else rows * preset.new_tokens,
       work_unit="new_tokens")
   harness.print_table(result)

@@ -347,6 +347,9 @@ def common_flags(description: str) -> argparse.ArgumentParser:
                       help="one chip's datasheet peak in TFLOP/s (bf16 dense, e.g. TPU v5e 197, "
                       "v5p 459, H100 SXM 989): MFU against it x the device count, as MaxText "
                       "reports it; default: a fp32 matmul measured on this machine")
+  parser.add_argument("--attention", default="auto", choices=("auto", "xla", "fused"),
+                      help="lvlm_jax's decoder attention (model.attention): the reference XLA "
+                      "path, jax.nn.dot_product_attention (cuDNN on a GPU), or auto")
   parser.add_argument("--no_transformers", action="store_true",
                       help="time lvlm_jax alone (accelerator presets have no transformers side)")
   return parser

@@ -82,14 +82,18 @@ def weights_dir(name: str) -> str:
   return directory
 
 
-def lvlm_jax_model(name: str):
+def lvlm_jax_model(name: str, attention: str = "auto"):
   """The preset's model in lvlm_jax: the shared random weights on CPU presets; on accelerator
-  presets a random model built in place with bf16 compute (no transformers side to match)."""
+  presets a random model built in place with bf16 compute (no transformers side to match).
+  attention: the decoder's attention implementation (layers.ATTENTION_IMPLEMENTATIONS)."""
   from lvlm_jax.models import hf
   preset = PRESETS[name]
   if preset.compare_with_transformers:
-    return hf.load_lvlm(weights_dir(name))
-  return hf.build_model(hf_config(preset), dtype="bfloat16")
+    model = hf.load_lvlm(weights_dir(name))
+  else:
+    model = hf.build_model(hf_config(preset), dtype="bfloat16")
+  model.llm.attention_implementation = attention
+  return model
 
 
 def batch_arrays(preset: Preset, seed: int = 0) -> dict:

@@ -45,14 +45,14 @@ def train_flops(preset: presets.Preset, passes: float = 3.0) -> float:
 TRAINABLE = r"(llm|projector)\..*"
 
 
-def jax_train_state(preset_name: str, reference: bool = False) -> tuple:
+def jax_train_state(preset_name: str, reference: bool = False, attention: str = "auto") -> tuple:
   """The preset's model as a train state on a one-axis mesh, projector + LLM trainable, AdamW
   (constant lr, clip 1.0): (mesh, graphdef, tx, shardings, state). With `reference`, the state
   also holds "ref", a frozen copy of the trainable parameters (DPO's in-step reference model)."""
   from lvlm_jax.sharding import make_mesh
   from lvlm_jax.training import dpo, optim, state as train_state
 
-  model = presets.lvlm_jax_model(preset_name)
+  model = presets.lvlm_jax_model(preset_name, attention)
   config = optim.OptimConfig(lr=LR, trainable=TRAINABLE, warmup_ratio=0.0, schedule="constant",
                              clip_norm=1.0)
   graphdef, params, frozen = train_state.split_model(model, optim.trainable_filter(config))
@@ -82,10 +82,10 @@ def torch_model(preset_name: str) -> tuple:
   return model, trainable, torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
 
 
-def setup_jax(preset_name: str):
+def setup_jax(preset_name: str, attention: str = "auto"):
   from lvlm_jax.training import steps
 
-  mesh, graphdef, tx, shardings, state = jax_train_state(preset_name)
+  mesh, graphdef, tx, shardings, state = jax_train_state(preset_name, attention=attention)
   batch = presets.batch_arrays(presets.PRESETS[preset_name])
   step = steps.jit_train_step(steps.sft_step, shardings, mesh, graphdef=graphdef, tx=tx)
   return jax_runner(step, state, batch, mesh)
@@ -105,7 +105,8 @@ def jax_runner(step, state, batch, mesh):
   return run
 
 
-def setup_torch(preset_name: str):
+def setup_torch(preset_name: str, attention: str = "auto"):
+  del attention  # transformers runs its own (sdpa on CPU)
   import torch
 
   model, trainable, optimizer = torch_model(preset_name)
@@ -136,7 +137,8 @@ def main() -> None:
   result = harness.compare(
       "train_sft", args.preset, ours="train_step:setup_jax",
       theirs="train_step:setup_torch" if compare_torch else None, reps=args.reps,
-      warmup=args.warmup, work=preset.batch * preset.seq_len,
+      warmup=args.warmup, options={"attention": args.attention},
+      work=preset.batch * preset.seq_len,
       work_unit="tokens", flops=flops, peak_flops=peak, devices=devices)
   result.update(peak_flops_per_s=peak, peak_source=peak_source)
   harness.print_table(result)

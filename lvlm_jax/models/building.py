@@ -18,6 +18,7 @@ from lvlm_jax.data.text import image_token_id
 from lvlm_jax.dataclass_config import help_field
 from lvlm_jax.errors import UserError
 from lvlm_jax.models import hf
+from lvlm_jax.models.layers import ATTENTION_IMPLEMENTATIONS
 from lvlm_jax.models.llm import REMAT_POLICIES, LLMConfig
 from lvlm_jax.models.lora import Linear, LoraConfig, apply_lora
 from lvlm_jax.models.lvlm import LVLM, LVLMConfig
@@ -61,6 +62,10 @@ class ModelConfig:
   param_dtype: str = help_field("float32", "Dtype of the master weights (and optimizer moments).")
   remat: str = help_field("none", "Activation checkpointing of decoder layers, "
                           f"one of {tuple(REMAT_POLICIES)}.")
+  attention: str = help_field("auto", "The decoder's attention implementation: 'xla' (the "
+                              "reference, query blocks), 'fused' (jax.nn.dot_product_attention: "
+                              "cuDNN flash attention on a GPU), 'auto' ('fused' on GPU, 'xla' "
+                              "on CPU and TPU).")
   allow_pickle: bool = help_field(False, "Accept pickled .bin/.pt weights "
                                   "in hf_dir (they can run code).")
   init_seed: int = help_field(0, "Seed of the random initialisation (new models, LoRA adapters).")
@@ -79,6 +84,9 @@ class ModelConfig:
         raise UserError(f"model.{key}={getattr(self, key)!r} is not one of {DTYPES}")
     if self.remat not in REMAT_POLICIES:
       raise UserError(f"model.remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise UserError(f"model.attention={self.attention!r} is not one of "
+                      f"{ATTENTION_IMPLEMENTATIONS}")
     if self.hf_dir and not os.path.isdir(self.hf_dir):
       raise UserError(f"model.hf_dir={self.hf_dir!r}: no such directory")
     if self.number_code < 0:
@@ -115,6 +123,7 @@ def _finish(model: nnx.Module, config: ModelConfig) -> nnx.Module:
       raise UserError(f"model.lora.target: {e}") from None
   language_model = model.llm if isinstance(model, LVLM) else model
   language_model.remat = config.remat
+  language_model.attention_implementation = config.attention
   return model
 
 

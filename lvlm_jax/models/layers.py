@@ -130,10 +130,32 @@ class Embed(nnx.Module):
 DEFAULT_QUERY_CHUNK = 128
 
 
+# Attention implementations behind `dot_product_attention`: "xla" is the reference (our einsum
+# path, query blocks); "fused" is jax.nn.dot_product_attention, which runs cuDNN's fused flash
+# attention on a GPU (XLA's own path elsewhere); "auto" picks "fused" on a GPU, "xla" on CPU and
+# TPU (no Pallas TPU kernel is wired in yet).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "fused")
+
+
+def attention_implementation(name: str) -> str:
+  """"xla" or "fused" for a name of ATTENTION_IMPLEMENTATIONS on the default backend."""
+  if name not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {name!r} is not one of "
+                     f"{ATTENTION_IMPLEMENTATIONS}")
+  if name == "auto":
+    return "fused" if jax.default_backend() == "gpu" else "xla"
+  return name
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
                           query_chunk: int = DEFAULT_QUERY_CHUNK,
-                          values_transposed: bool = False) -> jax.Array:
+                          values_transposed: bool = False,
+                          implementation: str = "xla") -> jax.Array:
   """q: [B, T, H, Dh], k/v: [B, Hkv, S, Dh], mask: bool [B, 1, T, S] or None -> [B, T, H, Dh].
+
+  implementation: a name of ATTENTION_IMPLEMENTATIONS; every one gives these values (to fp32
+  rounding) and these gradients, masks included; "fused" ignores query_chunk (a fused kernel
+  never holds the scores whole).
 
   Grouped-query attention (Hkv divides H) without repeating k/v; softmax in fp32. A query with
   nothing to attend to (a padding query) gets zeros. Keys and values are head-major, the KV
@@ -154,6 +176,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   layer remat on CPU, see llm.REMAT_POLICIES). query_chunk=0 never chunks.
   """
   b, t, h, d = q.shape
+  if attention_implementation(implementation) == "fused":
+    return _fused_attention(q, k, v, mask, values_transposed)
   if not query_chunk or t <= query_chunk:
     return _attention(q, k, v, mask, values_transposed)
   n = -(-t // query_chunk)
@@ -172,6 +196,19 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     out = jax.lax.map(lambda xs: attend(*xs), (q_blocks, mask_blocks))
   out = jnp.moveaxis(out, 0, 1).reshape(b, n * size, h, d)
   return out[:, :t]
+
+
+def _fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                     values_transposed: bool) -> jax.Array:
+  """`dot_product_attention` through jax.nn.dot_product_attention (cuDNN on a GPU)."""
+  k = k.swapaxes(1, 2)  # [B, S, Hkv, Dh], its layout
+  v = v.transpose(0, 3, 1, 2) if values_transposed else v.swapaxes(1, 2)
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+  if mask is None:
+    return out
+  # A query with nothing to attend to gets zeros, as in the reference (not an average of values).
+  attends = jnp.any(mask, axis=-1).swapaxes(1, 2)[..., None]  # [B, T, 1, 1]
+  return jnp.where(attends, out, jnp.zeros((), out.dtype))
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,

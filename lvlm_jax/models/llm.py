@@ -351,12 +351,13 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, angles: jax.Array,
                layer_cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
-               query_chunk: int = DEFAULT_QUERY_CHUNK):
+               query_chunk: int = DEFAULT_QUERY_CHUNK, implementation: str = "xla"):
     """x: [B, T, D], positions: [B, T] (-1 = padding), which the mask compares; angles: float32
     [B, T, Dh/2] their RoPE (`rope_angles`).
 
     layer_cache: None, or (keys [B,Hkv,S,Dh], values [B,Hkv,Dh,S], slot positions [B,S] already
-    including this call's tokens, write index []). query_chunk: see `dot_product_attention`.
+    including this call's tokens, write index []). query_chunk, implementation: see
+    `dot_product_attention`.
     Returns (y [B, T, D], (keys, values) or None).
     """
     b, t, _ = x.shape
@@ -376,7 +377,8 @@ class Attention(nnx.Module):
       new_kv = (k, v)
     mask = attention_weights_mask(positions, k_positions, self.window)
     out = dot_product_attention(q, k, v, mask, query_chunk=query_chunk,
-                                values_transposed=layer_cache is not None)
+                                values_transposed=layer_cache is not None,
+                                implementation=implementation)
     return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_kv
 
 
@@ -406,8 +408,10 @@ class DecoderLayer(nnx.Module):
                                   rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, angles, layer_cache, query_chunk=DEFAULT_QUERY_CHUNK):
-    attn_out, new_kv = self.attn(self.input_norm(x), positions, angles, layer_cache, query_chunk)
+  def __call__(self, x, positions, angles, layer_cache, query_chunk=DEFAULT_QUERY_CHUNK,
+               implementation="xla"):
+    attn_out, new_kv = self.attn(self.input_norm(x), positions, angles, layer_cache, query_chunk,
+                                 implementation)
     x = x + attn_out
     x = x + self.mlp(self.post_attn_norm(x))
     return x, new_kv
@@ -432,6 +436,8 @@ class LLM(nnx.Module):
     # Attention over more tokens than this goes in query blocks that the backward recomputes
     # (`dot_product_attention`); 0 = never. Also trace-time only.
     self.attention_query_chunk = DEFAULT_QUERY_CHUNK
+    # A name of layers.ATTENTION_IMPLEMENTATIONS (`dot_product_attention`); trace-time only.
+    self.attention_implementation = "auto"
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """tokens: int [B, T] -> [B, T, D]."""
@@ -454,10 +460,10 @@ class LLM(nnx.Module):
           cache.positions, positions.astype(jnp.int32), cache.index, axis=1)
     x = embeds
     new_keys, new_values = [], []
-    query_chunk = self.attention_query_chunk
+    query_chunk, implementation = self.attention_query_chunk, self.attention_implementation
 
     def run(layer, x, positions, angles, layer_cache):
-      return layer(x, positions, angles, layer_cache, query_chunk)
+      return layer(x, positions, angles, layer_cache, query_chunk, implementation)
 
     if REMAT_POLICIES[self.remat] is not None:
       run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])

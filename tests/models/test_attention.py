@@ -145,3 +145,83 @@ def test_llm_logits_and_gradients(remat):
   assert_same(cached, ref_cached, scaled=True)
   for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     assert_same(g, ref, scaled=True)
+
+
+def backend_value_and_grads(q, k, v, cotangent, mask, implementation, values_transposed=False):
+  def attend(q, k, v):
+    return dot_product_attention(q, k, v, mask, values_transposed=values_transposed,
+                                 implementation=implementation)
+  out = jax.jit(attend)(q, k, v)
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(attend(*a) * cotangent), argnums=(0, 1, 2)))(q, k, v)
+  return out, grads
+
+
+@pytest.mark.parametrize("case", ["padded_causal_gqa", "sliding_window", "cache", "no_mask"])
+def test_fused_attention_matches_the_reference(case):
+  """jax.nn.dot_product_attention (cuDNN on a GPU; its XLA path here) against the reference in
+  values and gradients: causal with left and right padding (padding queries exactly zero), GQA,
+  a sliding window, queries against a cache with empty slots (values in the cache's layout),
+  and no mask (the vision towers)."""
+  b, t = 3, 37
+  values_transposed = False
+  if case == "cache":
+    q, k, v, cotangent = qkv(2, 10, 24, heads=4, kv_heads=1, seed=1)
+    slots = np.full((2, 24), -1, np.int32)
+    slots[:, :16] = np.arange(16)
+    slots[1, :3] = -1
+    mask = attention_weights_mask(jnp.tile(jnp.arange(6, 16, dtype=jnp.int32), (2, 1)),
+                                  jnp.asarray(slots))
+    v, values_transposed = v.swapaxes(2, 3), True
+  elif case == "no_mask":
+    q, k, v, cotangent = qkv(2, 19, 19, heads=3, kv_heads=3, seed=2)
+    mask = None
+  else:
+    q, k, v, cotangent = qkv(b, t, t, heads=4, kv_heads=2)
+    positions = padded_positions(b, t)
+    mask = attention_weights_mask(positions, positions, 5 if case == "sliding_window" else None)
+  out, grads = backend_value_and_grads(q, k, v, cotangent, mask, "fused", values_transposed)
+  ref_out, ref_grads = backend_value_and_grads(q, k, v, cotangent, mask, "xla",
+                                               values_transposed)
+  assert_same(out, ref_out)
+  for g, ref in zip(grads, ref_grads):
+    assert_same(g, ref)
+  if case == "padded_causal_gqa":
+    assert np.all(np.asarray(out)[np.asarray(padded_positions(b, t)) < 0] == 0.0)
+
+
+def test_auto_is_the_reference_off_a_gpu_and_a_bad_name_is_refused():
+  from lvlm_jax.models.layers import attention_implementation
+  assert attention_implementation("auto") == ("fused" if jax.default_backend() == "gpu"
+                                              else "xla")
+  with pytest.raises(ValueError, match="'flash' is not one of"):
+    attention_implementation("flash")
+
+
+def test_llm_with_fused_attention_gives_the_same_logits_and_gradients():
+  """A padded batch through a whole decoder, and a prefill through a cache, with each backend."""
+  config = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                     num_heads=4, num_kv_heads=2, head_dim=8)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (3, 20)), jnp.int32)
+  mask = np.ones((3, 20), np.int32)
+  mask[1, :4] = 0
+  mask[2, 15:] = 0
+  mask = jnp.asarray(mask)
+  results = {}
+  for implementation in ("xla", "fused"):
+    model = LLM(config, rngs=nnx.Rngs(0))
+    model.attention_implementation = implementation
+    graphdef, params = nnx.split(model)
+
+    def loss(p):
+      logits, _ = nnx.merge(graphdef, p)(ids, attention_mask=mask)
+      return jnp.sum(jnp.where(mask[..., None] > 0, jnp.tanh(logits), 0.0)), logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    cached, _ = nnx.jit(lambda m, x: m(x, attention_mask=mask[:, :14],
+                                        cache=KVCache.empty(config, 3, 16)))(model, ids[:, :14])
+    results[implementation] = (logits, grads, cached)
+  (logits, grads, cached), (ref_logits, ref_grads, ref_cached) = results["fused"], results["xla"]
+  assert_same(logits, ref_logits, scaled=True)
+  assert_same(cached, ref_cached, scaled=True)
+  for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    assert_same(g, ref, scaled=True)

@@ -58,3 +58,17 @@ def test_number_code_orders_the_number_tokens_and_nothing_else():
   code = emb[ids, :16]
   near, far = code[500] @ code[505], code[500] @ code[900]
   assert near > 2 * far, (near, far)
+
+
+def test_the_attention_setting_reaches_the_decoder_and_a_bad_one_is_refused():
+  import pytest
+  from lvlm_jax.errors import UserError
+  small = dict(vision=building.VisionSize(hidden_size=32, intermediate_size=64, num_layers=1,
+                                          num_heads=2, image_size=16, patch_size=8),
+               text=building.TextSize(hidden_size=32, intermediate_size=64, num_layers=1,
+                                      num_heads=2, num_kv_heads=1))
+  config = building.ModelConfig(attention="fused", **small)
+  model = building.build_new(config, load_tokenizer(config))()
+  assert model.llm.attention_implementation == "fused"
+  with pytest.raises(UserError, match="model.attention='flash' is not one of"):
+    building.ModelConfig(attention="flash")
