@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lvlm_jax.errors import UserError
 from lvlm_jax.models.layers import Initializer, default_kernel_init, matmul, param
 
 
@@ -25,11 +26,19 @@ class LoraConfig:
   rank: adapter rank r. alpha: the update is scaled by alpha / rank. dropout: on the adapter's input.
   target: regex matched (re.fullmatch) against each Linear's dotted path inside the model, e.g.
     `llm\\.layers\\.\\d+\\..*_proj` for every LLM projection of a LVLM.
+  param_dtype: the adapters' weights: 'float32' (fp32 adapters and their optimizer moments, also
+    on a bfloat16 frozen base, which then holds half the bytes) or 'base' (the kernel's dtype).
+    They compute in the layer's compute dtype either way.
   """
   rank: int = 8
   alpha: float = 16.0
   dropout: float = 0.0
   target: str = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.param_dtype not in ("float32", "base"):
+      raise UserError(f"model.lora.param_dtype={self.param_dtype!r} is not 'float32' or 'base'")
 
 
 class LoRA(nnx.Module):
@@ -95,8 +104,9 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> list
   for path, linear in linear_layers(model):
     if pattern.fullmatch(path):
       in_features, out_features = linear.kernel.shape
-      linear.lora = LoRA(in_features, out_features, linear.axes, config,
-                         param_dtype=linear.kernel[...].dtype, rngs=rngs)
+      dtype = linear.kernel[...].dtype if config.param_dtype == "base" else jnp.float32
+      linear.lora = LoRA(in_features, out_features, linear.axes, config, param_dtype=dtype,
+                         rngs=rngs)
       matched.append(path)
   if not matched:
     raise ValueError(f"LoRA target {config.target!r} matches no Linear layer of the model")

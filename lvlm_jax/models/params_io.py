@@ -34,7 +34,9 @@ def _lora_config(model: nnx.Module) -> LoraConfig | None:
   rank = first.lora_a.get_value().shape[1]
   dropout = first.dropout.rate if first.dropout is not None else 0.0
   target = "|".join(path.removesuffix(".lora").replace(".", r"\.") for path, _ in adapters)
-  return LoraConfig(rank=rank, alpha=first.scale * rank, dropout=dropout, target=target)
+  float32 = first.lora_a.get_value().dtype == "float32"  # else they are in their kernel's dtype
+  return LoraConfig(rank=rank, alpha=first.scale * rank, dropout=dropout, target=target,
+                    param_dtype="float32" if float32 else "base")
 
 
 def save_model(model: nnx.Module, directory: str) -> None:
