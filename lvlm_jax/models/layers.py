@@ -39,8 +39,11 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return table[name]
 
 
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
   """x [..., K] @ w [K, N] -> [..., N], the product every Linear and output projection uses.
+
+  out_dtype: the result's dtype when it is not the inputs' (float32 logits of bfloat16 inputs:
+  the products accumulate and come out in fp32, never rounded to bfloat16 first).
 
   Its gradient is jnp.dot's. On the CPU backend the weight gradient is computed as
   transpose(x) @ dy from an explicitly transposed copy of the input: written the usual way (x
@@ -48,6 +51,8 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   and first writes a transposed copy of the activation gradient, which cost a fifth of an SFT
   step (benchmarks/profile_step.py shows the breakdown). Other backends use jnp.dot as is.
   """
+  if out_dtype is not None and jnp.dtype(out_dtype) != jnp.result_type(x, w):
+    return jnp.dot(x, w, preferred_element_type=out_dtype)
   if jax.default_backend() != "cpu":
     return jnp.dot(x, w)
   return _cpu_matmul(x, w)
@@ -119,9 +124,9 @@ class Embed(nnx.Module):
     """ids: int [...] -> [..., D]."""
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
-  def attend(self, x: jax.Array) -> jax.Array:
-    """x: [..., D] -> logits [..., V]."""
-    return matmul(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+  def attend(self, x: jax.Array, out_dtype=None) -> jax.Array:
+    """x: [..., D] -> logits [..., V] (in out_dtype: see `matmul`)."""
+    return matmul(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T, out_dtype)
 
 
 # Attention over more queries than this runs block by block (see `dot_product_attention`). On a

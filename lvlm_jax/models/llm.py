@@ -483,12 +483,11 @@ class LLM(nnx.Module):
     return x, new_cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    """hidden: [B, T, D] -> float32 logits [B, T, V]."""
+    """hidden: [B, T, D] -> float32 logits [B, T, V], accumulated in fp32 whatever the compute
+    dtype (bfloat16 logits would carry ~3 significant digits into every log-prob)."""
     if self.lm_head is None:
-      out = self.embed_tokens.attend(hidden)
-    else:
-      out = self.lm_head(hidden)
-    return out.astype(jnp.float32)
+      return self.embed_tokens.attend(hidden, jnp.float32)
+    return self.lm_head(hidden, jnp.float32)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                attention_mask: jax.Array | None = None,

@@ -77,13 +77,13 @@ class Linear(nnx.Module):
     self.axes = axes
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [..., in] -> [..., out] in the compute dtype."""
-    y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+  def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+    """x: [..., in] -> [..., out] in the compute dtype (or out_dtype: see `layers.matmul`)."""
+    y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype), out_dtype)
     if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
+      y = y + self.bias[...].astype(y.dtype)
     if self.lora is not None and self.lora.enabled:
-      y = y + self.lora(x, self.dtype)
+      y = y + self.lora(x, self.dtype).astype(y.dtype)
     return y
 
 

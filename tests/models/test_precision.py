@@ -1,4 +1,5 @@
-"""LoRA adapters in fp32 on a bfloat16 frozen base (the default), or in the base's dtype."""
+"""Mixed precision: LoRA adapters in fp32 on a bfloat16 frozen base (the default), or in the
+base's dtype; the LM head's logits accumulated in fp32 under bfloat16 compute."""
 
 import jax
 import jax.numpy as jnp
@@ -40,3 +41,22 @@ def test_adapter_weights_dtype_and_their_gradients(param_dtype, want):
 def test_a_bad_adapter_dtype_is_refused():
   with pytest.raises(UserError, match="model.lora.param_dtype='bfloat16' is not"):
     LoraConfig(param_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bfloat16_logits_are_accumulated_in_float32(tied):
+  from lvlm_jax.models.llm import LLM, LLMConfig
+  config = LLMConfig(vocab_size=512, hidden_size=256, intermediate_size=64, num_layers=1,
+                     num_heads=4, num_kv_heads=2, head_dim=64, tie_word_embeddings=tied,
+                     dtype="bfloat16", param_dtype="bfloat16")
+  model = LLM(config, rngs=nnx.Rngs(0))
+  hidden = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 256)), jnp.bfloat16)
+  logits = model.logits(hidden)
+  weight = (model.embed_tokens.embedding[...].T if tied else model.lm_head.kernel[...])
+  exact = np.asarray(hidden, np.float64) @ np.asarray(weight, np.float64)
+  assert logits.dtype == jnp.float32
+  scale = np.abs(exact).max()
+  assert np.abs(np.asarray(logits) - exact).max() <= 1e-5 * scale
+  # What rounding them to bfloat16 first would have cost, ~1e-3 of their size: far above it.
+  rounded = np.asarray(jnp.dot(hidden, weight).astype(jnp.float32))
+  assert np.abs(rounded - exact).max() > 1e-3 * scale
