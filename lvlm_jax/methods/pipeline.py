@@ -15,8 +15,8 @@ A rerun skips every stage pipeline.json marks done; a rerun of a finished pipeli
 writes nothing. A torn pipeline.json or eval file (a crash mid-write on a filesystem without
 atomic rename) only makes its stages run again, which find their artifacts and return at once.
 `pipeline.benchmarks` adds public benchmarks after each evaluation stage that names its model
-(`lvlm_jax/methods/stage_benchmarks.py`). SIGTERM (`lvlm_jax.preemption`) stops the pipeline at the next safe point of its stage, or
-before the next stage. Process 0 writes; with several hosts the workdir must be shared.
+(`lvlm_jax/methods/stage_benchmarks.py`). SIGTERM (`lvlm_jax.preemption`) stops the pipeline
+at the next safe point of its stage, or before the next stage. Process 0 writes; with several hosts the workdir must be shared.
 """
 
 import dataclasses

@@ -46,8 +46,9 @@ class Benchmark:
 @dataclasses.dataclass(frozen=True)
 class GroundingBenchmark:
   """A benchmark of boxes, scored by the grounding-file evaluator rather than by answers:
-  records(data, images, limit) -> (grounding records: "id" (unique), "image" (the path of an
-  image that exists), "box" normalised, "expression"; the reasons of the records skipped)."""
+  records(data, images, limit) -> (grounding records: "id" (unique; the row's line number in
+  data), "image" (the path of an image that exists), "box" normalised, "expression"; the
+  reasons of the records skipped)."""
   records: Callable[[str, str | None, int], tuple[list[dict], list[str]]]
   files: str
   default_limit: int = 0

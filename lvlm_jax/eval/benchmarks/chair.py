@@ -10,8 +10,8 @@ Prompt: "Please describe this image in detail." (LLaVA's detailed description).
 Matching follows CHAIR's chair.py: a text is lower-cased, split into words, each singularised,
 adjacent pairs that name an object joined ("hot dog", "teddy bear"; "baby X" / "adult X" of an
 animal and "passenger jet/train" are the animal or vehicle; "toilet seat" a toilet, "home plate",
-"train track" and "motor bike" nothing), a "seat" beside a "toilet" dropped, and the words that name a COCO
-object (`data/coco_synonyms.txt`) mapped to its category. An image's truth is the categories of
+"train track" and "motor bike" nothing), a "seat" beside a "toilet" dropped, and the words that
+name a COCO object (`data/coco_synonyms.txt`, chair.py's own table) mapped to its category. An image's truth is the categories of
 its instance annotations and those its reference captions mention. CHAIR_i: hallucinated
 mentions / mentions (every occurrence counts, as in chair.py); CHAIR_s: the share of descriptions
 with a hallucinated mention; recall: truth objects some mention names / truth objects. Words are

@@ -153,7 +153,7 @@ def _grounded(args, records, model, tokenizer, data, config, mesh, output_dir):
         try:
           decoded.append({**record, "images": [load_image(record["image"])]})
         except BadImage as e:
-          results[record["id"]] = {"id": record["id"], "error": f"record {record['id']}: {e}"}
+          results[record["id"]] = {"id": record["id"], "error": f"{args.data}:{record['id']}: {e}"}
       scores = grounding_file.scores(model, tokenizer, data, config, mesh, decoded)
       results.update((r["id"], {"id": r["id"], **s}) for r, s in zip(decoded, scores))
       batch = [results[r["id"]] for r in chunk]
