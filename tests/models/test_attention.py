@@ -28,12 +28,13 @@ def padded_positions(b, t):
   return jnp.asarray(np.where(mask > 0, np.cumsum(mask, axis=1) - 1, -1), jnp.int32)
 
 
-def value_and_grads(q, k, v, cotangent, mask, query_chunk):
-  fn = lambda q, k, v: jnp.sum(dot_product_attention(q, k, v, mask, query_chunk=query_chunk)
-                               * cotangent)
-  out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask, query_chunk=query_chunk))(
-      q, k, v)
-  return out, jax.jit(jax.grad(fn, argnums=(0, 1, 2)))(q, k, v)
+def value_and_grads(q, k, v, cotangent, mask, query_chunk=0, **options):
+  """The attention's output and its (q, k, v) gradients under `cotangent`; options go to
+  `dot_product_attention` (implementation, values_transposed)."""
+  attend = lambda q, k, v: dot_product_attention(q, k, v, mask, query_chunk=query_chunk,
+                                                 **options)
+  grads = jax.grad(lambda *a: jnp.sum(attend(*a) * cotangent), argnums=(0, 1, 2))
+  return jax.jit(attend)(q, k, v), jax.jit(grads)(q, k, v)
 
 
 def assert_same(a, b, scaled=False):
@@ -115,10 +116,9 @@ def test_backward_keeps_no_full_score_matrix():
   assert temp_bytes(64) * 4 <= one_piece
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
-def test_llm_logits_and_gradients(remat):
-  """A whole decoder with chunked attention (also under layer remat): same logits and
-  parameter gradients on a padded batch, and the same prefill through a cache."""
+def decoder_results(configure):
+  """(logits, parameter gradients, cached-prefill logits) of a small GQA decoder on a batch with
+  left and right padding; configure(model) sets its trace-time switches first."""
   config = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8)
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (3, 20)), jnp.int32)
@@ -126,34 +126,37 @@ def test_llm_logits_and_gradients(remat):
   mask[1, :4] = 0
   mask[2, 15:] = 0
   mask = jnp.asarray(mask)
-  results = {}
-  for chunk in (0, 6):
-    model = LLM(config, rngs=nnx.Rngs(0))
-    model.remat, model.attention_query_chunk = remat, chunk
-    graphdef, params = nnx.split(model)
+  model = LLM(config, rngs=nnx.Rngs(0))
+  configure(model)
+  graphdef, params = nnx.split(model)
 
-    def loss(p):
-      logits, _ = nnx.merge(graphdef, p)(ids, attention_mask=mask)
-      return jnp.sum(jnp.where(mask[..., None] > 0, jnp.tanh(logits), 0.0)), logits
+  def loss(p):
+    logits, _ = nnx.merge(graphdef, p)(ids, attention_mask=mask)
+    return jnp.sum(jnp.where(mask[..., None] > 0, jnp.tanh(logits), 0.0)), logits
 
-    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    cached, _ = nnx.jit(lambda m, x: m(x, attention_mask=mask[:, :14],
-                                        cache=KVCache.empty(config, 3, 16)))(model, ids[:, :14])
-    results[chunk] = (logits, grads, cached)
-  (logits, grads, cached), (ref_logits, ref_grads, ref_cached) = results[6], results[0]
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  cached, _ = nnx.jit(lambda m, x: m(x, attention_mask=mask[:, :14],
+                                      cache=KVCache.empty(config, 3, 16)))(model, ids[:, :14])
+  return logits, grads, cached
+
+
+def assert_decoders_agree(results, reference):
+  (logits, grads, cached), (ref_logits, ref_grads, ref_cached) = results, reference
   assert_same(logits, ref_logits, scaled=True)
   assert_same(cached, ref_cached, scaled=True)
   for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     assert_same(g, ref, scaled=True)
 
 
-def backend_value_and_grads(q, k, v, cotangent, mask, implementation, values_transposed=False):
-  def attend(q, k, v):
-    return dot_product_attention(q, k, v, mask, values_transposed=values_transposed,
-                                 implementation=implementation)
-  out = jax.jit(attend)(q, k, v)
-  grads = jax.jit(jax.grad(lambda *a: jnp.sum(attend(*a) * cotangent), argnums=(0, 1, 2)))(q, k, v)
-  return out, grads
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_llm_logits_and_gradients(remat):
+  """A whole decoder with chunked attention (also under layer remat): same logits and
+  parameter gradients on a padded batch, and the same prefill through a cache."""
+  def chunked(chunk):
+    def configure(model):
+      model.remat, model.attention_query_chunk = remat, chunk
+    return configure
+  assert_decoders_agree(decoder_results(chunked(6)), decoder_results(chunked(0)))
 
 
 @pytest.mark.parametrize("case", ["padded_causal_gqa", "sliding_window", "cache", "no_mask"])
@@ -179,9 +182,10 @@ def test_fused_attention_matches_the_reference(case):
     q, k, v, cotangent = qkv(b, t, t, heads=4, kv_heads=2)
     positions = padded_positions(b, t)
     mask = attention_weights_mask(positions, positions, 5 if case == "sliding_window" else None)
-  out, grads = backend_value_and_grads(q, k, v, cotangent, mask, "fused", values_transposed)
-  ref_out, ref_grads = backend_value_and_grads(q, k, v, cotangent, mask, "xla",
-                                               values_transposed)
+  out, grads = value_and_grads(q, k, v, cotangent, mask, implementation="fused",
+                               values_transposed=values_transposed)
+  ref_out, ref_grads = value_and_grads(q, k, v, cotangent, mask, implementation="xla",
+                                       values_transposed=values_transposed)
   assert_same(out, ref_out)
   for g, ref in zip(grads, ref_grads):
     assert_same(g, ref)
@@ -199,29 +203,8 @@ def test_auto_is_the_reference_off_a_gpu_and_a_bad_name_is_refused():
 
 def test_llm_with_fused_attention_gives_the_same_logits_and_gradients():
   """A padded batch through a whole decoder, and a prefill through a cache, with each backend."""
-  config = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                     num_heads=4, num_kv_heads=2, head_dim=8)
-  ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (3, 20)), jnp.int32)
-  mask = np.ones((3, 20), np.int32)
-  mask[1, :4] = 0
-  mask[2, 15:] = 0
-  mask = jnp.asarray(mask)
-  results = {}
-  for implementation in ("xla", "fused"):
-    model = LLM(config, rngs=nnx.Rngs(0))
-    model.attention_implementation = implementation
-    graphdef, params = nnx.split(model)
-
-    def loss(p):
-      logits, _ = nnx.merge(graphdef, p)(ids, attention_mask=mask)
-      return jnp.sum(jnp.where(mask[..., None] > 0, jnp.tanh(logits), 0.0)), logits
-
-    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    cached, _ = nnx.jit(lambda m, x: m(x, attention_mask=mask[:, :14],
-                                        cache=KVCache.empty(config, 3, 16)))(model, ids[:, :14])
-    results[implementation] = (logits, grads, cached)
-  (logits, grads, cached), (ref_logits, ref_grads, ref_cached) = results["fused"], results["xla"]
-  assert_same(logits, ref_logits, scaled=True)
-  assert_same(cached, ref_cached, scaled=True)
-  for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-    assert_same(g, ref, scaled=True)
+  def backend(implementation):
+    def configure(model):
+      model.attention_implementation = implementation
+    return configure
+  assert_decoders_agree(decoder_results(backend("fused")), decoder_results(backend("xla")))
