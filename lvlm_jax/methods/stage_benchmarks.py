@@ -50,7 +50,8 @@ def check(entries: tuple) -> None:
     for path, what in zip(entry[1:], ("data", "images")):
       if not os.path.exists(path):
         raise UserError(f"{where}: {what} {path}: no such file or folder")
-  repeated = [label for label in labels(entries) if labels(entries).count(label) > 1]
+  named = labels(entries)
+  repeated = [label for label in named if named.count(label) > 1]
   if repeated:
     raise UserError(f"pipeline.benchmarks has {repeated[0]} twice")
 
